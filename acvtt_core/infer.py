@@ -1,0 +1,236 @@
+"""Whole-volume ACVTT inference.
+
+One volume goes through: normalise -> corner-aligned linear z upsampling -> body-box crop ->
+references encoded once (k/v cached per MRNLA level) -> coronal and sagittal stage-1 passes in
+batched chunks -> axial stage-2 fusion -> paste into the upsampled volume -> HU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint
+from acvtt_core.config import ModelConfig, get_preset
+from acvtt_core.model import ACVTT, RefCache, pad_to_multiple
+from acvtt_core.volume import (
+    BBox,
+    body_bbox,
+    denormalise_hu,
+    linear_upsample_z,
+    normalise_hu,
+    output_depth,
+    reference_indices,
+)
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
+
+Progress = Callable[[int, int], None]
+
+
+def resolve_device(device: str = "auto") -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("device 'cuda' requested but CUDA is not available")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda[:n], got {device!r}")
+    return device
+
+
+def _available_bytes(device: str) -> int:
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+class Interpolator:
+    """Interpolates thick-slice CT volumes with one ACVTT model. Thread-compatible, not
+    thread-safe: use one instance per worker."""
+
+    def __init__(
+        self,
+        model: ACVTT,
+        meta: CheckpointMeta,
+        model_version: str,
+        device: str = "auto",
+        crop_body: bool = True,
+        body_threshold_hu: float = -500.0,
+        max_chunk: int = 32,
+        autocast_bf16: bool | None = None,
+        keep_input_slices: bool = True,
+    ):
+        self.device = resolve_device(device)
+        self.model = model.to(self.device).eval()
+        self.meta = meta
+        self.cfg: ModelConfig = meta.model
+        self.model_id = meta.model_id
+        self.model_version = model_version
+        self.crop_body = crop_body
+        self.body_threshold_hu = body_threshold_hu
+        self.max_chunk = max_chunk
+        self.keep_input_slices = keep_input_slices
+        # bf16 autocast on CUDA; fp32 on CPU (see docs/ACVTT.md for the CPU bf16 measurement).
+        self.autocast_bf16 = self.device.startswith("cuda") if autocast_bf16 is None else autocast_bf16
+
+    @property
+    def factors(self) -> list[int]:
+        return list(self.meta.factors)
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.autocast_bf16:
+            return torch.autocast(device_type=self.device.split(":")[0], dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def chunk_size(self, h: int, w: int, width: int) -> int:
+        """Images per forward, from available memory: about 12 feature maps of `width` channels
+        at full resolution alive at once, using at most a quarter of what is free."""
+        per_image = 4 * (h + 8) * (w + 8) * width * 12 + 1
+        n = int(_available_bytes(self.device) * 0.25 // per_image)
+        return max(1, min(self.max_chunk, n))
+
+    def _to_dev(self, a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float32)
+
+    def encode_references(self, lr: np.ndarray) -> RefCache:
+        """Pick R uniformly spaced axial slices of the normalised thick volume and cache their
+        per-level [v | k] tensors (batch axis 1, shared by every through-plane image)."""
+        idx = reference_indices(lr.shape[0], self.cfg.n_refs)
+        refs, _ = pad_to_multiple(self._to_dev(lr[idx])[None])
+        with self._autocast():
+            return self.model.stage1.encode_refs(refs)
+
+    def _stage1_view(
+        self, up: np.ndarray, axis: int, cache: RefCache, factor: int, tick: Callable[[int], None]
+    ) -> np.ndarray:
+        """Run stage 1 over every image along `axis` (1: coronal, 2: sagittal) of (D, H, W)."""
+        d = up.shape[0]
+        n_img = up.shape[axis]
+        other = up.shape[3 - axis]
+        out = np.empty_like(up)
+        chunk = self.chunk_size(d, other, self.cfg.width)
+        for s in range(0, n_img, chunk):
+            e = min(n_img, s + chunk)
+            block = up[:, s:e, :] if axis == 1 else up[:, :, s:e]
+            x = self._to_dev(np.moveaxis(block, axis, 0))[:, None]  # (n, 1, D, other)
+            with self._autocast():
+                y = self.model.stage1(x, cache=cache, factor=factor)
+            y = y[:, 0].float().cpu().numpy()
+            if axis == 1:
+                out[:, s:e, :] = np.moveaxis(y, 0, 1)
+            else:
+                out[:, :, s:e] = np.moveaxis(y, 0, 2)
+            tick(e - s)
+        return out
+
+    def _fuse(self, cor: np.ndarray, sag: np.ndarray, tick: Callable[[int], None]) -> np.ndarray:
+        d, h, w = cor.shape
+        out = np.empty_like(cor)
+        chunk = self.chunk_size(h, w, self.cfg.fusion_c)
+        for s in range(0, d, chunk):
+            e = min(d, s + chunk)
+            c, g = self._to_dev(cor[s:e])[:, None], self._to_dev(sag[s:e])[:, None]
+            with self._autocast():
+                y = self.model.fusion(c, g)
+            out[s:e] = y[:, 0].float().cpu().numpy()
+            tick(e - s)
+        return out
+
+    # -- public ----------------------------------------------------------------------------------
+    def bbox(self, volume_hu: np.ndarray) -> BBox:
+        d, h, w = volume_hu.shape
+        if not self.crop_body:
+            return BBox(0, h, 0, w)
+        return body_bbox(volume_hu, self.body_threshold_hu)
+
+    @torch.inference_mode()
+    def interpolate(
+        self, volume_hu: np.ndarray, factor: int, progress: Progress | None = None
+    ) -> np.ndarray:
+        """Interpolate a (D, H, W) HU volume (axial slices on axis 0) by an integer factor >= 2.
+
+        Returns float32 HU of shape ((D-1)*factor+1, H, W) with out[k*factor] at in[k]'s
+        position. Any H, W; D >= 2. `progress(done, total)` is called as work units complete.
+        """
+        vol = np.asarray(volume_hu)
+        if vol.ndim != 3:
+            raise ValueError(f"volume must be (D, H, W), got shape {vol.shape}")
+        if int(factor) != factor or factor < 2:
+            raise ValueError(f"factor must be an integer >= 2, got {factor}")
+        factor = int(factor)
+        d, h, w = vol.shape
+        if d < 2:
+            raise ValueError("need at least 2 slices")
+        box = self.bbox(vol)
+        ch, cw = box.shape
+        dout = output_depth(d, factor)
+        total = ch + cw + dout
+        done = 0
+
+        def tick(n: int) -> None:
+            nonlocal done
+            done += n
+            if progress is not None:
+                progress(done, total)
+
+        if progress is not None:
+            progress(0, total)
+        lr = normalise_hu(vol)
+        up_full = linear_upsample_z(lr, factor)
+        lr_c = np.ascontiguousarray(lr[:, box.y0 : box.y1, box.x0 : box.x1])
+        up = np.ascontiguousarray(up_full[:, box.y0 : box.y1, box.x0 : box.x1])
+        cache = self.encode_references(lr_c)
+        cor = self._stage1_view(up, 1, cache, factor, tick)
+        sag = self._stage1_view(up, 2, cache, factor, tick)
+        del cache, up
+        fused = self._fuse(cor, sag, tick)
+        up_full[:, box.y0 : box.y1, box.x0 : box.x1] = fused
+        out = denormalise_hu(up_full)
+        if self.keep_input_slices:
+            # The thick slices are measured data: return them unchanged (unclipped) rather than
+            # the network's estimate at those rows.
+            out[::factor] = np.asarray(vol, dtype=np.float32)
+        return out
+
+
+def load_interpolator(
+    checkpoint: str | Path | None = None,
+    device: str = "auto",
+    preset: str | None = None,
+    allow_random_init: bool = False,
+    seed: int = 0,
+    **kwargs,
+) -> Interpolator:
+    """Build an `Interpolator`.
+
+    checkpoint None loads the shipped `acvtt_core/weights/default.safetensors`. If no checkpoint
+    exists and `allow_random_init` is set, builds an untrained model of `preset` (default
+    "compact") with `seed`, model_version "untrained" (for tests and demos only). If `preset`
+    is given together with a checkpoint, the checkpoint must be of that preset's config.
+    """
+    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+    if path.exists():
+        expect = get_preset(preset).model if preset else None
+        model, meta, version = load_checkpoint(path, expect=expect)
+        return Interpolator(model, meta, version, device=device, **kwargs)
+    if not allow_random_init:
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"no default ACVTT weights at {DEFAULT_CHECKPOINT}; train a model "
+                "(acvtt train) and pass its checkpoint, or allow_random_init=True for tests"
+            )
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    p = get_preset(preset or "compact")
+    torch.manual_seed(seed)
+    model = ACVTT(p.model)
+    meta = CheckpointMeta(preset=p.name, model=p.model, factors=[], training_data="untrained")
+    return Interpolator(model, meta, "untrained", device=device, **kwargs)

@@ -1,0 +1,73 @@
+"""Read and write volumes with SimpleITK (NIfTI, NRRD, MHA, ... and DICOM series folders).
+
+SimpleITK is imported lazily so that the rest of acvtt_core works without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """SimpleITK geometry in (x, y, z) order."""
+
+    spacing: tuple[float, float, float]
+    origin: tuple[float, float, float]
+    direction: tuple[float, ...]
+
+    def upsampled_z(self, factor: int) -> Geometry:
+        """Geometry of the volume with factor x more slices: same origin and direction, z spacing
+        divided, so that new slice k*factor lies on old slice k."""
+        sx, sy, sz = self.spacing
+        return Geometry((sx, sy, sz / factor), self.origin, self.direction)
+
+
+def _sitk():
+    import SimpleITK as sitk
+
+    return sitk
+
+
+def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
+    """Read a volume file or a DICOM series folder. Returns (array (D, H, W), geometry). For a
+    folder holding several series, the series with the most files is read."""
+    sitk = _sitk()
+    path = Path(path)
+    if path.is_dir():
+        reader = sitk.ImageSeriesReader()
+        ids = reader.GetGDCMSeriesIDs(str(path))
+        if not ids:
+            raise ValueError(f"no DICOM series found in {path}")
+        files = max(
+            (reader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids), key=len
+        )
+        reader.SetFileNames(files)
+        img = reader.Execute()
+    elif path.exists():
+        img = sitk.ReadImage(str(path))
+    else:
+        raise FileNotFoundError(f"no such volume: {path}")
+    if img.GetDimension() != 3:
+        raise ValueError(f"{path}: expected a 3D volume, got {img.GetDimension()}D")
+    if img.GetNumberOfComponentsPerPixel() != 1:
+        raise ValueError(f"{path}: expected a scalar volume")
+    geom = Geometry(tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
+    return sitk.GetArrayFromImage(img), geom
+
+
+def to_int16_hu(vol: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(vol), -32768, 32767).astype(np.int16)
+
+
+def write_volume(path: str | Path, vol: np.ndarray, geom: Geometry, compress: bool = True) -> None:
+    sitk = _sitk()
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing(geom.spacing)
+    img.SetOrigin(geom.origin)
+    img.SetDirection(geom.direction)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(path), compress)

@@ -1,0 +1,275 @@
+"""The index database: studies, series, instances, jobs and the audit trail (SQLAlchemy 2 ORM).
+
+The schema is created and upgraded only by alembic (``dicom-node db upgrade``, or
+:func:`upgrade` at start-up); :func:`make_engine` configures SQLite for concurrent writers
+(WAL journal, busy timeout, synchronous=FULL so a committed row survives power loss).
+A job's whole state lives here, so any stage can stop and restart without losing it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import (
+    DeclarativeBase,
+    Mapped,
+    Session,
+    mapped_column,
+    relationship,
+    sessionmaker,
+)
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class SeriesState(str, enum.Enum):
+    receiving = "receiving"  # instances arriving, quiet period not over
+    complete = "complete"  # quiet period over, geometry checked, job queued
+    changed = "changed"  # an instance arrived or changed after the series was complete
+    rejected = "rejected"  # geometry/rules refused it; reason in state_reason
+    ignored = "ignored"  # no rule matched
+    processed = "processed"  # a job for the current instance set was sent
+
+
+class JobState(str, enum.Enum):
+    queued = "queued"
+    running = "running"
+    written = "written"
+    sent = "sent"
+    failed = "failed"
+    rejected = "rejected"
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    study_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    first_received: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"))
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    state: Mapped[SeriesState] = mapped_column(
+        Enum(SeriesState, native_enum=False, length=16), default=SeriesState.receiving
+    )
+    state_reason: Mapped[str | None] = mapped_column(Text)
+    first_received: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    last_received: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    # Incremented on every new or changed instance: completion compares it to detect late ones.
+    revision: Mapped[int] = mapped_column(Integer, default=0)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(
+        back_populates="series", order_by="Instance.instance_number"
+    )
+
+    __table_args__ = (Index("ix_series_state", "state"),)
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    acquisition_number: Mapped[int | None] = mapped_column(Integer)
+    image_position: Mapped[list[float] | None] = mapped_column(JSON)
+    image_orientation: Mapped[list[float] | None] = mapped_column(JSON)
+    pixel_spacing: Mapped[list[float] | None] = mapped_column(JSON)
+    slice_thickness: Mapped[float | None] = mapped_column(Float)
+    rows: Mapped[int | None] = mapped_column(Integer)
+    columns: Mapped[int | None] = mapped_column(Integer)
+    frame_of_reference_uid: Mapped[str | None] = mapped_column(String(64))
+    image_type: Mapped[list[str] | None] = mapped_column(JSON)
+    number_of_frames: Mapped[int | None] = mapped_column(Integer)
+    images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    file_path: Mapped[str] = mapped_column(Text)
+    file_size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    received_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """One ACVTT run over one exact instance set of a source series."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id"), index=True)
+    source_series_uid: Mapped[str] = mapped_column(String(64))
+    instances_hash: Mapped[str] = mapped_column(String(64))
+    model_id: Mapped[str] = mapped_column(String(64))
+    model_version: Mapped[str] = mapped_column(String(64))
+    factor: Mapped[int] = mapped_column(Integer)
+    rule_name: Mapped[str | None] = mapped_column(String(128))
+    destinations: Mapped[list[str]] = mapped_column(JSON, default=list)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16), default=JobState.queued, index=True
+    )
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    send_attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_send_at: Mapped[datetime | None] = mapped_column(DateTime)
+    derived_series_uid: Mapped[str | None] = mapped_column(String(64))
+    derived_dir: Mapped[str | None] = mapped_column(Text)
+    preview_path: Mapped[str | None] = mapped_column(Text)
+    supersedes_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
+    stage_seconds: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    summary: Mapped[dict | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
+
+    series: Mapped[Series] = relationship()
+    sent: Mapped[list[SentInstance]] = relationship(back_populates="job")
+
+    __table_args__ = (
+        UniqueConstraint(
+            "source_series_uid",
+            "instances_hash",
+            "model_id",
+            "model_version",
+            "factor",
+            name="uq_job_key",
+        ),
+    )
+
+
+class SentInstance(Base):
+    """An instance of a job's derived series that a destination acknowledged (0x0000/0xBxxx)."""
+
+    __tablename__ = "sent_instances"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64))
+    status: Mapped[int] = mapped_column(Integer)
+    sent_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
+
+    job: Mapped[Job] = relationship(back_populates="sent")
+
+    __table_args__ = (
+        UniqueConstraint("job_id", "destination", "sop_instance_uid", name="uq_sent"),
+    )
+
+
+class AuditEvent(Base):
+    """Something an administrator may need to explain later. Never holds patient data."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
+    kind: Mapped[str] = mapped_column(String(48), index=True)
+    series_uid: Mapped[str | None] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str | None] = mapped_column(String(64))
+    job_id: Mapped[int | None] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    peer: Mapped[str | None] = mapped_column(String(64))
+    status: Mapped[int | None] = mapped_column(Integer)
+    detail: Mapped[str | None] = mapped_column(Text)
+
+
+def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercised via engine
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.close()
+
+
+def make_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
+    """Create an engine; for SQLite: WAL, busy timeout, parent directory created."""
+    kwargs: dict = {"future": True}
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        kwargs["connect_args"] = {
+            "timeout": busy_timeout_ms / 1000,
+            "check_same_thread": False,
+        }
+    engine = create_engine(url, **kwargs)
+    if url.startswith("sqlite"):
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def make_session_factory(engine: Engine) -> sessionmaker[Session]:
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def alembic_config(url: str):
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def upgrade(url: str) -> None:
+    """Bring the database at ``url`` to the newest schema (idempotent)."""
+    from alembic import command
+
+    if url.startswith("sqlite"):
+        path = url.split("///", 1)[-1]
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+    command.upgrade(alembic_config(url), "head")
+
+
+def audit(session: Session, kind: str, **fields: object) -> AuditEvent:
+    """Add an audit event to ``session`` (the caller commits). ``detail`` dicts become JSON."""
+    detail = fields.pop("detail", None)
+    if detail is not None and not isinstance(detail, str):
+        detail = json.dumps(detail, default=str)
+    ev = AuditEvent(kind=kind, detail=detail, **fields)
+    session.add(ev)
+    return ev

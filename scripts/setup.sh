@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One-time setup: Debian tools used by tests (dcmtk, dicom3tools, orthanc), a .venv with the
+# project and its test extras, and the CPU build of torch when no NVIDIA driver is present.
+# Idempotent: re-running only installs what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
+[ -x /usr/bin/dciodvfy ] || need_apt+=(dicom3tools)
+[ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  # --no-install-recommends keeps orthanc's optional plugins out; policy-rc.d stops the
+  # package from starting a system-wide Orthanc on port 4242 that would clash with tests.
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+    $SUDO chmod +x /usr/sbin/policy-rc.d
+    trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+  fi
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
+if ! python -c 'import torch' 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then
+    python -m pip install -q 'torch>=2.4,<3'
+  else
+    # The CPU wheel; an open range would pull a multi-GB CUDA build on a GPU-less machine.
+    python -m pip install -q 'torch==2.13.0'
+  fi
+fi
+python -m pip install -q -e '.[test]'
+echo "setup complete: $(python -c 'import torch,sys;print("python",sys.version.split()[0],"torch",torch.__version__)')"
