@@ -88,7 +88,9 @@ def save_checkpoint(path: str | Path, model: ACVTT, meta: CheckpointMeta) -> Pat
     if meta.model != model.cfg:
         raise ValueError("metadata model config differs from the model being saved")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()
+    }
     text = json.dumps(meta.to_dict(), indent=2, sort_keys=True)
     save_file(tensors, str(path), metadata={"acvtt_meta": text})
     meta_path(path).write_text(text + "\n")
@@ -129,7 +131,9 @@ def check_state(model: ACVTT, tensors: dict[str, torch.Tensor], source: str) -> 
         if got[k] != want[k]
     ]
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
+        shown = "; ".join(problems[:6]) + (
+            f"; ... {len(problems) - 6} more" if len(problems) > 6 else ""
+        )
         raise CheckpointMismatchError(
             f"checkpoint {source} does not match model config {model.cfg.to_dict()}: "
             f"{len(problems)} problem(s): {shown}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -13,15 +12,24 @@ app = typer.Typer(help="ACVTT CT slice interpolation.", no_args_is_help=True, ad
 console = Console(stderr=True)
 
 
+@app.callback()
+def _root() -> None:
+    """ACVTT CT slice interpolation (numpy + torch; no DICOM networking)."""
+
+
 @app.command()
 def interpolate(
     inp: Path = typer.Argument(..., help="Input volume (NIfTI/NRRD/MHA) or DICOM series folder."),
     out: Path = typer.Argument(..., help="Output volume path (format from the extension)."),
     factor: int = typer.Option(..., "--factor", "-r", min=2, help="Through-plane factor R."),
-    checkpoint: Path | None = typer.Option(None, help="Checkpoint (.safetensors); default weights if omitted."),
+    checkpoint: Path | None = typer.Option(
+        None, help="Checkpoint (.safetensors); default weights if omitted."
+    ),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     preset: str | None = typer.Option(None, help="Preset the checkpoint must match."),
-    random_init: bool = typer.Option(False, help="Use an untrained model if no checkpoint exists (demo/test only)."),
+    random_init: bool = typer.Option(
+        False, help="Use an untrained model if no checkpoint exists (demo/test only)."
+    ),
     no_crop: bool = typer.Option(False, help="Do not crop to the body bounding box."),
 ) -> None:
     """Interpolate IN by --factor and write OUT: (d-1)*R+1 slices, z spacing / R, int16 HU."""
@@ -33,7 +41,11 @@ def interpolate(
     t0 = time.perf_counter()
     vol, geom = read_volume(inp)
     interp = load_interpolator(
-        checkpoint, device=device, preset=preset, allow_random_init=random_init, crop_body=not no_crop
+        checkpoint,
+        device=device,
+        preset=preset,
+        allow_random_init=random_init,
+        crop_body=not no_crop,
     )
     console.print(
         f"{inp.name}: {vol.shape[::-1]} voxels, spacing {tuple(round(s, 3) for s in geom.spacing)}; "

@@ -79,7 +79,9 @@ class Interpolator:
         self.max_chunk = max_chunk
         self.keep_input_slices = keep_input_slices
         # bf16 autocast on CUDA; fp32 on CPU (see docs/ACVTT.md for the CPU bf16 measurement).
-        self.autocast_bf16 = self.device.startswith("cuda") if autocast_bf16 is None else autocast_bf16
+        self.autocast_bf16 = (
+            self.device.startswith("cuda") if autocast_bf16 is None else autocast_bf16
+        )
 
     @property
     def factors(self) -> list[int]:

@@ -102,9 +102,7 @@ class Stage1(nn.Module):
         self.decoder = Decoder(c)
         # Level i acts at scale 1/2**(3-i) with channels 8C, 4C, 2C, C and patch size 2**i.
         chans = [8 * c, 4 * c, 2 * c, c]
-        self.mrnla = nn.ModuleDict(
-            {str(i): MRNLA(chans[i], 2**i) for i in cfg.mrnla_levels}
-        )
+        self.mrnla = nn.ModuleDict({str(i): MRNLA(chans[i], 2**i) for i in cfg.mrnla_levels})
         if cfg.factor_conditioning:
             self.factor_embed = nn.Linear(1, c)
 

@@ -42,9 +42,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
         ids = reader.GetGDCMSeriesIDs(str(path))
         if not ids:
             raise ValueError(f"no DICOM series found in {path}")
-        files = max(
-            (reader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids), key=len
-        )
+        files = max((reader.GetGDCMSeriesFileNames(str(path), sid) for sid in ids), key=len)
         reader.SetFileNames(files)
         img = reader.Execute()
     elif path.exists():
