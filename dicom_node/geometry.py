@@ -307,10 +307,11 @@ def derived_positions(
 class StackGeometry:
     """Everything the completion stage needs to accept or reject one stack of slices.
 
-    ``order`` sorts the input slices ascending along ``normal``. ``spacing`` is the distance
-    between planes (along the normal); ``step_vector`` the real slice-to-slice vector (equal to
-    ``spacing * normal`` unless tilted). ``ok`` is false when spacing is not uniform, or the stack is
-    tilted and tilt was not allowed; ``reason`` then says why in one sentence.
+    ``order`` sorts the input slices ascending along ``normal``; ``distances`` are their sorted
+    distances along it. ``spacing.spacing`` is the distance between planes; ``tilt.step_vector``
+    the real slice-to-slice vector (``tilt`` is ``None`` when it cannot be measured: duplicates or
+    fewer than two positions). ``ok`` is false when spacing is not uniform, the slices are off one
+    line, or the stack is tilted and tilt is not allowed; ``reason`` then says why.
     """
 
     normal: np.ndarray
