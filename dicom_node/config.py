@@ -205,9 +205,7 @@ class ConfigError(Exception):
     def __init__(self, source: str, errors: list[tuple[str, str]]):
         self.source = source
         self.errors = errors
-        super().__init__(
-            f"{source}: " + "; ".join(f"{p or '<root>'}: {m}" for p, m in errors)
-        )
+        super().__init__(f"{source}: " + "; ".join(f"{p or '<root>'}: {m}" for p, m in errors))
 
 
 def resolve_config_path(path: Path | str | None) -> Path:

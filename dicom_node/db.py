@@ -49,7 +49,7 @@ class Base(DeclarativeBase):
     pass
 
 
-class SeriesState(str, enum.Enum):
+class SeriesState(enum.StrEnum):
     receiving = "receiving"  # instances arriving, quiet period not over
     complete = "complete"  # quiet period over, geometry checked, job queued
     changed = "changed"  # an instance arrived or changed after the series was complete
@@ -58,7 +58,7 @@ class SeriesState(str, enum.Enum):
     processed = "processed"  # a job for the current instance set was sent
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     queued = "queued"
     running = "running"
     written = "written"

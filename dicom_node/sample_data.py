@@ -133,9 +133,10 @@ def _index_download(project: str, filename: str, dest: Path) -> None:
         listing = json.load(resp)
     for entry in listing.get("files", []):
         if entry["filename"] == filename:
-            with urllib.request.urlopen(entry["url"], timeout=300) as resp, open(
-                dest / filename, "wb"
-            ) as out:
+            with (
+                urllib.request.urlopen(entry["url"], timeout=300) as resp,
+                open(dest / filename, "wb") as out,
+            ):
                 shutil.copyfileobj(resp, out)
             return
     raise SampleDataError(f"{filename} not found in the package index listing for {project}")
