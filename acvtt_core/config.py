@@ -81,8 +81,8 @@ PRESETS: dict[str, Preset] = {
     # Chosen by measurement on a 2-core CPU, see docs/ACVTT.md ("Choosing the compact preset").
     "compact": Preset(
         "compact",
-        ModelConfig(width=16, n_refs=2, mrnla_levels=(0,), fusion_width=8),
-        "CPU deployment: C=16, R=2, MRNLA at the 1/8 bottleneck only, fusion width 8.",
+        ModelConfig(width=8, n_refs=2, mrnla_levels=(0,), fusion_width=8),
+        "CPU deployment: C=8, R=2, MRNLA at the 1/8 bottleneck only, fusion width 8.",
     ),
 }
 

@@ -8,6 +8,7 @@ batched chunks -> axial stage-2 fusion -> paste into the upsampled volume -> HU.
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -69,7 +70,10 @@ class Interpolator:
         keep_input_slices: bool = True,
     ):
         self.device = resolve_device(device)
-        self.model = model.to(self.device).eval()
+        # channels_last roughly doubles CPU conv throughput at these small widths (measured,
+        # docs/ACVTT.md); CUDA convs under bf16 autocast prefer it too.
+        self.memory_format = torch.channels_last
+        self.model = model.to(self.device, memory_format=self.memory_format).eval()
         self.meta = meta
         self.cfg: ModelConfig = meta.model
         self.model_id = meta.model_id
@@ -78,6 +82,7 @@ class Interpolator:
         self.body_threshold_hu = body_threshold_hu
         self.max_chunk = max_chunk
         self.keep_input_slices = keep_input_slices
+        self.last_run: dict[str, object] = {}
         # bf16 autocast on CUDA; fp32 on CPU (see docs/ACVTT.md for the CPU bf16 measurement).
         self.autocast_bf16 = (
             self.device.startswith("cuda") if autocast_bf16 is None else autocast_bf16
@@ -103,6 +108,10 @@ class Interpolator:
     def _to_dev(self, a: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(a)).to(self.device, torch.float32)
 
+    def _images(self, a: np.ndarray) -> torch.Tensor:
+        """(n, h, w) numpy -> (n, 1, h, w) device tensor in the engine's memory format."""
+        return self._to_dev(a)[:, None].contiguous(memory_format=self.memory_format)
+
     def encode_references(self, lr: np.ndarray) -> RefCache:
         """Pick R uniformly spaced axial slices of the normalised thick volume and cache their
         per-level [v | k] tensors (batch axis 1, shared by every through-plane image)."""
@@ -123,7 +132,7 @@ class Interpolator:
         for s in range(0, n_img, chunk):
             e = min(n_img, s + chunk)
             block = up[:, s:e, :] if axis == 1 else up[:, :, s:e]
-            x = self._to_dev(np.moveaxis(block, axis, 0))[:, None]  # (n, 1, D, other)
+            x = self._images(np.moveaxis(block, axis, 0))  # (n, 1, D, other)
             with self._autocast():
                 y = self.model.stage1(x, cache=cache, factor=factor)
             y = y[:, 0].float().cpu().numpy()
@@ -140,7 +149,7 @@ class Interpolator:
         chunk = self.chunk_size(h, w, self.cfg.fusion_c)
         for s in range(0, d, chunk):
             e = min(d, s + chunk)
-            c, g = self._to_dev(cor[s:e])[:, None], self._to_dev(sag[s:e])[:, None]
+            c, g = self._images(cor[s:e]), self._images(sag[s:e])
             with self._autocast():
                 y = self.model.fusion(c, g)
             out[s:e] = y[:, 0].float().cpu().numpy()
@@ -153,6 +162,16 @@ class Interpolator:
         if not self.crop_body:
             return BBox(0, h, 0, w)
         return body_bbox(volume_hu, self.body_threshold_hu)
+
+    @torch.inference_mode()
+    def stage1_normalised(self, lr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
+        """Stage-1 coronal and sagittal results for a whole normalised thick volume, no crop
+        (the inputs stage 2 trains on)."""
+        up = linear_upsample_z(lr, factor)
+        cache = self.encode_references(lr)
+        cor = self._stage1_view(up, 1, cache, factor, lambda n: None)
+        sag = self._stage1_view(up, 2, cache, factor, lambda n: None)
+        return cor, sag
 
     @torch.inference_mode()
     def interpolate(
@@ -190,11 +209,23 @@ class Interpolator:
         up_full = linear_upsample_z(lr, factor)
         lr_c = np.ascontiguousarray(lr[:, box.y0 : box.y1, box.x0 : box.x1])
         up = np.ascontiguousarray(up_full[:, box.y0 : box.y1, box.x0 : box.x1])
+        t0 = time.perf_counter()
         cache = self.encode_references(lr_c)
+        t1 = time.perf_counter()
         cor = self._stage1_view(up, 1, cache, factor, tick)
+        t2 = time.perf_counter()
         sag = self._stage1_view(up, 2, cache, factor, tick)
+        t3 = time.perf_counter()
         del cache, up
         fused = self._fuse(cor, sag, tick)
+        t4 = time.perf_counter()
+        self.last_run = {
+            "bbox": [box.y0, box.y1, box.x0, box.x1],
+            "refs_s": t1 - t0,
+            "coronal_s": t2 - t1,
+            "sagittal_s": t3 - t2,
+            "fusion_s": t4 - t3,
+        }
         up_full[:, box.y0 : box.y1, box.x0 : box.x1] = fused
         out = denormalise_hu(up_full)
         if self.keep_input_slices:

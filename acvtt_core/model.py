@@ -69,6 +69,10 @@ class Decoder(nn.Module):
             [double_conv(12 * c, 4 * c), double_conv(6 * c, 2 * c), double_conv(3 * c, c)]
         )
         self.head = nn.Conv2d(c, 1, 3, padding=1)
+        # Zero-init the head so that an untrained model is exactly its residual input (linear
+        # interpolation for stage 1, the view mean for stage 2); training starts from there.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
 
 
 class UNet(nn.Module):
@@ -106,12 +110,16 @@ class Stage1(nn.Module):
         if cfg.factor_conditioning:
             self.factor_embed = nn.Linear(1, c)
 
-    def _stem_bias(self, factor: float | None, n: int, dtype: torch.dtype) -> torch.Tensor | None:
+    def _stem_bias(
+        self, factor: float | torch.Tensor | None, n: int, dtype: torch.dtype
+    ) -> torch.Tensor | None:
         if not self.cfg.factor_conditioning:
             return None
         if factor is None:
             raise ValueError("this model is conditioned on the factor; pass factor=")
-        f = torch.full((n, 1), 1.0 / float(factor), device=self.factor_embed.weight.device)
+        dev = self.factor_embed.weight.device
+        f = torch.as_tensor(factor, dtype=torch.float32, device=dev).reshape(-1, 1)
+        f = (1.0 / f).expand(n, 1)
         return self.factor_embed(f).to(dtype)[:, :, None, None]
 
     def encode_refs(self, refs: torch.Tensor) -> RefCache:

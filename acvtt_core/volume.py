@@ -97,10 +97,10 @@ def body_bbox(
     if rows.size == 0:
         return BBox(0, h, 0, w)
     return BBox(
-        max(0, rows[0] - margin),
-        min(h, rows[-1] + 1 + margin),
-        max(0, cols[0] - margin),
-        min(w, cols[-1] + 1 + margin),
+        int(max(0, rows[0] - margin)),
+        int(min(h, rows[-1] + 1 + margin)),
+        int(max(0, cols[0] - margin)),
+        int(min(w, cols[-1] + 1 + margin)),
     )
 
 
