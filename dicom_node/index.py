@@ -1,0 +1,408 @@
+"""The instance index: read the header tags grouping and geometry need, and record them.
+
+:func:`read_header` parses only the header of an encoded instance (never the pixel data) and
+refuses data that must not be stored, raising :class:`InvalidInstance` with the DIMSE status to
+answer. :class:`Indexer` turns a stored file into Study/Series/Instance rows, one committed
+transaction per instance, and keeps the audit trail of duplicates, replacements and rejections.
+
+Series bookkeeping promised to later stages: every new or changed instance increments
+``Series.revision`` and sets ``last_received``; an instance that arrives or changes after the
+series left ``receiving`` (complete, processed, rejected, ignored) sets its state to ``changed``.
+An identical resend (same SOP Instance UID and SHA-256) changes nothing but an audit row.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from io import BytesIO
+from typing import Any
+
+import pydicom
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session
+
+from dicom_node.db import Instance, Series, SeriesState, Study, audit, utcnow
+from dicom_node.uids import is_valid_uid
+
+log = logging.getLogger(__name__)
+
+# Status codes we answer with (PS3.4 B.2.3). Cxxx = "cannot understand"; the low byte says why.
+STATUS_SUCCESS = 0x0000
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_DATASET_MISMATCH = 0xA900  # data set does not match the SOP class/instance of the command
+STATUS_UNDECODABLE = 0xC210  # the header could not be parsed
+STATUS_MISSING_UID = 0xC211  # a required UID is absent or empty
+STATUS_INVALID_UID = 0xC212  # a UID is not a valid DICOM UID (syntax, length)
+
+REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+class InvalidInstance(Exception):
+    """The instance must not be stored; ``status`` is the C-STORE status to answer."""
+
+    def __init__(self, status: int, reason: str, sop_instance_uid: str | None = None):
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.sop_instance_uid = sop_instance_uid
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the index keeps of one instance (no patient data)."""
+
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+    transfer_syntax_uid: str
+    modality: str | None = None
+    series_number: int | None = None
+    series_description: str | None = None
+    body_part: str | None = None
+    instance_number: int | None = None
+    acquisition_number: int | None = None
+    image_position: list[float] | None = None
+    image_orientation: list[float] | None = None
+    pixel_spacing: list[float] | None = None
+    slice_thickness: float | None = None
+    rows: int | None = None
+    columns: int | None = None
+    frame_of_reference_uid: str | None = None
+    image_type: list[str] | None = None
+    number_of_frames: int | None = None
+    images_in_acquisition: int | None = None
+
+
+# -- header parsing --------------------------------------------------------------------------
+
+
+def _get(ds: Dataset, keyword: str) -> Any:
+    """The value of ``keyword``, or None when absent, empty or not decodable."""
+    try:
+        elem = ds.get(keyword)
+    except Exception:  # a malformed value must not fail the whole instance
+        return None
+    if elem is None or elem == "":
+        return None
+    return elem
+
+
+def _floats(value: Any, n: int) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        vals = [float(v) for v in (value if isinstance(value, list | tuple) else list(value))]
+    except (TypeError, ValueError):
+        return None
+    return vals if len(vals) == n else None
+
+
+def _float(value: Any) -> float | None:
+    try:
+        return None if value is None else float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _int(value: Any) -> int | None:
+    try:
+        return None if value is None else int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _str(value: Any, limit: int = 64) -> str | None:
+    if value is None:
+        return None
+    s = str(value).strip()
+    return s[:limit] or None
+
+
+def _functional_group(ds: Dataset, item: str, keyword: str) -> Any:
+    """Enhanced multi-frame: ``keyword`` from shared groups, else from the first frame's."""
+    for group_seq in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
+        groups = _get(ds, group_seq)
+        if not groups:
+            continue
+        inner = _get(groups[0], item)
+        if inner:
+            value = _get(inner[0], keyword)
+            if value is not None:
+                return value
+    return None
+
+
+def _uid(ds: Dataset, keyword: str) -> str:
+    value = _get(ds, keyword)
+    return "" if value is None else str(value).strip("\0 ")
+
+
+def read_header(
+    data: bytes,
+    command_sop_class: str | None = None,
+    command_sop_instance: str | None = None,
+) -> Header:
+    """Parse the header of a Part 10 byte string (preamble + file meta + data set).
+
+    Raises :class:`InvalidInstance` when the data cannot be parsed (0xC210), a required UID is
+    missing (0xC211) or invalid (0xC212), or the data set's SOP Class/Instance UID differs from
+    the C-STORE command's (0xA900).
+    """
+    try:
+        ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
+        uids = {k: _uid(ds, k) for k in REQUIRED_UIDS}
+        ts = str(ds.file_meta.TransferSyntaxUID)
+    except Exception as exc:
+        raise InvalidInstance(
+            STATUS_UNDECODABLE,
+            f"cannot decode data set header: {type(exc).__name__}",
+            command_sop_instance,
+        ) from None
+
+    missing = [k for k, v in uids.items() if not v]
+    if missing:
+        raise InvalidInstance(
+            STATUS_MISSING_UID, f"missing or empty {', '.join(missing)}", command_sop_instance
+        )
+    invalid = [k for k, v in uids.items() if not is_valid_uid(v)]
+    if invalid:
+        raise InvalidInstance(
+            STATUS_INVALID_UID,
+            "not a valid DICOM UID: " + ", ".join(f"{k}={uids[k]!r:.72}" for k in invalid),
+            command_sop_instance,
+        )
+    if command_sop_class and uids["SOPClassUID"] != command_sop_class:
+        raise InvalidInstance(
+            STATUS_DATASET_MISMATCH,
+            f"SOPClassUID {uids['SOPClassUID']} differs from the command's {command_sop_class}",
+            command_sop_instance,
+        )
+    if command_sop_instance and uids["SOPInstanceUID"] != command_sop_instance:
+        raise InvalidInstance(
+            STATUS_DATASET_MISMATCH,
+            f"SOPInstanceUID {uids['SOPInstanceUID']} differs from the command's "
+            f"{command_sop_instance}",
+            command_sop_instance,
+        )
+
+    ipp = _get(ds, "ImagePositionPatient")
+    iop = _get(ds, "ImageOrientationPatient")
+    spacing = _get(ds, "PixelSpacing")
+    thickness = _get(ds, "SliceThickness")
+    if "SharedFunctionalGroupsSequence" in ds or "PerFrameFunctionalGroupsSequence" in ds:
+        ipp = ipp or _functional_group(ds, "PlanePositionSequence", "ImagePositionPatient")
+        iop = iop or _functional_group(ds, "PlaneOrientationSequence", "ImageOrientationPatient")
+        spacing = spacing or _functional_group(ds, "PixelMeasuresSequence", "PixelSpacing")
+        thickness = thickness or _functional_group(ds, "PixelMeasuresSequence", "SliceThickness")
+    image_type = _get(ds, "ImageType")
+    if image_type is not None:
+        is_str = isinstance(image_type, str)
+        image_type = [str(image_type)] if is_str else [str(v) for v in image_type]
+    frame_uid = _uid(ds, "FrameOfReferenceUID")
+
+    return Header(
+        sop_class_uid=uids["SOPClassUID"],
+        sop_instance_uid=uids["SOPInstanceUID"],
+        study_uid=uids["StudyInstanceUID"],
+        series_uid=uids["SeriesInstanceUID"],
+        transfer_syntax_uid=ts,
+        modality=_str(_get(ds, "Modality"), 16),
+        series_number=_int(_get(ds, "SeriesNumber")),
+        series_description=_str(_get(ds, "SeriesDescription")),
+        body_part=_str(_get(ds, "BodyPartExamined")),
+        instance_number=_int(_get(ds, "InstanceNumber")),
+        acquisition_number=_int(_get(ds, "AcquisitionNumber")),
+        image_position=_floats(ipp, 3),
+        image_orientation=_floats(iop, 6),
+        pixel_spacing=_floats(spacing, 2),
+        slice_thickness=_float(thickness),
+        rows=_int(_get(ds, "Rows")),
+        columns=_int(_get(ds, "Columns")),
+        frame_of_reference_uid=frame_uid[:64] or None,
+        image_type=image_type,
+        number_of_frames=_int(_get(ds, "NumberOfFrames")),
+        images_in_acquisition=_int(_get(ds, "ImagesInAcquisition")),
+    )
+
+
+# -- recording ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Existing:
+    sha256: str
+    file_path: str
+
+
+class Indexer:
+    """Records instances and rejections; every public method commits its own transaction.
+
+    Writes from the receiver's threads are serialised by a lock (SQLite has one writer anyway,
+    and waiting on a lock is cheaper than SQLite's busy-sleep); a transient "database is locked"
+    from another process or a unique-key race between two associations is retried.
+    """
+
+    RETRIES = 5
+
+    def __init__(self, session_factory: Callable[[], Session]):
+        self.session_factory = session_factory
+        self._lock = threading.Lock()
+
+    def existing(self, sop_instance_uid: str) -> Existing | None:
+        """The stored hash and relative path for a SOP Instance UID, if indexed."""
+        with self.session_factory() as s:
+            row = s.execute(
+                select(Instance.sha256, Instance.file_path).where(
+                    Instance.sop_instance_uid == sop_instance_uid
+                )
+            ).first()
+        return Existing(row[0], row[1]) if row else None
+
+    def _retrying(self, fn: Callable[[Session], str]) -> str:
+        delay = 0.01
+        for attempt in range(self.RETRIES):
+            with self._lock, self.session_factory() as s:
+                try:
+                    result = fn(s)
+                    s.commit()
+                    return result
+                except (IntegrityError, OperationalError) as exc:
+                    s.rollback()
+                    if attempt == self.RETRIES - 1:
+                        raise
+                    log.warning("index write retry %d: %s", attempt + 1, type(exc).__name__)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def record(
+        self,
+        h: Header,
+        file_path: str,
+        file_size: int,
+        sha256: str,
+        calling_ae: str | None,
+        peer: str | None = None,
+    ) -> str:
+        """Index a stored instance. Returns ``"new"``, ``"replaced"`` or ``"duplicate"``."""
+
+        def tx(s: Session) -> str:
+            now = utcnow()
+            study = s.scalars(select(Study).where(Study.study_uid == h.study_uid)).first()
+            if study is None:
+                study = Study(study_uid=h.study_uid, first_received=now)
+                s.add(study)
+                s.flush()
+            series = s.scalars(select(Series).where(Series.series_uid == h.series_uid)).first()
+            if series is None:
+                series = Series(
+                    series_uid=h.series_uid,
+                    study_id=study.id,
+                    modality=h.modality,
+                    series_number=h.series_number,
+                    series_description=h.series_description,
+                    body_part=h.body_part,
+                    calling_ae=calling_ae,
+                    state=SeriesState.receiving,
+                    first_received=now,
+                    last_received=now,
+                    revision=0,
+                )
+                s.add(series)
+                s.flush()
+            inst = s.scalars(
+                select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid)
+            ).first()
+            if inst is not None and inst.sha256 == sha256:
+                audit(
+                    s,
+                    "duplicate",
+                    series_uid=h.series_uid,
+                    sop_instance_uid=h.sop_instance_uid,
+                    calling_ae=calling_ae,
+                    peer=peer,
+                    status=STATUS_SUCCESS,
+                )
+                return "duplicate"
+            outcome = "new" if inst is None else "replaced"
+            if inst is None:
+                inst = Instance(sop_instance_uid=h.sop_instance_uid)
+                s.add(inst)
+            elif inst.series_id != series.id:
+                # The same SOP instance now claims another series: the old one changed too.
+                old = s.get(Series, inst.series_id)
+                if old is not None:
+                    _touch(old, now)
+            inst.series_id = series.id
+            inst.sop_class_uid = h.sop_class_uid
+            inst.instance_number = h.instance_number
+            inst.acquisition_number = h.acquisition_number
+            inst.image_position = h.image_position
+            inst.image_orientation = h.image_orientation
+            inst.pixel_spacing = h.pixel_spacing
+            inst.slice_thickness = h.slice_thickness
+            inst.rows = h.rows
+            inst.columns = h.columns
+            inst.frame_of_reference_uid = h.frame_of_reference_uid
+            inst.image_type = h.image_type
+            inst.number_of_frames = h.number_of_frames
+            inst.images_in_acquisition = h.images_in_acquisition
+            inst.transfer_syntax_uid = h.transfer_syntax_uid
+            inst.file_path = file_path
+            inst.file_size = file_size
+            inst.sha256 = sha256
+            inst.calling_ae = calling_ae
+            inst.received_at = now
+            _touch(series, now)
+            if outcome == "replaced":
+                audit(
+                    s,
+                    "replaced",
+                    series_uid=h.series_uid,
+                    sop_instance_uid=h.sop_instance_uid,
+                    calling_ae=calling_ae,
+                    peer=peer,
+                    status=STATUS_SUCCESS,
+                    detail={"revision": series.revision, "state": series.state.value},
+                )
+            return outcome
+
+        return self._retrying(tx)
+
+    def record_duplicate(self, h: Header, calling_ae: str | None, peer: str | None = None) -> None:
+        """Audit an identical resend that was answered without touching the file."""
+
+        def tx(s: Session) -> str:
+            audit(
+                s,
+                "duplicate",
+                series_uid=h.series_uid,
+                sop_instance_uid=h.sop_instance_uid,
+                calling_ae=calling_ae,
+                peer=peer,
+                status=STATUS_SUCCESS,
+            )
+            return "duplicate"
+
+        self._retrying(tx)
+
+    def record_event(self, kind: str, **fields: object) -> None:
+        """Audit a rejection or failure; never raises (the caller is answering a peer)."""
+        try:
+            self._retrying(lambda s: audit(s, kind, **fields) and kind)
+        except Exception as exc:  # the DB may be what failed
+            log.error("cannot write audit event %s: %s", kind, type(exc).__name__)
+
+
+def _touch(series: Series, now) -> None:
+    series.revision = (series.revision or 0) + 1
+    series.last_received = now
+    if series.state not in (SeriesState.receiving, SeriesState.changed):
+        series.state = SeriesState.changed

@@ -1,0 +1,399 @@
+"""The C-ECHO / C-STORE SCP: accept CT instances and acknowledge only what is durably stored.
+
+Each handler is small on purpose. At association time :meth:`Receiver._on_requested` checks
+the caller (AE title + address, called AE title) and the free disk; per C-STORE
+:meth:`Receiver._on_store` parses the header, writes the bytes as they came through
+:class:`~dicom_node.spool.Spool`, commits the index row through
+:class:`~dicom_node.index.Indexer` and answers with a status. Grouping, geometry and inference
+happen in later stages, never here.
+
+A-ASSOCIATE-RJ answers (result, source, reason):
+
+* caller not in ``allowed_callers``: permanent, service user, calling AE title not recognised
+  (1, 1, 3);
+* called AE title is not ours: permanent, service user, called AE title not recognised (1, 1, 7);
+* free disk below ``storage.min_free_bytes``: transient, service provider (presentation),
+  temporary congestion (2, 3, 1);
+* more than ``node.max_associations`` at once: transient, local limit exceeded (2, 3, 2)
+  (pynetdicom's own check).
+
+Nothing here logs patient names or IDs: only UIDs, AE titles, addresses, statuses and durations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+from pynetdicom.dsutils import encode_file_meta
+from pynetdicom.sop_class import Verification
+
+from dicom_node.config import NodeConfig
+from dicom_node.index import (
+    STATUS_OUT_OF_RESOURCES,
+    STATUS_SUCCESS,
+    Indexer,
+    InvalidInstance,
+    read_header,
+)
+from dicom_node.spool import Spool, SpoolError, UnsafePathError
+from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+
+log = logging.getLogger(__name__)
+
+ACCEPTED_SOP_CLASSES = (
+    CTImageStorage,
+    EnhancedCTImageStorage,
+    LegacyConvertedEnhancedCTImageStorage,
+)
+
+# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
+REJECT_CALLING_AE = (0x01, 0x01, 0x03)
+REJECT_CALLED_AE = (0x01, 0x01, 0x07)
+REJECT_CONGESTION = (0x02, 0x03, 0x01)
+
+STATUS_INTERNAL_ERROR = 0xC2FF  # a bug on our side; details in the log
+
+_PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+@dataclass
+class AssociationInfo:
+    """One open association, as ``dicom-node status`` shows it."""
+
+    calling_ae: str
+    peer: str
+    port: int
+    started: datetime
+    stored: int = 0
+    failed: int = 0
+    _t0: float = field(default_factory=time.monotonic, repr=False)
+
+    def as_dict(self) -> dict:
+        return {
+            "calling_ae": self.calling_ae,
+            "peer": self.peer,
+            "port": self.port,
+            "started": self.started.isoformat(timespec="seconds"),
+            "stored": self.stored,
+            "failed": self.failed,
+        }
+
+
+def _status(code: int, comment: str | None = None) -> Dataset | int:
+    if comment is None:
+        return code
+    ds = Dataset()
+    ds.Status = code
+    ds.ErrorComment = comment[:64]  # LO: 64 characters at most
+    return ds
+
+
+class Receiver:
+    """The node's storage SCP. ``start()`` returns at once; ``stop()`` closes it down.
+
+    ``on_change`` is called (from a network thread) whenever an association opens or closes.
+    """
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        session_factory,
+        on_change: Callable[[], None] | None = None,
+    ):
+        self.config = config
+        self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
+        self.indexer = Indexer(session_factory)
+        self.on_change = on_change
+        self.ae_title = config.node.ae_title
+        self._server = None
+        self._assocs: dict[int, AssociationInfo] = {}
+        self._lock = threading.Lock()
+        self.ae = self._make_ae()
+
+    # -- set-up --------------------------------------------------------------------------------
+    def _make_ae(self) -> AE:
+        n = self.config.node
+        ae = AE(ae_title=n.ae_title)
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        ae.maximum_associations = n.max_associations
+        ae.acse_timeout = n.acse_timeout_s
+        ae.dimse_timeout = n.dimse_timeout_s
+        ae.network_timeout = n.network_timeout_s
+        ae.maximum_pdu_size = n.max_pdu
+        # The called/calling AE checks live in _on_requested (they need the peer address too).
+        ae.require_called_aet = False
+        ae.require_calling_aet = []
+        ae.add_supported_context(Verification)
+        for sop_class in ACCEPTED_SOP_CLASSES:
+            ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def _ssl_context(self) -> ssl.SSLContext | None:
+        tls = self.config.node.tls
+        if tls is None:
+            return None
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+        if tls.ca_file:
+            ctx.load_verify_locations(str(tls.ca_file))
+        ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
+        return ctx
+
+    def start(self) -> None:
+        """Listen on the configured address and port (non-blocking)."""
+        removed = self.spool.clean_incoming()
+        if removed:
+            log.info("removed %d partial files from an earlier crash", removed)
+        handlers = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_RELEASED, self._on_closed),
+            (evt.EVT_ABORTED, self._on_closed),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_STORE, self._on_store),
+        ]
+        n = self.config.node
+        self._server = self.ae.start_server(
+            (n.bind_address, n.port),
+            block=False,
+            evt_handlers=handlers,
+            ssl_context=self._ssl_context(),
+        )
+        log.info(
+            "listening ae_title=%s address=%s port=%d max_associations=%d",
+            n.ae_title,
+            n.bind_address,
+            self.port,
+            n.max_associations,
+        )
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1] if self._server else self.config.node.port
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting, give open associations ``grace_s`` to finish, then abort them."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.shutdown()  # stops accepting; open associations keep running
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and any(a.is_alive() for a in server.active_associations):
+            time.sleep(0.05)
+        for assoc in server.active_associations:
+            assoc.abort()
+        log.info("receiver stopped")
+
+    def active_associations(self) -> list[AssociationInfo]:
+        with self._lock:
+            return list(self._assocs.values())
+
+    # -- association events --------------------------------------------------------------------
+    def _on_conn_open(self, event) -> None:
+        # Without TCP_NODELAY each small C-STORE-RSP waits for Nagle/delayed-ACK (~40 ms).
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_requested(self, event) -> None:
+        assoc = event.assoc
+        rq = assoc.requestor.primitive
+        calling = (rq.calling_ae_title or "").strip()
+        called = (rq.called_ae_title or "").strip()
+        address = assoc.requestor.address
+        reject = None
+        reason = ""
+        if not any(c.matches(calling, address) for c in self.config.allowed_callers):
+            reject, reason = REJECT_CALLING_AE, "caller not allowed"
+        elif called != self.ae_title:
+            reject, reason = REJECT_CALLED_AE, f"called AE title {called!r} is not ours"
+        elif self._disk_low():
+            reject, reason = REJECT_CONGESTION, "free disk below storage.min_free_bytes"
+        if reject is None:
+            return
+        log.warning(
+            "association rejected calling_ae=%s peer=%s called_ae=%s reason=%s",
+            calling,
+            address,
+            called,
+            reason,
+        )
+        self.indexer.record_event(
+            "association_rejected",
+            calling_ae=calling[:16],
+            peer=address,
+            detail={"reason": reason, "called_ae": called, "result_source_reason": reject},
+        )
+        assoc.acse.send_reject(*reject)
+        # As pynetdicom's own rejection path: wait until the A-ASSOCIATE-RJ has gone out and
+        # the peer has closed, before the reactor shuts the socket.
+        evt.trigger(assoc, evt.EVT_REJECTED, {})
+        assoc.kill()
+
+    def _on_established(self, event) -> None:
+        r = event.assoc.requestor
+        info = AssociationInfo(
+            calling_ae=r.ae_title, peer=r.address, port=r.port, started=datetime.now(UTC)
+        )
+        with self._lock:
+            self._assocs[id(event.assoc)] = info
+        log.info("association established calling_ae=%s peer=%s", info.calling_ae, info.peer)
+        self._changed()
+
+    def _on_closed(self, event) -> None:
+        with self._lock:
+            info = self._assocs.pop(id(event.assoc), None)
+        if info is None:
+            return
+        log.info(
+            "association closed calling_ae=%s peer=%s stored=%d failed=%d duration_s=%.2f",
+            info.calling_ae,
+            info.peer,
+            info.stored,
+            info.failed,
+            time.monotonic() - info._t0,
+        )
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            try:
+                self.on_change()
+            except Exception:  # status reporting must never break the network side
+                log.exception("on_change callback failed")
+
+    # -- DIMSE ---------------------------------------------------------------------------------
+    def _on_echo(self, event) -> int:
+        return STATUS_SUCCESS
+
+    def _disk_low(self) -> bool:
+        try:
+            return self.spool.free_bytes() < self.config.storage.min_free_bytes
+        except OSError:
+            return True
+
+    def _on_store(self, event) -> Dataset | int:
+        """Store one instance durably; 0x0000 only once file and index row are committed."""
+        t0 = time.perf_counter()
+        assoc = event.assoc
+        calling_ae = assoc.requestor.ae_title
+        peer = assoc.requestor.address
+        req = event.request
+        sop_uid = str(req.AffectedSOPInstanceUID or "")
+        status, comment, outcome = self._store(event, calling_ae, peer, sop_uid)
+        info = self._assocs.get(id(assoc))
+        if info is not None:
+            if status == STATUS_SUCCESS:
+                info.stored += 1
+            else:
+                info.failed += 1
+        log_fn = log.debug if status == STATUS_SUCCESS else log.warning
+        log_fn(
+            "c-store sop_instance_uid=%.64s calling_ae=%s status=0x%04X outcome=%s ms=%.1f%s",
+            sop_uid,
+            calling_ae,
+            status,
+            outcome,
+            (time.perf_counter() - t0) * 1000,
+            f" reason={comment}" if comment else "",
+        )
+        return _status(status, comment)
+
+    def _store(
+        self, event, calling_ae: str, peer: str, sop_uid: str
+    ) -> tuple[int, str | None, str]:
+        req = event.request
+        if self._disk_low():
+            self.indexer.record_event(
+                "store_refused",
+                sop_instance_uid=sop_uid[:64],
+                calling_ae=calling_ae,
+                peer=peer,
+                status=STATUS_OUT_OF_RESOURCES,
+                detail="free disk below storage.min_free_bytes",
+            )
+            return STATUS_OUT_OF_RESOURCES, "free disk below minimum", "refused"
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = req.AffectedSOPClassUID
+        meta.MediaStorageSOPInstanceUID = req.AffectedSOPInstanceUID
+        meta.TransferSyntaxUID = event.context.transfer_syntax
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        meta.SourceApplicationEntityTitle = calling_ae
+        data = b"".join((_PREAMBLE, encode_file_meta(meta), req.DataSet.getvalue()))
+
+        try:
+            header = read_header(data, str(req.AffectedSOPClassUID), sop_uid)
+            path = self.spool.path_for(header.study_uid, header.series_uid, sop_uid)
+        except (InvalidInstance, UnsafePathError) as exc:
+            code = exc.status if isinstance(exc, InvalidInstance) else 0xC212
+            reason = exc.reason if isinstance(exc, InvalidInstance) else str(exc)
+            self.indexer.record_event(
+                "instance_rejected",
+                sop_instance_uid=sop_uid[:64],
+                calling_ae=calling_ae,
+                peer=peer,
+                status=code,
+                detail=reason,
+            )
+            return code, reason, "rejected"
+
+        sha = hashlib.sha256(data).hexdigest()
+        rel = self.spool.relative(path)
+        try:
+            prev = self.indexer.existing(sop_uid)
+            if (
+                prev is not None
+                and prev.sha256 == sha
+                and os.path.exists(self.spool.root / prev.file_path)
+            ):
+                self.indexer.record_duplicate(header, calling_ae, peer)
+                return STATUS_SUCCESS, None, "duplicate"
+            size = self.spool.write(path, (data,))
+            outcome = self.indexer.record(header, rel, size, sha, calling_ae, peer)
+        except SpoolError as exc:
+            reason = f"spool write failed: {exc.strerror}"
+            self.indexer.record_event(
+                "store_failed",
+                series_uid=header.series_uid,
+                sop_instance_uid=sop_uid,
+                calling_ae=calling_ae,
+                peer=peer,
+                status=STATUS_OUT_OF_RESOURCES,
+                detail=reason,
+            )
+            return STATUS_OUT_OF_RESOURCES, reason, "failed"
+        except Exception as exc:  # the index DB failed: not acknowledged, sender may retry
+            reason = f"index write failed: {type(exc).__name__}"
+            log.error("%s sop_instance_uid=%s", reason, sop_uid)
+            self.indexer.record_event(
+                "store_failed",
+                series_uid=header.series_uid,
+                sop_instance_uid=sop_uid,
+                calling_ae=calling_ae,
+                peer=peer,
+                status=STATUS_OUT_OF_RESOURCES,
+                detail=reason,
+            )
+            return STATUS_OUT_OF_RESOURCES, reason, "failed"
+        return STATUS_SUCCESS, None, outcome

@@ -1,0 +1,140 @@
+"""The spool: where received instances live on disk, written so that an acknowledgement is true.
+
+Layout: ``<spool>/<StudyInstanceUID>/<SeriesInstanceUID>/<SOPInstanceUID>.dcm``. Every path
+component is a UID that :func:`dicom_node.uids.is_valid_uid` accepted (digits and dots only), and
+the resolved path is checked to lie inside the spool, so nothing from the network can choose
+where a file goes.
+
+:meth:`Spool.write` promises: when it returns, the bytes are in their final place and will still
+be there after a power cut (temp file written and fsync'd, renamed over the final name, the
+directory fsync'd). A crash before it returns leaves at most a stray ``*.part`` file in
+``<spool>/.incoming``, which :meth:`Spool.clean_incoming` removes at start-up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import threading
+import uuid
+from pathlib import Path
+
+from dicom_node.uids import is_valid_uid
+
+INCOMING = ".incoming"
+
+
+class SpoolError(OSError):
+    """A file could not be written durably (disk full, I/O error, bad path)."""
+
+
+class UnsafePathError(ValueError):
+    """A UID was not valid, so no path may be built from it."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Spool:
+    """Durable, UID-addressed file store rooted at ``root``.
+
+    ``fsync=False`` skips every fsync (only for throw-away test setups; acknowledgements are then
+    no longer durable).
+    """
+
+    def __init__(self, root: Path | str, fsync: bool = True):
+        self.root = Path(root).resolve()
+        self.fsync = fsync
+        self.incoming = self.root / INCOMING
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        # Directories already known to exist durably; saves a mkdir+fsync per instance.
+        self._known_dirs: set[Path] = {self.root, self.incoming}
+        self._dir_lock = threading.Lock()
+
+    # -- paths ---------------------------------------------------------------------------------
+    def path_for(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
+        """The final path of an instance; raises :class:`UnsafePathError` for any invalid UID."""
+        for name, uid in (("study", study_uid), ("series", series_uid), ("sop", sop_uid)):
+            if not is_valid_uid(uid):
+                raise UnsafePathError(f"invalid {name} UID {uid!r:.80}")
+        path = self.root / study_uid / series_uid / f"{sop_uid}.dcm"
+        # Belt and braces: the UID alphabet cannot express '/' or '..', but check anyway.
+        if path.resolve().parent.parent.parent != self.root:
+            raise UnsafePathError(f"path escapes the spool: {path}")
+        return path
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    # -- writing -------------------------------------------------------------------------------
+    def _ensure_dir(self, directory: Path) -> None:
+        if directory in self._known_dirs:
+            return
+        with self._dir_lock:
+            if directory in self._known_dirs:
+                return
+            # Create each missing level and fsync its parent, so the new entry is durable too.
+            missing = []
+            d = directory
+            while d != self.root and not d.is_dir():
+                missing.append(d)
+                d = d.parent
+            for d in reversed(missing):
+                with contextlib.suppress(FileExistsError):
+                    d.mkdir()
+                if self.fsync:
+                    _fsync_dir(d.parent)
+            self._known_dirs.add(directory)
+
+    def write(self, path: Path, chunks: list[bytes] | tuple[bytes, ...]) -> int:
+        """Durably write ``chunks`` (concatenated) to ``path`` (from :meth:`path_for`).
+
+        Replaces an existing file atomically. Returns the number of bytes written.
+        Raises :class:`SpoolError` on any failure, leaving no partial file behind.
+        """
+        tmp = self.incoming / f"{uuid.uuid4().hex}.part"
+        size = 0
+        try:
+            self._ensure_dir(path.parent)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+            try:
+                for chunk in chunks:
+                    view = memoryview(chunk)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
+                        size += n
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+            if self.fsync:
+                _fsync_dir(path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            raise SpoolError(exc.errno, f"spool write failed: {exc.strerror or exc}") from exc
+        return size
+
+    # -- housekeeping --------------------------------------------------------------------------
+    def clean_incoming(self) -> int:
+        """Remove temp files left by a crash; returns how many were removed."""
+        n = 0
+        for p in self.incoming.glob("*.part"):
+            try:
+                p.unlink()
+                n += 1
+            except OSError:
+                pass
+        return n
+
+    def free_bytes(self) -> int:
+        """Bytes available to us on the spool's file system."""
+        return shutil.disk_usage(self.root).free
