@@ -311,15 +311,17 @@ def slice_refs_from_file(path: str | Path) -> list[SliceRef]:
     return slice_refs_from_dataset(ds, path)
 
 
-def slice_refs_from_instance(inst: Instance) -> list[SliceRef]:
+def slice_refs_from_instance(inst: Instance, spool_root: str | Path = ".") -> list[SliceRef]:
     """Image planes of an indexed instance. Single-frame geometry comes from the index row;
-    multi-frame instances are expanded from their file's functional groups."""
+    multi-frame instances are expanded from their file's functional groups. The index stores
+    paths relative to the spool; ``spool_root`` makes them absolute."""
+    path = str(Path(spool_root) / inst.file_path)
     if (inst.number_of_frames or 1) > 1 or inst.sop_class_uid in ENHANCED_SOP_CLASSES:
-        return slice_refs_from_file(inst.file_path)
+        return slice_refs_from_file(path)
     return [
         SliceRef(
             sop_instance_uid=inst.sop_instance_uid,
-            file_path=inst.file_path,
+            file_path=path,
             frame=None,
             position=_floats(inst.image_position, 3),  # type: ignore[arg-type]
             orientation=_floats(inst.image_orientation, 6),
@@ -571,6 +573,7 @@ def plan_slices(
 
 def plan_series(
     series: Series,
+    spool_root: str | Path,
     tol: Tolerances | None = None,
     *,
     only_sop_uids: Iterable[str] | None = None,
@@ -592,7 +595,7 @@ def plan_series(
     refs: list[SliceRef] = []
     for inst in instances:
         try:
-            refs.extend(slice_refs_from_instance(inst))
+            refs.extend(slice_refs_from_instance(inst, spool_root))
         except (OSError, pydicom.errors.InvalidDicomError) as exc:
             return Rejection(
                 series.series_uid,
