@@ -1,0 +1,455 @@
+"""C-STORE SCU: send one series to one destination over one association, and say what happened.
+
+:func:`send_instances` opens one association (TCP_NODELAY set as soon as the socket connects),
+sends every instance that is not already acknowledged, checks each C-STORE response status and
+returns a :class:`SendResult` with a per-instance outcome. It never raises for network or peer
+problems; it classifies them instead:
+
+* **transient** (retry later, with :func:`next_retry_delay`): connection refused or timed out,
+  association aborted, no response within the timeouts, A-ASSOCIATE-RJ with result "rejected
+  (transient)".
+* **permanent** (fail now, do not retry): A-ASSOCIATE-RJ "rejected (permanent)", every failure
+  status on an instance (0xA7xx out of resources, 0xA9xx data set does not match SOP class,
+  0xCxxx cannot understand, and any other failure code, e.g. 0x0122 SOP class not supported),
+  no accepted presentation context for an instance, or an input without valid UIDs.
+
+A resend passes ``already_acknowledged=previous.acknowledged`` so only instances the peer has
+not acknowledged go out again. :func:`send_with_retries` is that loop, for callers that may block.
+Success (0x0000) and warning statuses (0x0001, 0xBxxx) count as acknowledged.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import ssl
+import time
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
+from pynetdicom.status import code_to_category
+
+from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
+
+__all__ = [
+    "Destination",
+    "FailureKind",
+    "InstanceOutcome",
+    "SendFailure",
+    "SendResult",
+    "associate",
+    "classify_status",
+    "next_retry_delay",
+    "send_instances",
+    "send_with_retries",
+]
+
+log = logging.getLogger(__name__)
+
+_UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+_MAX_CONTEXTS = 128
+
+
+@dataclass(frozen=True)
+class Destination:
+    """Where to send: the peer's AE title, host and port, and an optional TLS client context."""
+
+    ae_title: str
+    host: str
+    port: int
+    tls: ssl.SSLContext | None = None
+    tls_server_hostname: str | None = None  # defaults to ``host``
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+
+class FailureKind(StrEnum):
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+@dataclass(frozen=True)
+class SendFailure:
+    """Why a send stopped: ``kind`` decides retry or not; ``reason`` is for people and logs."""
+
+    kind: FailureKind
+    reason: str
+
+
+@dataclass(frozen=True)
+class InstanceOutcome:
+    """What happened to one instance in this attempt.
+
+    ``status`` is the DIMSE status the peer returned (``None`` if it was not sent or no response
+    came). ``acknowledged`` is true for success/warning now or in an earlier attempt
+    (``sent_now`` false then).
+    """
+
+    sop_instance_uid: str
+    acknowledged: bool
+    status: int | None = None
+    sent_now: bool = False
+    detail: str = ""
+
+
+@dataclass
+class SendResult:
+    """Outcome of one :func:`send_instances` call (one association at most)."""
+
+    destination: Destination
+    outcomes: list[InstanceOutcome]
+    failure: SendFailure | None = None
+    elapsed_s: float = 0.0
+    attempts: int = 1
+    nodelay: bool | None = None  # TCP_NODELAY as read back from the socket, if connected
+
+    @property
+    def ok(self) -> bool:
+        """Every instance acknowledged, now or earlier."""
+        return self.failure is None and all(o.acknowledged for o in self.outcomes)
+
+    @property
+    def retryable(self) -> bool:
+        return self.failure is not None and self.failure.kind is FailureKind.TRANSIENT
+
+    @property
+    def acknowledged(self) -> set[str]:
+        """SOP Instance UIDs acknowledged so far (pass to the next attempt)."""
+        return {o.sop_instance_uid for o in self.outcomes if o.acknowledged}
+
+    @property
+    def pending(self) -> list[str]:
+        """SOP Instance UIDs still to send, in input order."""
+        return [o.sop_instance_uid for o in self.outcomes if not o.acknowledged]
+
+    @property
+    def sent_now(self) -> list[str]:
+        """SOP Instance UIDs acknowledged in this attempt."""
+        return [o.sop_instance_uid for o in self.outcomes if o.sent_now and o.acknowledged]
+
+
+def classify_status(status: int) -> FailureKind | None:
+    """``None`` for success, warning or pending; otherwise the failure kind of a C-STORE status.
+
+    Every failure status is permanent: 0xA7xx, 0xA9xx and 0xCxxx as the product rules demand, and
+    unknown or other failure codes too, so that a peer that refuses data is never hammered.
+    """
+    if code_to_category(status) in ("Success", "Warning", "Pending"):
+        return None
+    return FailureKind.PERMANENT
+
+
+def next_retry_delay(
+    attempt: int, base: float = 2.0, cap: float = 300.0, rng: random.Random | None = None
+) -> float:
+    """Seconds to wait before retry number ``attempt`` (0 = first retry): backoff with jitter.
+
+    The ceiling doubles per attempt, ``c = min(cap, base * 2**attempt)``, and the delay is drawn
+    uniformly from ``[c/2, c]`` ("equal jitter"): it keeps growing, yet senders that failed
+    together do not retry together.
+    """
+    if attempt < 0:
+        raise ValueError("attempt must be >= 0")
+    rng = rng or random.Random()
+    ceiling = min(cap, base * (2.0 ** min(attempt, 64)))
+    return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
+
+
+@dataclass
+class _Item:
+    source: Path | Dataset
+    sop_class: str
+    sop_instance: str
+    transfer_syntax: str
+
+
+def _describe(source: Path | str | Dataset) -> _Item:
+    if isinstance(source, Dataset):
+        ds = source
+        src: Path | Dataset = source
+    else:
+        src = Path(source)
+        ds = pydicom.dcmread(src, stop_before_pixels=True)
+    meta = getattr(ds, "file_meta", None)
+    # The dataset's own UIDs are what goes on the wire, so those must be valid (the file meta
+    # alone is not enough: anonymisers sometimes blank the dataset's copy).
+    sop_class = str(ds.get("SOPClassUID", "") or "")
+    sop_instance = str(ds.get("SOPInstanceUID", "") or "")
+    ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
+    return _Item(src, sop_class, sop_instance, ts)
+
+
+@dataclass
+class _AssocInfo:
+    connected: bool = False
+    nodelay: bool | None = None
+    reject: tuple[int, str, str] | None = None  # result, source, reason
+    extra: list[str] = field(default_factory=list)
+
+
+def _on_conn_open(event: evt.Event, info: _AssocInfo) -> None:
+    # Without TCP_NODELAY each small C-STORE PDU waits for the peer's delayed ACK (~40 ms).
+    sock = event.assoc.dul.socket.socket
+    info.connected = True
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        info.nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
+
+def _on_acse_recv(event: evt.Event, info: _AssocInfo) -> None:
+    p = event.primitive
+    if getattr(p, "result", None) in (0x01, 0x02):
+        info.reject = (int(p.result), str(p.source_str), str(p.reason_str))
+
+
+def associate(
+    destination: Destination,
+    calling_ae_title: str,
+    contexts: Sequence[tuple[str, Sequence[str]]],
+    *,
+    acse_timeout: float = 30.0,
+    dimse_timeout: float = 60.0,
+    network_timeout: float = 60.0,
+    connection_timeout: float = 10.0,
+) -> tuple[Association, _AssocInfo]:
+    """Request an association with TCP_NODELAY set on the socket as soon as it connects.
+
+    ``contexts`` are (SOP class UID, transfer syntaxes) pairs. The returned association may be
+    rejected, aborted or not connected; the info object records what happened (for
+    classification). Used by :func:`send_instances`; public so that tests and ``echo`` can reuse it.
+    """
+    ae = AE(ae_title=calling_ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+    ae.acse_timeout = acse_timeout
+    ae.dimse_timeout = dimse_timeout
+    ae.network_timeout = network_timeout
+    ae.connection_timeout = connection_timeout
+    for sop_class, syntaxes in contexts:
+        ae.add_requested_context(sop_class, list(syntaxes))
+    info = _AssocInfo()
+    tls_args = None
+    if destination.tls is not None:
+        tls_args = (destination.tls, destination.tls_server_hostname or destination.host)
+    assoc = ae.associate(
+        destination.host,
+        destination.port,
+        ae_title=destination.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[
+            (evt.EVT_CONN_OPEN, _on_conn_open, [info]),
+            (evt.EVT_ACSE_RECV, _on_acse_recv, [info]),
+        ],
+    )
+    return assoc, info
+
+
+def _contexts(items: Sequence[_Item]) -> list[tuple[str, list[str]]]:
+    wanted: dict[str, list[str]] = {}
+    for it in items:
+        syntaxes = wanted.setdefault(it.sop_class, [])
+        # Uncompressed data can be re-encoded by pynetdicom, so offer both little-endian forms.
+        for ts in (
+            (it.transfer_syntax, *_UNCOMPRESSED)
+            if it.transfer_syntax in _UNCOMPRESSED
+            else (it.transfer_syntax,)
+        ):
+            if ts not in syntaxes:
+                syntaxes.append(ts)
+    # One context per (class, syntax) lets the peer accept some syntaxes and refuse others.
+    return [(cls, [ts]) for cls, tss in wanted.items() for ts in tss]
+
+
+def _association_failure(assoc: Association, info: _AssocInfo, dest: Destination) -> SendFailure:
+    if info.reject is not None:
+        result, source, reason = info.reject
+        kind = FailureKind.PERMANENT if result == 0x01 else FailureKind.TRANSIENT
+        return SendFailure(
+            kind, f"association rejected ({kind.value}) by {dest}: {reason} (source: {source})"
+        )
+    if not info.connected:
+        return SendFailure(FailureKind.TRANSIENT, f"cannot connect to {dest}")
+    if assoc.is_aborted:
+        if not assoc.accepted_contexts and assoc.rejected_contexts:
+            return SendFailure(
+                FailureKind.PERMANENT, f"{dest} accepted none of the presentation contexts"
+            )
+        return SendFailure(FailureKind.TRANSIENT, f"association with {dest} aborted")
+    return SendFailure(FailureKind.TRANSIENT, f"no association with {dest} (timeout)")
+
+
+def send_instances(
+    destination: Destination,
+    instances: Sequence[Path | str | Dataset],
+    *,
+    calling_ae_title: str,
+    already_acknowledged: Collection[str] = (),
+    acse_timeout: float = 30.0,
+    dimse_timeout: float = 60.0,
+    network_timeout: float = 60.0,
+    connection_timeout: float = 10.0,
+) -> SendResult:
+    """Send ``instances`` (file paths or datasets with file meta) over one association.
+
+    Instances whose SOP Instance UID is in ``already_acknowledged`` are skipped and reported as
+    acknowledged. Stops at the first failure; see the module docstring for the classification.
+    """
+    t0 = time.monotonic()
+    done = set(already_acknowledged)
+    items = [_describe(s) for s in instances]
+    outcomes: dict[int, InstanceOutcome] = {}
+    for idx, it in enumerate(items):
+        if it.sop_instance in done:
+            outcomes[idx] = InstanceOutcome(it.sop_instance, True, detail="acknowledged earlier")
+
+    def result(failure: SendFailure | None, nodelay: bool | None = None) -> SendResult:
+        full = [
+            outcomes.get(i, InstanceOutcome(it.sop_instance, False, detail="not sent"))
+            for i, it in enumerate(items)
+        ]
+        res = SendResult(
+            destination, full, failure, elapsed_s=time.monotonic() - t0, nodelay=nodelay
+        )
+        log.info(
+            "send finished dest=%s n=%d acked=%d sent_now=%d failure=%s seconds=%.3f",
+            destination,
+            len(full),
+            len(res.acknowledged),
+            len(res.sent_now),
+            f"{failure.kind.value}: {failure.reason}" if failure else "none",
+            res.elapsed_s,
+        )
+        return res
+
+    bad = [
+        it
+        for it in items
+        if not (is_valid_uid(it.sop_class) and is_valid_uid(it.sop_instance))
+        or not it.transfer_syntax
+    ]
+    if bad:
+        return result(
+            SendFailure(
+                FailureKind.PERMANENT,
+                f"{len(bad)} instance(s) lack a valid SOP Class/Instance UID or transfer syntax",
+            )
+        )
+    todo = [i for i in range(len(items)) if i not in outcomes]
+    if not todo:
+        return result(None)
+    contexts = _contexts([items[i] for i in todo])
+    if len(contexts) > _MAX_CONTEXTS:
+        return result(
+            SendFailure(FailureKind.PERMANENT, f"{len(contexts)} presentation contexts needed")
+        )
+
+    assoc, info = associate(
+        destination,
+        calling_ae_title,
+        contexts,
+        acse_timeout=acse_timeout,
+        dimse_timeout=dimse_timeout,
+        network_timeout=network_timeout,
+        connection_timeout=connection_timeout,
+    )
+    if not assoc.is_established:
+        return result(_association_failure(assoc, info, destination), info.nodelay)
+
+    failure: SendFailure | None = None
+    clean = True  # False when the peer stopped answering: abort, since a release would wait
+    try:
+        for msg_id, i in enumerate(todo, start=1):
+            it = items[i]
+            try:
+                rsp = assoc.send_c_store(it.source, msg_id=msg_id)
+            except ValueError as exc:  # no accepted presentation context for this instance
+                outcomes[i] = InstanceOutcome(
+                    it.sop_instance, False, sent_now=True, detail=str(exc)
+                )
+                failure = SendFailure(
+                    FailureKind.PERMANENT,
+                    f"{destination} refused SOP class {it.sop_class} in transfer syntax "
+                    f"{it.transfer_syntax}: {exc}",
+                )
+                break
+            status = rsp.get("Status") if rsp is not None else None
+            if status is None:
+                outcomes[i] = InstanceOutcome(
+                    it.sop_instance, False, sent_now=True, detail="no response"
+                )
+                why = "aborted" if assoc.is_aborted else "timed out or closed"
+                clean = False
+                failure = SendFailure(
+                    FailureKind.TRANSIENT,
+                    f"association with {destination} {why} while sending "
+                    f"({sum(o.sent_now and o.acknowledged for o in outcomes.values())} "
+                    f"acknowledged)",
+                )
+                break
+            status = int(status)
+            kind = classify_status(status)
+            comment = str(rsp.get("ErrorComment", "") or "")
+            outcomes[i] = InstanceOutcome(
+                it.sop_instance, kind is None, status=status, sent_now=True, detail=comment
+            )
+            if kind is not None:
+                failure = SendFailure(
+                    kind,
+                    f"{destination} answered 0x{status:04X} for {it.sop_instance}"
+                    + (f": {comment}" if comment else ""),
+                )
+                break
+    finally:
+        if assoc.is_established:
+            if clean:
+                assoc.release()
+            else:
+                assoc.abort()
+    return result(failure, info.nodelay)
+
+
+def send_with_retries(
+    destination: Destination,
+    instances: Sequence[Path | str | Dataset],
+    *,
+    calling_ae_title: str,
+    max_attempts: int = 5,
+    base_delay: float = 2.0,
+    max_delay: float = 300.0,
+    rng: random.Random | None = None,
+    sleep: Callable[[float], None] = time.sleep,
+    **kwargs: float,
+) -> SendResult:
+    """:func:`send_instances` until done, a permanent failure, or ``max_attempts`` attempts.
+
+    Between transient failures it sleeps :func:`next_retry_delay`; each retry sends only what is
+    still unacknowledged. The returned result covers all instances; ``attempts`` says how many
+    associations were tried.
+    """
+    acked: set[str] = set()
+    res: SendResult | None = None
+    for attempt in range(max_attempts):
+        if attempt:
+            sleep(next_retry_delay(attempt - 1, base_delay, max_delay, rng))
+        res = send_instances(
+            destination,
+            instances,
+            calling_ae_title=calling_ae_title,
+            already_acknowledged=acked,
+            **kwargs,
+        )
+        res.attempts = attempt + 1
+        acked = res.acknowledged
+        if not res.retryable:
+            break
+    assert res is not None
+    return res

@@ -1,0 +1,299 @@
+"""C-STORE SCU against real peers: dcmtk storescp, Debian Orthanc, and a pynetdicom acceptor."""
+
+from __future__ import annotations
+
+import random
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE
+
+from dicom_node.send import (
+    Destination,
+    FailureKind,
+    associate,
+    classify_status,
+    next_retry_delay,
+    send_instances,
+    send_with_retries,
+)
+from dicom_node.write import write_derived_series
+from tests.support.dcmtk import free_port, storescp
+from tests.support.orthanc import OrthancServer
+
+CALLING = "ACVTT_NODE"
+
+
+@pytest.fixture(scope="module")
+def derived_files(sample_data, tmp_path_factory) -> list[Path]:
+    """A small derived series (9 uncompressed instances) written from the real CT headers."""
+    files = sorted(Path(sample_data.ct_dicom_repaired).glob("*.dcm"))[:5]
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    headers.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    for h in headers:
+        h.Rows, h.Columns = 32, 32
+    vol = np.linspace(-1000, 1000, 9 * 32 * 32, dtype=np.float32).reshape(9, 32, 32)
+    out = tmp_path_factory.mktemp("derived")
+    write_derived_series(headers, vol, factor=2, model_id="t", model_version="1", out_dir=out)
+    return sorted(out.glob("*.dcm"))
+
+
+def _uids(paths) -> set[str]:
+    return {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+
+
+def test_success_to_storescp_with_nodelay(derived_files, tmp_path):
+    with storescp(tmp_path, ae_title="STORESCP") as scp:
+        dest = Destination(scp.ae_title, scp.host, scp.port)
+        res = send_instances(dest, derived_files, calling_ae_title=CALLING)
+        assert res.ok and res.failure is None
+        assert res.nodelay is True
+        assert [o.status for o in res.outcomes] == [0x0000] * len(derived_files)
+        assert _uids(scp.received_files()) == _uids(derived_files)
+
+        # Datasets work as well as paths; a resend of everything acknowledged sends nothing.
+        again = send_instances(
+            dest,
+            [pydicom.dcmread(p) for p in derived_files],
+            calling_ae_title=CALLING,
+            already_acknowledged=res.acknowledged,
+        )
+        assert again.ok and again.sent_now == [] and again.nodelay is None
+
+
+def test_associate_sets_tcp_nodelay_before_any_store(tmp_path):
+    with storescp(tmp_path) as scp:
+        assoc, info = associate(
+            Destination(scp.ae_title, scp.host, scp.port),
+            CALLING,
+            [(CTImageStorage, [ExplicitVRLittleEndian])],
+        )
+        try:
+            assert assoc.is_established
+            sock = assoc.dul.socket.socket
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+            assert info.nodelay is True
+        finally:
+            assoc.release()
+
+
+def test_closed_port_is_transient(derived_files):
+    res = send_instances(
+        Destination("NOBODY", "127.0.0.1", free_port()), derived_files, calling_ae_title=CALLING
+    )
+    assert res.failure is not None and res.failure.kind is FailureKind.TRANSIENT
+    assert "cannot connect" in res.failure.reason
+    assert res.retryable and res.pending == [o.sop_instance_uid for o in res.outcomes]
+
+
+def test_storescp_refuse_is_permanent(derived_files, tmp_path):
+    with storescp(tmp_path, extra_args=["--refuse"]) as scp:
+        res = send_instances(
+            Destination(scp.ae_title, scp.host, scp.port), derived_files, calling_ae_title=CALLING
+        )
+    assert res.failure is not None and res.failure.kind is FailureKind.PERMANENT
+    assert "rejected (permanent)" in res.failure.reason
+
+
+def test_orthanc_rejects_unknown_calling_ae_permanently(derived_files, tmp_path):
+    strict = {
+        "DicomAlwaysAllowStore": False,
+        "DicomAlwaysAllowEcho": False,
+        "DicomAlwaysAllowFind": False,
+        "DicomAlwaysAllowMove": False,
+    }
+    with OrthancServer(
+        tmp_path / "orthanc",
+        aet="PACS",
+        modalities={"NODE": (CALLING, "127.0.0.1", 104)},
+        config_overrides=strict,
+    ) as pacs:
+        dest = Destination("PACS", pacs.host, pacs.dicom_port)
+        res = send_instances(dest, derived_files, calling_ae_title="STRANGER")
+        assert res.failure is not None and res.failure.kind is FailureKind.PERMANENT
+        assert "Calling AE title not recognised" in res.failure.reason
+        assert pacs.get("/instances") == []
+
+        # Orthanc answers 0xA700 to an instance without StudyInstanceUID: permanent, stop at once.
+        broken = pydicom.dcmread(derived_files[0])
+        del broken.StudyInstanceUID
+        res = send_instances(dest, [broken, *derived_files[1:]], calling_ae_title=CALLING)
+        assert res.failure is not None and res.failure.kind is FailureKind.PERMANENT
+        assert res.outcomes[0].status == 0xA700 and "0xA700" in res.failure.reason
+        assert all(o.detail == "not sent" for o in res.outcomes[1:])
+
+        res = send_instances(dest, derived_files, calling_ae_title=CALLING)
+        assert res.ok and len(pacs.get("/instances")) == len(derived_files)
+
+
+def test_transient_rejection_from_busy_peer(derived_files):
+    """pynetdicom's acceptor rejects (transient, 'local limit exceeded') above its maximum."""
+    ae = AE(ae_title="BUSY")
+    ae.maximum_associations = 1
+    ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False)
+    try:
+        holder, _ = associate(
+            Destination("BUSY", "127.0.0.1", port),
+            "HOLDER",
+            [(CTImageStorage, ["1.2.840.10008.1.2.1"])],
+        )
+        assert holder.is_established
+        res = send_instances(
+            Destination("BUSY", "127.0.0.1", port), derived_files, calling_ae_title=CALLING
+        )
+        holder.release()
+    finally:
+        server.shutdown()
+    assert res.failure is not None and res.failure.kind is FailureKind.TRANSIENT
+    assert "rejected (transient)" in res.failure.reason
+
+
+def test_abort_is_transient(derived_files, tmp_path):
+    with storescp(tmp_path, extra_args=["--abort-after"]) as scp:
+        res = send_instances(
+            Destination(scp.ae_title, scp.host, scp.port), derived_files, calling_ae_title=CALLING
+        )
+    assert res.failure is not None and res.failure.kind is FailureKind.TRANSIENT
+    assert res.acknowledged == set()
+
+
+def test_partial_ack_then_resend_only_the_rest(derived_files, tmp_path):
+    """storescp dies after two instances; the resend goes to a fresh peer with only the rest."""
+    with storescp(tmp_path / "a", extra_args=["--sleep-after", "1"]) as scp:
+
+        def kill_after_two() -> None:
+            deadline = time.monotonic() + 20
+            while len(scp.received_files()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            scp.process.kill()
+
+        killer = threading.Thread(target=kill_after_two)
+        killer.start()
+        first = send_instances(
+            Destination(scp.ae_title, scp.host, scp.port), derived_files, calling_ae_title=CALLING
+        )
+        killer.join()
+        stored_first = _uids(scp.received_files())
+    assert first.retryable, first.failure
+    assert 1 <= len(first.acknowledged) < len(derived_files)
+    assert first.acknowledged <= stored_first  # every acknowledged instance is really there
+
+    with storescp(tmp_path / "b") as scp2:
+        second = send_instances(
+            Destination(scp2.ae_title, scp2.host, scp2.port),
+            derived_files,
+            calling_ae_title=CALLING,
+            already_acknowledged=first.acknowledged,
+        )
+        resent = _uids(scp2.received_files())
+    assert second.ok
+    assert resent == set(first.pending)
+    assert resent.isdisjoint(first.acknowledged)
+    assert resent | first.acknowledged == _uids(derived_files)
+
+
+def test_retries_until_orthanc_comes_back(derived_files, tmp_path):
+    pacs = OrthancServer(tmp_path / "orthanc", aet="PACS")
+    delays: list[float] = []
+
+    def sleep_then_restart(seconds: float) -> None:
+        delays.append(seconds)
+        if len(delays) == 2:  # the PACS comes back after two failed attempts
+            pacs.start()
+
+    try:
+        res = send_with_retries(
+            Destination("PACS", pacs.host, pacs.dicom_port),
+            derived_files,
+            calling_ae_title=CALLING,
+            max_attempts=5,
+            base_delay=1.0,
+            rng=random.Random(1),
+            sleep=sleep_then_restart,
+        )
+        assert res.ok and res.attempts == 3
+        assert len(pacs.get("/instances")) == len(derived_files)
+        # Stop and start on the same storage: still exactly one copy after a full resend.
+        pacs.stop()
+        pacs.start()
+        again = send_instances(
+            Destination("PACS", pacs.host, pacs.dicom_port), derived_files, calling_ae_title=CALLING
+        )
+        assert again.ok and len(pacs.get("/series")) == 1
+        assert len(pacs.get("/instances")) == len(derived_files)
+    finally:
+        pacs.stop()
+    assert 0.5 <= delays[0] <= 1.0 and 1.0 <= delays[1] <= 2.0
+
+
+def test_retries_stop_at_limit_and_on_permanent(derived_files, tmp_path):
+    delays: list[float] = []
+    res = send_with_retries(
+        Destination("NOBODY", "127.0.0.1", free_port()),
+        derived_files,
+        calling_ae_title=CALLING,
+        max_attempts=3,
+        sleep=delays.append,
+    )
+    assert res.attempts == 3 and res.retryable and len(delays) == 2
+    with storescp(tmp_path, extra_args=["--refuse"]) as scp:
+        res = send_with_retries(
+            Destination(scp.ae_title, scp.host, scp.port),
+            derived_files,
+            calling_ae_title=CALLING,
+            sleep=delays.append,
+        )
+    assert res.attempts == 1 and res.failure.kind is FailureKind.PERMANENT and len(delays) == 2
+
+
+def test_invalid_input_fails_permanently_without_connecting(sample_data):
+    raw = sorted(Path(sample_data.ct_dicom_raw).glob("*"))[:2]  # blanked dataset UIDs
+    res = send_instances(
+        Destination("NOBODY", "127.0.0.1", free_port()), raw, calling_ae_title=CALLING
+    )
+    assert res.failure is not None and res.failure.kind is FailureKind.PERMANENT
+    assert "valid SOP" in res.failure.reason
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [
+        (0x0000, None),
+        (0xB000, None),
+        (0xB007, None),
+        (0x0001, None),
+        (0xA700, FailureKind.PERMANENT),
+        (0xA7FF, FailureKind.PERMANENT),
+        (0xA900, FailureKind.PERMANENT),
+        (0xC000, FailureKind.PERMANENT),
+        (0xC210, FailureKind.PERMANENT),
+        (0x0122, FailureKind.PERMANENT),
+        (0x0110, FailureKind.PERMANENT),
+    ],
+)
+def test_classify_status(status, kind):
+    assert classify_status(status) is kind
+
+
+def test_next_retry_delay_backoff_with_jitter():
+    rng = random.Random(42)
+    for attempt, (lo, hi) in enumerate([(1, 2), (2, 4), (4, 8), (8, 16), (10, 20), (10, 20)]):
+        for _ in range(50):
+            d = next_retry_delay(attempt, base=2.0, cap=20.0, rng=rng)
+            assert lo <= d <= hi
+    draws = {next_retry_delay(3, base=2.0, cap=20.0, rng=rng) for _ in range(20)}
+    assert len(draws) == 20  # jitter: no two senders wait exactly the same
+    assert next_retry_delay(10_000, base=1.0, cap=60.0, rng=rng) <= 60.0
+    a = [next_retry_delay(i, rng=random.Random(7)) for i in range(4)]
+    b = [next_retry_delay(i, rng=random.Random(7)) for i in range(4)]
+    assert a == b  # deterministic for a seeded rng
+    with pytest.raises(ValueError):
+        next_retry_delay(-1)
