@@ -120,6 +120,7 @@ def run_recipe(
     p_slab: float = 0.5,
     base: Path | None = None,
     held_out: list[str] | None = None,
+    sampler_kwargs: dict[str, Any] | None = None,
     log=print,
 ) -> Path:
     """Train (or resume) stage 1 in `out`; returns out/last.safetensors."""
@@ -141,6 +142,7 @@ def run_recipe(
         ref_crop=crop,
         p_inplane=p_inplane,
         p_slab=p_slab,
+        **(sampler_kwargs or {}),
     )
     wrapped = LoggingSampler(sampler)
     meta = CheckpointMeta(
@@ -148,9 +150,15 @@ def run_recipe(
         model=cfg,
         factors=list(factors),
         training_data={
-            "train_volumes": {s.name: {"spacing_mm_zyx": list(s.spacing), "shape": list(s.vol.shape),
-                                       "inplane": s.inplane, "synthetic_z": s.synthetic_z}
-                              for s in sources},
+            "train_volumes": {
+                s.name: {
+                    "spacing_mm_zyx": list(s.spacing),
+                    "shape": list(s.vol.shape),
+                    "inplane": s.inplane,
+                    "synthetic_z": s.synthetic_z,
+                }
+                for s in sources
+            },
             "held_out": held_out or [],
             "sampler": sampler.describe(),
         },
@@ -177,8 +185,16 @@ def run_recipe(
         cur_lr = lr if frac < 0.75 and done < 0.75 * steps else lr / 4
         _set_saved_lr(out, cur_lr)
         target = min(steps, done + phase_steps)
-        tc = TrainConfig(stage=1, steps=target, batch_size=batch_size, lr=cur_lr, seed=seed + done,
-                         log_every=25, ckpt_every=phase_steps, extra={"lr_final": lr / 4})
+        tc = TrainConfig(
+            stage=1,
+            steps=target,
+            batch_size=batch_size,
+            lr=cur_lr,
+            seed=seed + done,
+            log_every=25,
+            ckpt_every=phase_steps,
+            extra={"lr_final": lr / 4},
+        )
         wrapped.linear_l1.clear()
         tp = time.time()
         losses = train(model, wrapped, tc, meta, out, resume=True)
@@ -201,7 +217,9 @@ def run_recipe(
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--source", action="append", required=True, help="PATH[:iz[:WEIGHT]]")
     ap.add_argument("--held-out", action="append", default=[], help="names, for the metadata")
     ap.add_argument("--out", type=Path, required=True)
@@ -217,11 +235,24 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     srcs = [load_source(*parse_source(s)) for s in a.source]
     for s in srcs:
-        print(f"source {s.name}: {s.vol.shape} spacing zyx {s.spacing} inplane={s.inplane} "
-              f"synthetic_z={s.synthetic_z} weight={s.weight}", flush=True)
+        print(
+            f"source {s.name}: {s.vol.shape} spacing zyx {s.spacing} inplane={s.inplane} "
+            f"synthetic_z={s.synthetic_z} weight={s.weight}",
+            flush=True,
+        )
     run_recipe(
-        srcs, a.out, a.preset, tuple(int(f) for f in a.factors.split(",")), a.steps, a.budget_min,
-        a.batch_size, a.crop, a.lr, seed=a.seed, threads=a.threads, held_out=a.held_out,
+        srcs,
+        a.out,
+        a.preset,
+        tuple(int(f) for f in a.factors.split(",")),
+        a.steps,
+        a.budget_min,
+        a.batch_size,
+        a.crop,
+        a.lr,
+        seed=a.seed,
+        threads=a.threads,
+        held_out=a.held_out,
         log=lambda m: print(m, flush=True),
     )
 

@@ -5,7 +5,7 @@ one axial slice into a stage-1 training sample:
 
 1. resample one in-plane axis ("rows") from the native pixel spacing to the thin spacing being
    taught (`s_t` mm), keeping the other axis native, so that the sample has the same pixel geometry
-   as a real through-plane image at inference (rows s_z/R apart, columns at native in-plane spacing);
+   as a real through-plane image at inference (rows s_z/R apart, columns at native spacing);
 2. degrade the rows by the factor r, by decimation (rows 0, r, 2r, ...) or by a slab average with a
    slice profile (a thick slice is a weighted mean of the r thin rows around it);
 3. the input is the corner-aligned linear upsampling of those thick rows, the target is the
@@ -331,6 +331,7 @@ class MixedSampler:
 
 
 __all__ = [
+    "default_sampler",
     "MixedSampler",
     "Source",
     "degrade_rows",
@@ -339,3 +340,27 @@ __all__ = [
     "slab_volume",
     "slab_weights",
 ]
+
+
+def default_sampler(volumes, names, spacings, factors, crop, n_refs) -> MixedSampler:
+    """Sampler factory for `acvtt train --sampler acvtt_core.selfsup:default_sampler`.
+
+    volumes: normalised (D, H, W) arrays; spacings: SimpleITK (x, y, z) mm. Every volume whose
+    slices are at least 96 pixels on a side gives in-plane self-supervision and synthetic z;
+    smaller crops (e.g. a spine crop) give synthetic z only, at weight 0.3.
+    """
+    sources = []
+    for vol, name, sp in zip(volumes, names, spacings, strict=True):
+        sx, sy, sz = (float(v) for v in sp)
+        small = min(vol.shape[1:]) < 96
+        sources.append(
+            Source(
+                str(name),
+                vol,
+                (sz, sy, sx),
+                inplane=not small,
+                synthetic_z=True,
+                weight=0.3 if small else 1.0,
+            )
+        )
+    return MixedSampler(sources, factors=tuple(factors), n_refs=n_refs, crop=crop, ref_crop=crop)
