@@ -3,7 +3,8 @@
 `acvtt adapt --checkpoint BASE --data DIR_OF_THICK_VOLUMES --out NEW` continues training stage 1
 of BASE with in-plane self-supervision (`acvtt_core.selfsup`) on the axial slices of every volume
 in DIR: no thin slices are needed. The thin spacings taught span `--thin-min-mm`..`--thin-max-mm`
-(default 0.8..5 mm as in the base recipe); the factors are BASE's. With `--synthetic-z` the thick volumes' own z axis is used too (HR[::r] of the thick slices).
+(default 0.8..5 mm as in the base recipe); the factors are BASE's. With `--synthetic-z` the
+thick volumes' own z axis is used too (HR[::r] of the thick slices).
 
 NEW is a normal checkpoint (safetensors + JSON) whose metadata keeps BASE's training data and
 records the adaptation (volumes, steps, lr, base version).
