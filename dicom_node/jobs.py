@@ -160,8 +160,11 @@ def queue_job(
         },
     )
     log.info(
-        "job queued",
-        extra={"job_id": job.id, "series_uid": series.series_uid, "factor": key.factor},
+        "job queued job_id=%s series_uid=%s factor=%d supersedes=%s",
+        job.id,
+        series.series_uid,
+        key.factor,
+        job.supersedes_job_id,
     )
     return job, True
 

@@ -1,0 +1,476 @@
+"""The inference worker: run one job from the source files to a written derived series.
+
+:class:`ModelPool` keeps loaded interpolators between jobs (one per concurrent worker, because an
+``Interpolator`` is not thread-safe). :class:`Worker.run` takes a job that the dispatcher has
+already moved to ``running`` and does: re-plan exactly the job's instance set -> load (HU) ->
+interpolate -> write (``write.py``) -> preview (``preview.py``), recording the seconds of every
+stage in ``job.stage_seconds``. It never raises: an unusable input ends ``rejected``, anything
+else ``failed``, each with a reason. On success the job is ``written`` and the send loop takes
+over.
+
+When no trained weights exist (no checkpoint configured and none shipped) the pool falls back to
+an *untrained* model (``model_version == "untrained"``) so that the pipeline still runs end to
+end; every job made that way says so in ``job.summary["model_note"]``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.sequence import Sequence as DicomSequence
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.complete import Rejection, SeriesPlan, plan_series
+from dicom_node.config import ModelSection, NodeConfig
+from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
+from dicom_node.jobs import transition
+from dicom_node.load import LoadError, load_series
+from dicom_node.uids import deterministic_uid
+
+__all__ = ["ModelIdentity", "ModelPool", "Worker", "derived_root"]
+
+log = logging.getLogger(__name__)
+
+UNTRAINED_NOTE = (
+    "no trained ACVTT weights were found (model.checkpoint unset and none shipped): "
+    "this series was made by an UNTRAINED model; do not use it clinically"
+)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    model_id: str
+    model_version: str
+    note: str | None = None
+
+
+def derived_root(config: NodeConfig) -> Path:
+    """Where derived series (and their previews) are written: ``<spool>/derived``."""
+    return Path(config.storage.spool_dir).resolve() / "derived"
+
+
+def _load_interpolator(model: ModelSection):
+    from acvtt_core.infer import load_interpolator
+
+    try:
+        return load_interpolator(model.checkpoint, device=model.device, preset=model.preset), None
+    except FileNotFoundError:
+        if model.checkpoint is not None:
+            raise  # an explicitly configured checkpoint must exist
+        log.warning("no default ACVTT weights: using an untrained model")
+        interp = load_interpolator(
+            None, device=model.device, preset=model.preset, allow_random_init=True
+        )
+        return interp, UNTRAINED_NOTE
+
+
+class ModelPool:
+    """Up to ``size`` loaded interpolators, created on first use and kept between jobs."""
+
+    def __init__(self, model: ModelSection, size: int = 1, loader: Callable | None = None):
+        self.model = model
+        self.size = max(1, size)
+        self._loader = loader or _load_interpolator
+        self._idle: queue.LifoQueue = queue.LifoQueue()
+        self._created = 0
+        self._lock = threading.Lock()
+        self._identity: ModelIdentity | None = None
+
+    def _create(self):
+        interp, note = self._loader(self.model)
+        ident = ModelIdentity(str(interp.model_id), str(interp.model_version), note)
+        with self._lock:
+            self._identity = self._identity or ident
+        return interp
+
+    def identity(self) -> ModelIdentity:
+        """The model's id and version (loads one interpolator the first time)."""
+        if self._identity is None:
+            self.release(self.acquire())
+        assert self._identity is not None
+        return self._identity
+
+    def acquire(self):
+        try:
+            return self._idle.get_nowait()
+        except queue.Empty:
+            pass
+        with self._lock:
+            create = self._created < self.size
+            if create:
+                self._created += 1
+        if create:
+            try:
+                return self._create()
+            except BaseException:
+                with self._lock:
+                    self._created -= 1
+                raise
+        return self._idle.get()
+
+    def release(self, interp) -> None:
+        self._idle.put(interp)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def stage(self, name: str):
+        timer = self
+
+        class _Ctx:
+            def __enter__(self):
+                self.t0 = time.perf_counter()
+
+            def __exit__(self, *exc):
+                timer.seconds[name] = round(
+                    timer.seconds.get(name, 0.0) + time.perf_counter() - self.t0, 3
+                )
+
+        return _Ctx()
+
+
+class Worker:
+    """Runs jobs; one instance serves every worker thread of the pipeline."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        session_factory: sessionmaker[Session],
+        models: ModelPool,
+    ):
+        self.config = config
+        self.session_factory = session_factory
+        self.models = models
+        self.spool_root = Path(config.storage.spool_dir).resolve()
+
+    def run(self, job_id: int) -> JobState:
+        """Run a ``running`` job to ``written`` (or ``failed``/``rejected``); returns the state."""
+        timer = _Timer()
+        t_start = utcnow()
+        try:
+            return self._run(job_id, timer, t_start)
+        except Exception as exc:  # the worker thread must survive anything
+            log.exception("job failed job_id=%s", job_id)
+            return self._finish(
+                job_id, JobState.failed, f"{type(exc).__name__}: {exc}", timer, t_start
+            )
+
+    def _finish(
+        self,
+        job_id: int,
+        state: JobState,
+        reason: str | None,
+        timer: _Timer,
+        t_start,
+        **fields: object,
+    ) -> JobState:
+        with self.session_factory() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                return state
+            stages = {**(job.stage_seconds or {}), **timer.seconds}
+            summary = dict(job.summary or {})
+            summary.update(fields.pop("summary_update", {}) or {})  # type: ignore[arg-type]
+            transition(s, job, state, reason, stage_seconds=stages, summary=summary, **fields)
+            if state is JobState.rejected:
+                ser = s.get(Series, job.series_id)
+                if ser is not None and ser.state is SeriesState.complete:
+                    ser.state, ser.state_reason = SeriesState.rejected, reason
+            s.commit()
+        log.info(
+            "job finished job_id=%s state=%s stages=%s reason=%s",
+            job_id,
+            state.value,
+            timer.seconds,
+            reason,
+        )
+        return state
+
+    def _run(self, job_id: int, timer: _Timer, t_start) -> JobState:
+        with self.session_factory() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state is not JobState.running:
+                return job.state if job is not None else JobState.failed
+            series = s.get(Series, job.series_id)
+            assert series is not None
+            wanted = (job.summary or {}).get("source_sop_uids")
+            queued_at = job.updated_at or job.created_at
+            timer.seconds["queue_wait"] = round(max(0.0, (t_start - queued_at).total_seconds()), 3)
+            with timer.stage("plan"):
+                plan = plan_series(series, self.spool_root, only_sop_uids=wanted)
+            factor, model_id, model_version = job.factor, job.model_id, job.model_version
+            job_key = (job.source_series_uid, job.instances_hash)
+            action = self._rule_action(job.rule_name)
+        if isinstance(plan, Rejection):
+            return self._finish(job_id, JobState.rejected, plan.reason, timer, t_start)
+
+        log.info(
+            "job started job_id=%s series_uid=%s slices=%d factor=%d",
+            job_id,
+            job_key[0],
+            plan.n_slices,
+            factor,
+        )
+        with timer.stage("load"):
+            try:
+                loaded = load_series(plan)
+            except LoadError as exc:
+                return self._finish(job_id, JobState.rejected, str(exc), timer, t_start)
+
+        interp = self.models.acquire()
+        try:
+            if (str(interp.model_id), str(interp.model_version)) != (model_id, model_version):
+                return self._finish(
+                    job_id,
+                    JobState.failed,
+                    f"job needs model {model_id} {model_version} but "
+                    f"{interp.model_id} {interp.model_version} is loaded; reprocess the series",
+                    timer,
+                    t_start,
+                )
+            with timer.stage("inference"):
+                volume = interp.interpolate(
+                    loaded.volume, factor, progress=_progress_logger(job_id)
+                )
+        finally:
+            self.models.release(interp)
+
+        out_dir = derived_root(self.config) / f"job-{job_id}"
+        with timer.stage("write"):
+            derived_uid, files = self._write(
+                plan, loaded.headers, volume, factor, (model_id, model_version), action, out_dir
+            )
+        preview_path: str | None = None
+        with timer.stage("preview"):
+            preview_path = self._preview(loaded.volume, volume, plan, factor, out_dir)
+        return self._finish(
+            job_id,
+            JobState.written,
+            None,
+            timer,
+            t_start,
+            derived_series_uid=derived_uid,
+            derived_dir=str(out_dir),
+            preview_path=preview_path,
+            next_send_at=None,
+            summary_update={
+                "n_in": plan.n_slices,
+                "n_out": int(volume.shape[0]),
+                "spacing_in_mm": round(plan.spacing_mm, 4),
+                "spacing_out_mm": round(plan.spacing_mm / factor, 4),
+                "derived_files": files,
+                "plan": plan.summary(),
+            },
+        )
+
+    def _rule_action(self, rule_name: str | None):
+        for rule in self.config.rules:
+            if rule.name == rule_name:
+                return rule.action
+        return None
+
+    def _write(
+        self,
+        plan: SeriesPlan,
+        headers: list[Dataset],
+        volume: np.ndarray,
+        factor: int,
+        model: tuple[str, str],
+        action,
+        out_dir: Path,
+    ) -> tuple[str, list[str]]:
+        from dicom_node.write import write_derived_series
+
+        model_id, model_version = model
+        sources, frame_map = _single_frame_sources(plan, headers)
+        # config.py's template uses {description}; the writer names it {source_description}.
+        template = action.series_description if action else "{description} ACVTT {spacing:g}mm"
+        template = template.replace("{description", "{source_description")
+        if out_dir.exists():
+            for old in out_dir.glob("*.dcm"):  # a reprocess rewrites the same UIDs
+                old.unlink()
+        datasets = write_derived_series(
+            sources,
+            volume,
+            factor=factor,
+            model_id=model_id,
+            model_version=model_version,
+            series_number_offset=action.series_number_offset if action else 1000,
+            description_template=template,
+            out_dir=out_dir,
+        )
+        if frame_map:
+            _point_references_at_frames(datasets, frame_map)
+        files = [Path(ds.filename).name for ds in datasets]
+        return str(datasets[0].SeriesInstanceUID), files
+
+    def _preview(
+        self, thick: np.ndarray, thin: np.ndarray, plan: SeriesPlan, factor: int, out_dir: Path
+    ) -> str | None:
+        path = out_dir / "preview.png"
+        try:
+            try:
+                preview = importlib.import_module("dicom_node.preview")
+            except ModuleNotFoundError:
+                preview = None
+            if preview is not None and hasattr(preview, "write_preview"):
+                result = preview.write_preview(
+                    thick,
+                    thin,
+                    path,
+                    spacing_in_mm=plan.spacing_mm,
+                    factor=factor,
+                    pixel_spacing_mm=plan.pixel_spacing,
+                )
+                return str(result or path)
+            return str(
+                fallback_preview(thick, thin, plan.spacing_mm, factor, plan.pixel_spacing, path)
+            )
+        except Exception as exc:  # a preview must never fail the job
+            log.warning("preview failed: %s", exc)
+            return None
+
+
+def fallback_preview(
+    thick: np.ndarray,
+    thin: np.ndarray,
+    spacing_mm: float,
+    factor: int,
+    pixel_spacing: tuple[float, float],
+    path: Path,
+    window: tuple[float, float] = (40.0, 400.0),
+) -> Path:
+    """A PNG with the central coronal (top) and sagittal (bottom) planes, thick input on the
+    left (each slice drawn as a band as thick as its spacing) and the derived series on the
+    right, both in one soft-tissue window. Used while preview.py is not available."""
+    from PIL import Image
+
+    level, width = window
+    row_mm, col_mm = float(pixel_spacing[0]), float(pixel_spacing[1])
+
+    def to_u8(img: np.ndarray) -> np.ndarray:
+        lo = level - width / 2
+        return (np.clip((img - lo) / width, 0, 1) * 255).astype(np.uint8)
+
+    def plane(vol: np.ndarray, axis: int, z_mm: float, inplane_mm: float) -> Image.Image:
+        img = vol[:, vol.shape[1] // 2, :] if axis == 1 else vol[:, :, vol.shape[2] // 2]
+        h = max(1, int(round(img.shape[0] * z_mm / inplane_mm)))
+        return Image.fromarray(to_u8(img)).resize((img.shape[1], h), Image.NEAREST)
+
+    tiles = [
+        (plane(thick, 1, spacing_mm, col_mm), plane(thin, 1, spacing_mm / factor, col_mm)),
+        (plane(thick, 2, spacing_mm, row_mm), plane(thin, 2, spacing_mm / factor, row_mm)),
+    ]
+    w = max(a.width + b.width for a, b in tiles) + 8
+    h = sum(max(a.height, b.height) for a, b in tiles) + 8
+    canvas = Image.new("L", (w, h), 0)
+    y = 0
+    for a, b in tiles:
+        canvas.paste(a, (0, y))
+        canvas.paste(b, (a.width + 8, y))
+        y += max(a.height, b.height) + 8
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path
+
+
+def _progress_logger(job_id: int) -> Callable[[int, int], None]:
+    last = [-1]
+
+    def cb(done: int, total: int) -> None:
+        q = int(4 * done / max(total, 1))
+        if q != last[0]:
+            last[0] = q
+            log.info("inference progress job_id=%s %d/%d", job_id, done, total)
+
+    return cb
+
+
+# --- multi-frame input ------------------------------------------------------------------------
+
+
+def _single_frame_sources(
+    plan: SeriesPlan, headers: list[Dataset]
+) -> tuple[list[Dataset], dict[str, tuple[str, str, int]]]:
+    """The writer takes single-frame CT headers. For multi-frame input, build one flat header per
+    frame (its functional groups copied to the top level) under a deterministic stand-in UID;
+    ``frame_map`` maps stand-in -> (SOP class, real SOP instance, 1-based frame number)."""
+    if not plan.multi_frame:
+        return headers, {}
+    from dicom_node.complete import functional_group_item
+
+    out: list[Dataset] = []
+    frame_map: dict[str, tuple[str, str, int]] = {}
+    for ref, ds in zip(plan.slices, headers, strict=True):
+        flat = Dataset()
+        for elem in ds:
+            if elem.keyword not in (
+                "PerFrameFunctionalGroupsSequence",
+                "SharedFunctionalGroupsSequence",
+                "NumberOfFrames",
+                "PixelData",
+            ):
+                flat.add(elem)
+        frame = ref.frame or 0
+        for seq in (
+            "PlanePositionSequence",
+            "PlaneOrientationSequence",
+            "PixelMeasuresSequence",
+            "PixelValueTransformationSequence",
+            "FrameVOILUTSequence",
+        ):
+            item = functional_group_item(ds, frame, seq)
+            if item is not None:
+                for elem in item:
+                    flat[elem.tag] = elem
+        stand_in = deterministic_uid("acvtt-frame", str(ds.SOPInstanceUID), str(frame))
+        frame_map[stand_in] = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), frame + 1)
+        flat.SOPInstanceUID = stand_in
+        flat.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        flat.ImageType = list(ds.get("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"]))[:4]
+        out.append(flat)
+    return out, frame_map
+
+
+def _point_references_at_frames(
+    datasets: list[Dataset], frame_map: dict[str, tuple[str, str, int]]
+) -> None:
+    """Rewrite the writer's references to stand-in UIDs as references to the real multi-frame
+    instance and frame, and save the files again."""
+    import pydicom
+
+    for ds in datasets:
+        for item in ds.get("SourceImageSequence", []):
+            cls, uid, frame = frame_map[str(item.ReferencedSOPInstanceUID)]
+            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, uid
+            item.ReferencedFrameNumber = frame
+        for ser in ds.get("ReferencedSeriesSequence", []):
+            seen: dict[str, Dataset] = {}
+            for item in ser.get("ReferencedInstanceSequence", []):
+                cls, uid, _ = frame_map.get(
+                    str(item.ReferencedSOPInstanceUID),
+                    (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID, 0),
+                )
+                ref = Dataset()
+                ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = cls, uid
+                seen.setdefault(uid, ref)
+            ser.ReferencedInstanceSequence = DicomSequence(list(seen.values()))
+        pydicom.dcmwrite(ds.filename, ds, enforce_file_format=True)
+
+
+def record_untrained(session: Session, job: Job, note: str | None) -> None:
+    """Stamp a job made with the untrained fallback (shown by ``jobs show``)."""
+    if note:
+        job.summary = {**(job.summary or {}), "model_note": note}
+        audit(session, "untrained_model", job_id=job.id, series_uid=job.source_series_uid)
