@@ -1,0 +1,408 @@
+"""Job commands: ``jobs list``, ``jobs show``, ``reprocess``, ``resend`` and ``rules test``.
+
+They work on the database directly, so they need no running node; a running node picks up what
+they queue within a second. Exit codes as in :mod:`dicom_node.cli.app`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
+
+from dicom_node import db
+from dicom_node.cli.app import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    ConfigOption,
+    app,
+    console,
+    fail,
+    get_config,
+)
+from dicom_node.config import NodeConfig
+from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState
+
+jobs_app = typer.Typer(help="Inspect and manage processing jobs.", no_args_is_help=True)
+rules_app = typer.Typer(help="Check which rule applies to a series.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(rules_app, name="rules")
+
+FINAL = (JobState.sent, JobState.failed, JobState.rejected)
+
+
+def _sessions(config: NodeConfig):
+    engine = db.make_engine(config.database.url, config.database.busy_timeout_ms)
+    return db.make_session_factory(engine)
+
+
+def _db_fail(exc: Exception) -> None:
+    text = str(exc).splitlines()[0][:200]
+    if "no such table" in text:
+        fail("the database has no schema yet: run `dicom-node db upgrade`", EXIT_CONFIG)
+    fail(f"database error: {text}")
+
+
+def _parse_state(state: str | None) -> JobState | None:
+    if state is None:
+        return None
+    try:
+        return JobState(state)
+    except ValueError:
+        fail(f"unknown state {state!r}; one of {[s.value for s in JobState]}", EXIT_CONFIG)
+
+
+def _job_dict(job: Job, acked: dict[str, int] | None = None, superseded_uid: str | None = None):
+    summary = job.summary or {}
+    d = {
+        "id": job.id,
+        "state": job.state.value,
+        "reason": job.reason,
+        "source_series_uid": job.source_series_uid,
+        "instances_hash": job.instances_hash,
+        "model_id": job.model_id,
+        "model_version": job.model_version,
+        "factor": job.factor,
+        "rule": job.rule_name,
+        "priority": job.priority,
+        "destinations": job.destinations or [],
+        "attempts": job.attempts,
+        "send_attempts": job.send_attempts,
+        "next_send_at": job.next_send_at.isoformat() if job.next_send_at else None,
+        "derived_series_uid": job.derived_series_uid,
+        "derived_dir": job.derived_dir,
+        "preview_path": job.preview_path,
+        "supersedes_job_id": job.supersedes_job_id,
+        "stage_seconds": job.stage_seconds or {},
+        "n_in": summary.get("n_in", len(summary.get("source_sop_uids", []))),
+        "n_out": summary.get("n_out"),
+        "spacing_in_mm": summary.get("spacing_in_mm"),
+        "spacing_out_mm": summary.get("spacing_out_mm"),
+        "model_note": summary.get("model_note"),
+        "created_at": job.created_at.isoformat() if job.created_at else None,
+        "updated_at": job.updated_at.isoformat() if job.updated_at else None,
+    }
+    if acked is not None:
+        d["acknowledged"] = acked
+    if superseded_uid is not None or job.supersedes_job_id is not None:
+        d["supersedes_derived_series_uid"] = superseded_uid
+    return d
+
+
+@jobs_app.command("list")
+def jobs_list(
+    config_path: Path | None = ConfigOption,
+    state: str | None = typer.Option(None, "--state", help="queued, running, written, sent, ..."),
+    limit: int = typer.Option(50, "--limit", min=1),
+    as_json: bool = typer.Option(False, "--json", help="one JSON array on stdout"),
+) -> None:
+    """List jobs, newest first. Failed jobs are the dead letters: ``--state failed``."""
+    config = get_config(config_path)
+    want = _parse_state(state)
+    try:
+        with _sessions(config)() as s:
+            q = select(Job).order_by(Job.id.desc()).limit(limit)
+            if want is not None:
+                q = q.where(Job.state == want)
+            rows = s.scalars(q).all()
+            data = [_job_dict(j) for j in rows]
+    except SQLAlchemyError as exc:
+        _db_fail(exc)
+    if as_json:
+        print(json.dumps(data, indent=1))
+        return
+    table = Table("id", "state", "series", "factor", "slices", "model", "supersedes", "reason")
+    for d in data:
+        slices = f"{d['n_in']}→{d['n_out']}" if d["n_out"] else str(d["n_in"] or "")
+        table.add_row(
+            str(d["id"]),
+            d["state"],
+            "…" + d["source_series_uid"][-16:],
+            str(d["factor"]),
+            slices,
+            f"{d['model_id']} {d['model_version']}",
+            str(d["supersedes_job_id"] or ""),
+            (d["reason"] or "")[:60],
+        )
+    console.print(table)
+
+
+@jobs_app.command("show")
+def jobs_show(
+    job_id: int = typer.Argument(..., help="job id (see `jobs list`)"),
+    config_path: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Everything about one job: state, reason, stage seconds, preview, what it supersedes."""
+    config = get_config(config_path)
+    try:
+        with _sessions(config)() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                fail(f"no job {job_id}", EXIT_NOT_FOUND)
+            acked = dict(
+                s.execute(
+                    select(SentInstance.destination, func.count())
+                    .where(SentInstance.job_id == job.id)
+                    .group_by(SentInstance.destination)
+                ).all()
+            )
+            prev = s.get(Job, job.supersedes_job_id) if job.supersedes_job_id else None
+            d = _job_dict(job, acked, prev.derived_series_uid if prev else None)
+            d["notes"] = ((job.summary or {}).get("plan") or {}).get("notes", [])
+            d["factor_reason"] = (job.summary or {}).get("factor_reason")
+    except SQLAlchemyError as exc:
+        _db_fail(exc)
+    if as_json:
+        print(json.dumps(d, indent=1))
+        return
+    console.print(f"[bold]job {d['id']}[/bold]  state [bold]{d['state']}[/bold]")
+    if d["reason"]:
+        console.print(f"reason: {d['reason']}")
+    console.print(f"source series: {d['source_series_uid']}")
+    console.print(f"rule: {d['rule']}  factor {d['factor']} ({d['factor_reason'] or ''})")
+    console.print(f"model: {d['model_id']} {d['model_version']}")
+    if d["model_note"]:
+        console.print(f"[yellow]note:[/yellow] {d['model_note']}")
+    if d["n_out"]:
+        console.print(
+            f"slices: {d['n_in']} → {d['n_out']}, spacing {d['spacing_in_mm']} → "
+            f"{d['spacing_out_mm']} mm"
+        )
+    console.print(f"derived series: {d['derived_series_uid'] or '-'}")
+    console.print(f"derived files: {d['derived_dir'] or '-'}")
+    console.print(f"preview: {d['preview_path'] or '-'}")
+    if d["supersedes_job_id"]:
+        console.print(
+            f"supersedes: job {d['supersedes_job_id']} (derived series "
+            f"{d.get('supersedes_derived_series_uid') or '-'})"
+        )
+    stages = d["stage_seconds"]
+    if stages:
+        console.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
+    dests = ", ".join(f"{n} ({acked.get(n, 0)} acknowledged)" for n in d["destinations"])
+    console.print(f"destinations: {dests or '-'}  send attempts {d['send_attempts']}")
+    if d["next_send_at"]:
+        console.print(f"next send attempt: {d['next_send_at']} UTC")
+    for note in d["notes"]:
+        console.print(f"plan note: {note}")
+
+
+# -- reprocess / resend --------------------------------------------------------------------------
+
+
+def _wait(sessions, job_id: int, seconds: float) -> JobState:
+    deadline = time.monotonic() + seconds
+    while True:
+        with sessions() as s:
+            job = s.get(Job, job_id)
+            state = job.state if job else JobState.failed
+        if state in FINAL or time.monotonic() > deadline:
+            return state
+        time.sleep(0.5)
+
+
+@app.command()
+def reprocess(
+    series_uid: str = typer.Argument(..., help="SeriesInstanceUID of a received series"),
+    config_path: Path | None = ConfigOption,
+    force: bool = typer.Option(
+        False, "--force", help="run again even if this exact input was already processed"
+    ),
+    wait: float = typer.Option(0, "--wait", help="wait up to this many seconds for the result"),
+) -> None:
+    """Process a series again from its retained source files.
+
+    The same instances with the same model and factor give the same job and the same UIDs, so a
+    PACS never gets a second copy. Without ``--force`` a finished job is left alone.
+    """
+    from dicom_node import jobs
+    from dicom_node.complete import Rejection, plan_series
+    from dicom_node.infer import ModelPool, record_untrained
+    from dicom_node.rules import explain, factor_for, facts_from_series, select_rule
+
+    config = get_config(config_path)
+    sessions = _sessions(config)
+    try:
+        with sessions() as s:
+            series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
+            if series is None:
+                fail(f"no series {series_uid}", EXIT_NOT_FOUND)
+            plan = plan_series(series, Path(config.storage.spool_dir).resolve())
+            if isinstance(plan, Rejection):
+                series.state, series.state_reason = SeriesState.rejected, plan.reason
+                s.commit()
+                fail(f"series rejected: {plan.reason}")
+            missing = [r.label for r in plan.slices if not Path(r.file_path).exists()]
+            if missing:
+                fail(f"{len(missing)} source file(s) are no longer retained (first {missing[0]})")
+            facts = facts_from_series(series, plan)
+            rule = select_rule(facts, config.rules)
+            if rule is None:
+                why = [
+                    f"{e.rule.name}: {'; '.join(e.reasons)}" for e in explain(facts, config.rules)
+                ]
+                fail("no rule matches this series" + (": " + " | ".join(why) if why else ""))
+            decision = factor_for(rule, plan.spacing_mm)
+            if decision.factor is None:
+                fail(decision.reason)
+            ident = ModelPool(config.model).identity()
+            job, created = jobs.queue_job(
+                s,
+                series=series,
+                sop_uids=plan.source_sop_uids,
+                model_id=ident.model_id,
+                model_version=ident.model_version,
+                factor=decision.factor,
+                rule_name=rule.name,
+                destinations=rule.action.destinations,
+                priority=rule.action.priority,
+                summary={"rule": rule.name, "factor_reason": decision.reason},
+            )
+            if created:
+                record_untrained(s, job, ident.note)
+                message = f"queued job {job.id}"
+                if job.supersedes_job_id:
+                    message += f" (supersedes job {job.supersedes_job_id})"
+            elif job.state in (JobState.queued, JobState.running):
+                message = f"job {job.id} is already {job.state.value}"
+            elif job.state in (JobState.failed, JobState.rejected) or force:
+                jobs.requeue(s, job, "reprocess requested", forget_sent=True)
+                message = f"requeued job {job.id} (same input: same derived UIDs)"
+            else:
+                console.print(
+                    f"job {job.id} already processed this input ({job.state.value}); derived "
+                    f"series {job.derived_series_uid}. Use --force to run it again."
+                )
+                return
+            series.state, series.state_reason = SeriesState.complete, None
+            db.audit(s, "reprocess", series_uid=series_uid, job_id=job.id, detail={"force": force})
+            s.commit()
+            job_id = job.id
+    except SQLAlchemyError as exc:
+        _db_fail(exc)
+    console.print(message)
+    if wait > 0:
+        state = _wait(sessions, job_id, wait)
+        console.print(f"job {job_id}: {state.value}")
+        if state is not JobState.sent:
+            raise typer.Exit(EXIT_FAILED)
+
+
+@app.command()
+def resend(
+    job_id: int = typer.Argument(..., help="job id"),
+    config_path: Path | None = ConfigOption,
+    all_instances: bool = typer.Option(
+        False, "--all", help="also resend instances the destination already acknowledged"
+    ),
+    wait: float = typer.Option(0, "--wait", help="wait up to this many seconds for the result"),
+) -> None:
+    """Send a written job's derived series again (only unacknowledged instances by default)."""
+    from dicom_node import jobs
+
+    config = get_config(config_path)
+    sessions = _sessions(config)
+    try:
+        with sessions() as s:
+            job = s.get(Job, job_id)
+            if job is None:
+                fail(f"no job {job_id}", EXIT_NOT_FOUND)
+            if job.state not in (JobState.written, JobState.sent, JobState.failed):
+                fail(f"job {job_id} is {job.state.value}: nothing to resend yet")
+            files = (job.summary or {}).get("derived_files") or []
+            if not job.derived_dir or not files:
+                fail(f"job {job_id} has no derived series; use `reprocess`")
+            if any(not (Path(job.derived_dir) / f).exists() for f in files):
+                fail(f"job {job_id}'s derived files are gone (retention?); use `reprocess`")
+            if all_instances:
+                s.query(SentInstance).filter(SentInstance.job_id == job.id).delete()
+            jobs.transition(
+                s, job, JobState.written, "resend requested", next_send_at=None, send_attempts=0
+            )
+            s.commit()
+    except SQLAlchemyError as exc:
+        _db_fail(exc)
+    console.print(f"job {job_id} will be sent again")
+    if wait > 0:
+        state = _wait(sessions, job_id, wait)
+        console.print(f"job {job_id}: {state.value}")
+        if state is not JobState.sent:
+            raise typer.Exit(EXIT_FAILED)
+
+
+# -- rules test ----------------------------------------------------------------------------------
+
+
+@rules_app.command("test")
+def rules_test(
+    series_uid: str = typer.Argument(..., help="SeriesInstanceUID of a received series"),
+    config_path: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Show the series' geometry, which rule matches and why, or why none does."""
+    from dicom_node.complete import Rejection, plan_series
+    from dicom_node.rules import explain, factor_for, facts_from_series
+
+    config = get_config(config_path)
+    try:
+        with _sessions(config)() as s:
+            series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
+            if series is None:
+                fail(f"no series {series_uid}", EXIT_NOT_FOUND)
+            plan = plan_series(series, Path(config.storage.spool_dir).resolve())
+            rejected = plan.reason if isinstance(plan, Rejection) else None
+            facts = facts_from_series(series, None if rejected else plan)
+            expl = explain(facts, config.rules)
+    except SQLAlchemyError as exc:
+        _db_fail(exc)
+    chosen = next((e for e in expl if e.matched), None)
+    decision = factor_for(chosen.rule, facts.spacing_mm) if chosen and facts.spacing_mm else None
+    out = {
+        "series_uid": series_uid,
+        "geometry": None if rejected else plan.summary(),
+        "rejected": rejected,
+        "rules": [{"rule": e.rule.name, "matched": e.matched, "reasons": e.reasons} for e in expl],
+        "selected": chosen.rule.name if chosen and not rejected else None,
+        "factor": decision.factor if decision else None,
+        "factor_reason": decision.reason if decision else None,
+    }
+    if as_json:
+        print(json.dumps(out, indent=1))
+        return
+    if rejected:
+        console.print(f"[red]geometry rejected:[/red] {rejected}")
+    else:
+        g = out["geometry"]
+        console.print(
+            f"geometry: {g['n_slices']} slices {g['rows']}x{g['columns']}, spacing "
+            f"{g['spacing_mm']} mm, thickness {g['slice_thickness_mm']} mm, tilt {g['tilt_deg']}°"
+        )
+        for note in g["notes"]:
+            console.print(f"  note: {note}")
+    console.print(
+        f"facts: modality {facts.modality}, body part {facts.body_part or '-'}, calling AE "
+        f"{facts.calling_ae or '-'}"
+    )
+    if not expl:
+        console.print("no rules are configured")
+    for e in expl:
+        mark = "[green]MATCH[/green]" if e.matched else "[red]no match[/red]"
+        console.print(f"rule {e.rule.name!r} (priority {e.rule.action.priority}): {mark}")
+        for r in e.reasons:
+            console.print(f"    {r}")
+    if rejected:
+        console.print("result: the series is rejected before rules apply")
+        raise typer.Exit(EXIT_FAILED)
+    if chosen is None:
+        console.print("result: no rule matches; the series is ignored")
+        raise typer.Exit(EXIT_FAILED)
+    console.print(f"result: rule {chosen.rule.name!r}; {out['factor_reason']}")
+    if out["factor"] is None:
+        raise typer.Exit(EXIT_FAILED)
