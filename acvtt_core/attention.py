@@ -39,6 +39,15 @@ def mrnla_fused(q: torch.Tensor, vk: torch.Tensor) -> tuple[torch.Tensor, torch.
         qq = q.unsqueeze(1).expand(n, r, lq, d)
     else:
         raise ValueError(f"reference batch {nr} must be 1 or equal the query batch {n}")
+    if r == 1:
+        # One reference: its relevance is 1 whatever its score, so k_bar is not needed and the
+        # call can carry v alone (a third fewer FLOPs, same result).
+        t = F.scaled_dot_product_attention(qq, k, vk[..., :d], scale=1.0)
+        fused = t[:, 0]
+        rel = torch.ones(fused.shape[0], 1, fused.shape[1], dtype=q.dtype, device=q.device)
+        if nr == 1 and n > 1:
+            fused, rel = fused.reshape(n, lq, d), rel.reshape(n, 1, lq)
+        return fused, rel
     # q is pre-scaled, so SDPA must not scale again.
     out = F.scaled_dot_product_attention(qq, k, vk, scale=1.0)
     t, kbar = out[..., :d], out[..., d:]

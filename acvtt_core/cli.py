@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def interpolate(
         crop_body=not no_crop,
     )
     console.print(
-        f"{inp.name}: {vol.shape[::-1]} voxels, spacing {tuple(round(s, 3) for s in geom.spacing)}; "
+        f"{inp.name}: {vol.shape[::-1]} voxels, spacing "
+        f"{tuple(round(s, 3) for s in geom.spacing)}; "
         f"model {interp.model_id} {interp.model_version} on {interp.device}"
     )
     if interp.factors and factor not in interp.factors:
@@ -67,6 +69,247 @@ def interpolate(
         )
     write_volume(out, to_int16_hu(result), geom.upsampled_z(factor))
     console.print(f"wrote {out} {result.shape[::-1]} in {time.perf_counter() - t0:.1f} s")
+
+
+def _load_volumes(paths: list[Path]):
+    """Volume files and folders of volume files (DICOM series folders read as one volume)."""
+    from acvtt_core.volume_io import read_volume
+
+    files: list[Path] = []
+    for p in paths:
+        if p.is_dir() and not any(
+            f.suffix.lower() in (".dcm", "") for f in p.iterdir() if f.is_file()
+        ):
+            files += sorted(
+                f
+                for f in p.iterdir()
+                if f.name.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd"))
+            )
+        else:
+            files.append(p)
+    out = []
+    for f in files:
+        vol, geom = read_volume(f)
+        name = f.name.split(".")[0]
+        out.append((name, vol.astype("float32"), geom))
+    if not out:
+        raise typer.BadParameter("no volumes found")
+    return out
+
+
+def _model_config(
+    preset: str, width: int | None, refs: int | None, levels: str | None, factor_conditioning: bool
+):
+    from dataclasses import replace
+
+    from acvtt_core.config import get_preset
+
+    cfg = get_preset(preset).model
+    changes = {}
+    if width is not None:
+        changes["width"] = width
+    if refs is not None:
+        changes["n_refs"] = refs
+    if levels is not None:
+        changes["mrnla_levels"] = tuple(int(v) for v in levels.split(",") if v.strip())
+    if factor_conditioning:
+        changes["factor_conditioning"] = True
+    return replace(cfg, **changes)
+
+
+def _sampler_factory(spec: str | None):
+    if not spec:
+        from acvtt_core.train import SyntheticZSampler
+
+        def default(volumes, names, spacings, factors, crop, n_refs):
+            return SyntheticZSampler(volumes, factors, crop, n_refs, names)
+
+        return default
+    import importlib
+
+    mod, _, attr = spec.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+@app.command()
+def train(
+    data: list[Path] = typer.Option(..., "--data", help="Thin volumes (files or folders)."),
+    out: Path = typer.Option(..., "--out", help="Run folder (resumes from it)."),
+    preset: str = typer.Option("compact", help="Architecture preset."),
+    width: int | None = typer.Option(None, help="Override C."),
+    refs: int | None = typer.Option(None, help="Override R."),
+    levels: str | None = typer.Option(None, help="Override MRNLA levels, e.g. '0,1' (0 = 1/8)."),
+    factor_conditioning: bool = typer.Option(False, help="Condition stage 1 on the factor."),
+    factors: list[int] = typer.Option([4], "--factor", help="Training factor(s)."),
+    stage: int = typer.Option(1, min=1, max=2, help="1: cross-view transfer, 2: fusion."),
+    steps: int = typer.Option(1000, help="Total steps (including resumed ones)."),
+    batch_size: int = typer.Option(2),
+    crop: int = typer.Option(128, help="Crop size (the paper uses 256)."),
+    lr: float = typer.Option(1e-4),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    init: Path | None = typer.Option(None, help="Start from this checkpoint's weights."),
+    predictor: Path | None = typer.Option(
+        None, help="Stage 2: checkpoint whose stage 1 makes the inputs; must not have seen --data."
+    ),
+    allow_leak: bool = typer.Option(False, help="Stage 2: allow a predictor trained on --data."),
+    sampler: str | None = typer.Option(
+        None, help="Stage 1 sampler factory 'module:callable' (default: synthetic z decimation)."
+    ),
+    resume: bool = typer.Option(True, help="Resume from OUT's saved state."),
+    log_every: int = typer.Option(10),
+    ckpt_every: int = typer.Option(100),
+) -> None:
+    """Train one stage. Writes OUT/last.safetensors (+json), train state and train_log.jsonl."""
+    import shutil
+
+    from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint
+    from acvtt_core.infer import resolve_device
+    from acvtt_core.model import ACVTT
+    from acvtt_core.train import FusionSampler, TrainConfig, stage1_predictions
+    from acvtt_core.train import train as run_train
+    from acvtt_core.volume import normalise_hu
+
+    dev = resolve_device(device)
+    vols = _load_volumes(data)
+    names = [n for n, _, _ in vols]
+    if init is not None:
+        model, meta, _ = load_checkpoint(init)
+    else:
+        cfg = _model_config(preset, width, refs, levels, factor_conditioning)
+        model = ACVTT(cfg)
+        meta = CheckpointMeta(preset=preset, model=cfg, factors=sorted(factors))
+    meta.factors = sorted(set(meta.factors) | set(factors))
+    norm = [normalise_hu(v) for _, v, _ in vols]
+    if stage == 1:
+        smp = _sampler_factory(sampler)(
+            volumes=norm,
+            names=names,
+            spacings=[g.spacing for _, _, g in vols],
+            factors=factors,
+            crop=crop,
+            n_refs=model.cfg.n_refs,
+        )
+    else:
+        pred_model = model
+        pred_data = meta.training_data
+        if predictor is not None:
+            pred_model, pmeta, _ = load_checkpoint(predictor)
+            pred_data = pmeta.training_data
+        seen = set(pred_data.get("volumes", []) if isinstance(pred_data, dict) else [])
+        leak = seen & set(names)
+        if leak and not allow_leak:
+            raise typer.BadParameter(
+                f"stage-1 predictor was trained on {sorted(leak)}; stage 2 would learn from leaked "
+                "results. Pass --predictor trained on other volumes (or --allow-leak)."
+            )
+        records = []
+        for v, name in zip(norm, names, strict=True):
+            for r in factors:
+                console.print(f"stage-1 predictions for {name} x{r}")
+                cor, sag, hr = stage1_predictions(pred_model, v, r, dev)
+                records.append((cor, sag, hr, r))
+        smp = FusionSampler(records, crop, names)
+    prev = meta.training_data if isinstance(meta.training_data, dict) else {}
+    meta.training_data = {
+        **prev,
+        "volumes": sorted(set(prev.get("volumes", [])) | set(names)),
+        f"stage{stage}": smp.describe(),
+    }
+    tcfg = TrainConfig(
+        stage=stage,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        log_every=log_every,
+        ckpt_every=ckpt_every,
+        device=dev,
+    )
+    losses = run_train(
+        model, smp, tcfg, meta, out, resume=resume, log=lambda rec: console.print(rec)
+    )
+    shutil.copy(out / "last.safetensors", out / "model.safetensors")
+    shutil.copy(out / "last.json", out / "model.json")
+    if losses:
+        console.print(
+            f"done: {len(losses)} steps, last loss {losses[-1]:.5f}; {out / 'model.safetensors'}"
+        )
+
+
+@app.command("eval")
+def eval_cmd(
+    data: list[Path] = typer.Option(..., "--data", help="Thin volumes (ground truth)."),
+    factors: list[int] = typer.Option([4], "--factor"),
+    checkpoint: Path | None = typer.Option(None),
+    device: str = typer.Option("auto"),
+    preset: str | None = typer.Option(None),
+    random_init: bool = typer.Option(False, help="Evaluate an untrained model (smoke test)."),
+    baselines_only: bool = typer.Option(False, help="Only linear and cubic."),
+    out: Path = typer.Option(Path("acvtt_eval.json"), "--out", help="JSON results."),
+) -> None:
+    """Paper protocol: LR = HR[::R]; ACVTT vs linear vs cubic; JSON + table."""
+    from acvtt_core.evaluate import evaluate, table
+    from acvtt_core.infer import load_interpolator
+
+    interp = None
+    if not baselines_only:
+        interp = load_interpolator(
+            checkpoint, device=device, preset=preset, allow_random_init=random_init
+        )
+    cases = {n: v for n, v, _ in _load_volumes(data)}
+    res = evaluate(cases, factors, interp)
+    if interp is not None:
+        res["model"] = {
+            "id": interp.model_id,
+            "version": interp.model_version,
+            "device": interp.device,
+            "factors_trained": interp.factors,
+        }
+    out.write_text(json.dumps(res, indent=2))
+    Console().print(table(res))
+    Console().print_json(json.dumps(res["summary"]))
+    console.print(f"wrote {out}")
+
+
+@app.command()
+def bench(
+    preset: str = typer.Option("compact"),
+    checkpoint: Path | None = typer.Option(None, help="Weights (speed does not depend on them)."),
+    shape: str = typer.Option("16,128,128", help="D,H,W of a synthetic body phantom (HU)."),
+    inp: Path | None = typer.Option(None, "--input", help="Benchmark on this volume instead."),
+    factor: int = typer.Option(5),
+    device: str = typer.Option("auto"),
+    slow_samples: int = typer.Option(4, help="Images per pass timed in the authors' loop."),
+    skip_slow: bool = typer.Option(False, help="Skip the authors' loop."),
+    no_crop: bool = typer.Option(False),
+    out: Path | None = typer.Option(None, "--out", help="Also write JSON here."),
+) -> None:
+    """FLOPs, s/volume, GFLOP/s vs measured matmul rate, memory, speed-up vs the authors' loop."""
+    from acvtt_core.bench import format_report, phantom_ct, run_bench
+    from acvtt_core.infer import load_interpolator
+
+    interp = load_interpolator(
+        checkpoint,
+        device=device,
+        preset=None if checkpoint else preset,
+        allow_random_init=checkpoint is None,
+        crop_body=not no_crop,
+    )
+    if interp.meta.preset != preset and checkpoint is None:
+        raise typer.BadParameter("preset mismatch")
+    if inp is not None:
+        from acvtt_core.volume_io import read_volume
+
+        vol = read_volume(inp)[0].astype("float32")
+    else:
+        d, h, w = (int(v) for v in shape.split(","))
+        vol = phantom_ct(d, h, w)
+    res = run_bench(interp, vol, factor, slow_samples=slow_samples, skip_slow=skip_slow)
+    res["input"] = str(inp) if inp else f"phantom {shape}"
+    Console().print(format_report(res))
+    if out:
+        out.write_text(json.dumps(res, indent=2, default=float))
 
 
 def main() -> None:
