@@ -1,0 +1,179 @@
+"""CLI round trip on a small real CT crop (tptbox spine CT, 1.5 mm)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from acvtt_core.checkpoint import CheckpointMeta, save_checkpoint
+from acvtt_core.cli import app
+from acvtt_core.config import ModelConfig
+from acvtt_core.model import ACVTT
+
+sitk = pytest.importorskip("SimpleITK")
+
+
+@pytest.fixture(scope="module")
+def thick_ct(tmp_path_factory):
+    """A 4.5 mm 'thick' crop of the real spine CT (every 3rd slice), with oblique-free geometry."""
+    try:
+        from dicom_node.sample_data import fetch_sample_data
+
+        src = fetch_sample_data().spine_ct
+    except Exception as exc:  # network-less machine without the cache
+        pytest.skip(f"sample data unavailable: {exc}")
+    img = sitk.ReadImage(str(src))
+    arr = sitk.GetArrayFromImage(img)[:31:3, :40, :48]  # (11, 40, 48)
+    out = sitk.GetImageFromArray(arr.astype(np.int16))
+    sx, sy, sz = img.GetSpacing()
+    out.SetSpacing((sx, sy, sz * 3))
+    out.SetOrigin(img.GetOrigin())
+    out.SetDirection(img.GetDirection())
+    folder = tmp_path_factory.mktemp("ct")
+    path = folder / "thick.nii.gz"
+    sitk.WriteImage(out, str(path))
+    thin = sitk.GetImageFromArray(sitk.GetArrayFromImage(img)[:25, :40, :48].astype(np.int16))
+    thin.SetSpacing(img.GetSpacing())
+    sitk.WriteImage(thin, str(folder / "thin.nii.gz"))
+    return path, arr
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = ModelConfig(width=4, n_refs=2, mrnla_levels=(0,), fusion_width=4)
+    m = ACVTT(cfg)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    meta = CheckpointMeta(preset="tiny", model=cfg, factors=[3])
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny.safetensors", m, meta)
+
+
+def test_interpolate_round_trip(thick_ct, tiny_checkpoint, tmp_path):
+    src, arr = thick_ct
+    out = tmp_path / "thin.nrrd"
+    res = CliRunner().invoke(
+        app,
+        [
+            "interpolate",
+            str(src),
+            str(out),
+            "--factor",
+            "3",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    a, b = sitk.ReadImage(str(src)), sitk.ReadImage(str(out))
+    assert b.GetSize() == (48, 40, (11 - 1) * 3 + 1)
+    assert b.GetPixelID() == sitk.sitkInt16
+    np.testing.assert_allclose(
+        b.GetSpacing(), (a.GetSpacing()[0], a.GetSpacing()[1], a.GetSpacing()[2] / 3), rtol=1e-6
+    )
+    np.testing.assert_allclose(b.GetOrigin(), a.GetOrigin())
+    np.testing.assert_allclose(b.GetDirection(), a.GetDirection())
+    thin = sitk.GetArrayFromImage(b)
+    np.testing.assert_array_equal(thin[::3], arr)  # out[k*R] is in[k]
+    # Physical position of output slice k*R equals that of input slice k.
+    for k in (0, 5, 10):
+        pa = a.TransformIndexToPhysicalPoint((0, 0, k))
+        pb = b.TransformIndexToPhysicalPoint((0, 0, 3 * k))
+        np.testing.assert_allclose(pa, pb, atol=1e-4)
+
+
+def test_eval_and_bench_commands(thick_ct, tiny_checkpoint, tmp_path):
+    src, _ = thick_ct
+    runner = CliRunner()
+    out = tmp_path / "eval.json"
+    thin = src.parent / "thin.nii.gz"
+    res = runner.invoke(
+        app,
+        [
+            "eval",
+            "--data",
+            str(thin),
+            "--factor",
+            "2",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    data = json.loads(out.read_text())
+    assert {r["method"] for r in data["rows"]} == {"linear", "cubic", "acvtt"}
+    assert "acvtt_gain_db_vs_best_baseline" in data["summary"]["x2"]
+    bj = tmp_path / "bench.json"
+    res = runner.invoke(
+        app,
+        [
+            "bench",
+            "--checkpoint",
+            str(tiny_checkpoint),
+            "--shape",
+            "4,32,40",
+            "--factor",
+            "3",
+            "--device",
+            "cpu",
+            "--slow-samples",
+            "2",
+            "--out",
+            str(bj),
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    b = json.loads(bj.read_text())
+    assert b["seconds"] > 0 and b["speedup_vs_authors_loop"] > 0 and b["matmul_fp32_gflops"] > 0
+    assert b["flops"]["total_paper"] > 0
+
+
+def test_train_command_resumes(tmp_path):
+    vol = (np.random.default_rng(0).normal(0, 300, (13, 24, 24))).astype(np.int16)
+    img = sitk.GetImageFromArray(vol)
+    data = tmp_path / "v.nii.gz"
+    sitk.WriteImage(img, str(data))
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--width",
+        "4",
+        "--refs",
+        "1",
+        "--levels",
+        "0",
+        "--factor",
+        "2",
+        "--crop",
+        "16",
+        "--batch-size",
+        "2",
+        "--device",
+        "cpu",
+        "--log-every",
+        "1",
+        "--ckpt-every",
+        "2",
+    ]
+    runner = CliRunner()
+    assert runner.invoke(app, [*args, "--steps", "2"]).exit_code == 0
+    res = runner.invoke(app, [*args, "--steps", "4"])
+    assert res.exit_code == 0, res.output
+    steps = [
+        json.loads(x)["step"] for x in (tmp_path / "run/train_log.jsonl").read_text().splitlines()
+    ]
+    assert steps == [1, 2, 3, 4]
+    meta = json.loads((tmp_path / "run/model.json").read_text())
+    assert meta["training_data"]["volumes"] == ["v"] and meta["factors"] == [2]
