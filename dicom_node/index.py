@@ -13,6 +13,7 @@ An identical resend (same SOP Instance UID and SHA-256) changes nothing but an a
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -23,11 +24,11 @@ from typing import Any
 
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import Connection, Engine, bindparam, case, insert, literal, select, update
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dicom_node.db import Instance, Series, SeriesState, Study, audit, utcnow
+from dicom_node.db import AuditEvent, Instance, Series, SeriesState, Study, utcnow
 from dicom_node.uids import is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -235,52 +236,106 @@ def read_header(
 # -- recording ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Existing:
-    sha256: str
-    file_path: str
+_INSERT_STUDY = insert(Study)
+_INSERT_SERIES = insert(Series)
+_INSERT_INSTANCE = insert(Instance)
+_INSERT_AUDIT = insert(AuditEvent)
+_SELECT_STUDY = select(Study.id).where(Study.study_uid == bindparam("uid"))
+_SELECT_SERIES = select(Series.id).where(Series.series_uid == bindparam("uid"))
+_SELECT_INSTANCE = select(Instance.id, Instance.sha256, Instance.series_id).where(
+    Instance.sop_instance_uid == bindparam("uid")
+)
+_UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("instance_id"))
+_OPEN_STATES = (SeriesState.receiving.value, SeriesState.changed.value)
+# Every new or changed instance: revision + 1, last_received = now, and a series that had left
+# "receiving" becomes "changed".
+_TOUCH_SERIES = (
+    update(Series)
+    .where(Series.id == bindparam("series_id"))
+    .values(
+        revision=Series.revision + 1,
+        last_received=bindparam("now"),
+        state=case(
+            (Series.state.in_(_OPEN_STATES), Series.state),
+            else_=literal(SeriesState.changed.value),
+        ),
+    )
+)
+
+
+class _StaleCache(Exception):
+    """Internal: retry the transaction without the cached series id."""
 
 
 class Indexer:
     """Records instances and rejections; every public method commits its own transaction.
 
-    Writes from the receiver's threads are serialised by a lock (SQLite has one writer anyway,
-    and waiting on a lock is cheaper than SQLite's busy-sleep); a transient "database is locked"
-    from another process or a unique-key race between two associations is retried.
+    This runs once per received instance, inside the acknowledgement's latency, so it uses
+    pre-built Core statements on a plain connection rather than ORM objects. Writes from the
+    receiver's threads are serialised by a lock (SQLite has one writer anyway, and waiting on a
+    lock is cheaper than SQLite's busy-sleep); a transient "database is locked" from another
+    process, or a unique-key race, is retried.
     """
 
     RETRIES = 5
 
     def __init__(self, session_factory: Callable[[], Session]):
-        self.session_factory = session_factory
+        bind = getattr(session_factory, "kw", {}).get("bind")
+        if bind is None:
+            with session_factory() as s:
+                bind = s.get_bind()
+        self.engine: Engine = bind
         self._lock = threading.Lock()
+        self._series_ids: dict[str, int] = {}  # series UID -> row id, filled on commit
 
-    def existing(self, sop_instance_uid: str) -> Existing | None:
-        """The stored hash and relative path for a SOP Instance UID, if indexed."""
-        with self.session_factory() as s:
-            row = s.execute(
-                select(Instance.sha256, Instance.file_path).where(
-                    Instance.sop_instance_uid == sop_instance_uid
-                )
-            ).first()
-        return Existing(row[0], row[1]) if row else None
-
-    def _retrying(self, fn: Callable[[Session], str]) -> str:
+    def _retrying(self, fn: Callable[[Connection], str]) -> str:
         delay = 0.01
         for attempt in range(self.RETRIES):
-            with self._lock, self.session_factory() as s:
+            with self._lock, self.engine.connect() as conn:
                 try:
-                    result = fn(s)
-                    s.commit()
+                    result = fn(conn)
+                    conn.commit()
                     return result
-                except (IntegrityError, OperationalError) as exc:
-                    s.rollback()
-                    if attempt == self.RETRIES - 1:
+                except Exception as exc:
+                    conn.rollback()
+                    self._series_ids.clear()  # may hold ids from the failed transaction
+                    retryable = isinstance(exc, IntegrityError | OperationalError | _StaleCache)
+                    if not retryable or attempt == self.RETRIES - 1:
                         raise
                     log.warning("index write retry %d: %s", attempt + 1, type(exc).__name__)
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
+
+    def _series_id(self, conn: Connection, h: Header, calling_ae: str | None, now) -> int:
+        """The series row id, creating study and series rows on first sight."""
+        sid = self._series_ids.get(h.series_uid)
+        if sid is not None:
+            return sid
+        sid = conn.execute(_SELECT_SERIES, {"uid": h.series_uid}).scalar()
+        if sid is None:
+            study_id = conn.execute(_SELECT_STUDY, {"uid": h.study_uid}).scalar()
+            if study_id is None:
+                study_id = conn.execute(
+                    _INSERT_STUDY, {"study_uid": h.study_uid, "first_received": now}
+                ).inserted_primary_key[0]
+            sid = conn.execute(
+                _INSERT_SERIES,
+                {
+                    "series_uid": h.series_uid,
+                    "study_id": study_id,
+                    "modality": h.modality,
+                    "series_number": h.series_number,
+                    "series_description": h.series_description,
+                    "body_part": h.body_part,
+                    "calling_ae": calling_ae,
+                    "state": SeriesState.receiving,
+                    "first_received": now,
+                    "last_received": now,
+                    "revision": 0,
+                },
+            ).inserted_primary_key[0]
+        return sid
 
     def record(
         self,
@@ -291,118 +346,78 @@ class Indexer:
         calling_ae: str | None,
         peer: str | None = None,
     ) -> str:
-        """Index a stored instance. Returns ``"new"``, ``"replaced"`` or ``"duplicate"``."""
+        """Index a stored instance. Returns ``"new"``, ``"replaced"`` or ``"duplicate"``.
 
-        def tx(s: Session) -> str:
+        ``"duplicate"`` (same SOP Instance UID and SHA-256 as indexed) changes nothing but an
+        audit row; ``"replaced"`` updates the row and counts as a change of its series.
+        """
+
+        def tx(conn: Connection) -> str:
             now = utcnow()
-            study = s.scalars(select(Study).where(Study.study_uid == h.study_uid)).first()
-            if study is None:
-                study = Study(study_uid=h.study_uid, first_received=now)
-                s.add(study)
-                s.flush()
-            series = s.scalars(select(Series).where(Series.series_uid == h.series_uid)).first()
-            if series is None:
-                series = Series(
-                    series_uid=h.series_uid,
-                    study_id=study.id,
-                    modality=h.modality,
-                    series_number=h.series_number,
-                    series_description=h.series_description,
-                    body_part=h.body_part,
-                    calling_ae=calling_ae,
-                    state=SeriesState.receiving,
-                    first_received=now,
-                    last_received=now,
-                    revision=0,
-                )
-                s.add(series)
-                s.flush()
-            inst = s.scalars(
-                select(Instance).where(Instance.sop_instance_uid == h.sop_instance_uid)
-            ).first()
-            if inst is not None and inst.sha256 == sha256:
-                audit(
-                    s,
-                    "duplicate",
-                    series_uid=h.series_uid,
-                    sop_instance_uid=h.sop_instance_uid,
-                    calling_ae=calling_ae,
-                    peer=peer,
-                    status=STATUS_SUCCESS,
-                )
+            series_id = self._series_id(conn, h, calling_ae, now)
+            prev = conn.execute(_SELECT_INSTANCE, {"uid": h.sop_instance_uid}).first()
+            event = {
+                "series_uid": h.series_uid,
+                "sop_instance_uid": h.sop_instance_uid,
+                "calling_ae": calling_ae,
+                "peer": peer,
+                "status": STATUS_SUCCESS,
+            }
+            if prev is not None and prev.sha256 == sha256:
+                _audit(conn, "duplicate", now, **event)
                 return "duplicate"
-            outcome = "new" if inst is None else "replaced"
-            if inst is None:
-                inst = Instance(sop_instance_uid=h.sop_instance_uid)
-                s.add(inst)
-            elif inst.series_id != series.id:
-                # The same SOP instance now claims another series: the old one changed too.
-                old = s.get(Series, inst.series_id)
-                if old is not None:
-                    _touch(old, now)
-            inst.series_id = series.id
-            inst.sop_class_uid = h.sop_class_uid
-            inst.instance_number = h.instance_number
-            inst.acquisition_number = h.acquisition_number
-            inst.image_position = h.image_position
-            inst.image_orientation = h.image_orientation
-            inst.pixel_spacing = h.pixel_spacing
-            inst.slice_thickness = h.slice_thickness
-            inst.rows = h.rows
-            inst.columns = h.columns
-            inst.frame_of_reference_uid = h.frame_of_reference_uid
-            inst.image_type = h.image_type
-            inst.number_of_frames = h.number_of_frames
-            inst.images_in_acquisition = h.images_in_acquisition
-            inst.transfer_syntax_uid = h.transfer_syntax_uid
-            inst.file_path = file_path
-            inst.file_size = file_size
-            inst.sha256 = sha256
-            inst.calling_ae = calling_ae
-            inst.received_at = now
-            _touch(series, now)
-            if outcome == "replaced":
-                audit(
-                    s,
-                    "replaced",
-                    series_uid=h.series_uid,
-                    sop_instance_uid=h.sop_instance_uid,
-                    calling_ae=calling_ae,
-                    peer=peer,
-                    status=STATUS_SUCCESS,
-                    detail={"revision": series.revision, "state": series.state.value},
-                )
-            return outcome
+            values = {
+                "series_id": series_id,
+                "sop_class_uid": h.sop_class_uid,
+                "instance_number": h.instance_number,
+                "acquisition_number": h.acquisition_number,
+                "image_position": h.image_position,
+                "image_orientation": h.image_orientation,
+                "pixel_spacing": h.pixel_spacing,
+                "slice_thickness": h.slice_thickness,
+                "rows": h.rows,
+                "columns": h.columns,
+                "frame_of_reference_uid": h.frame_of_reference_uid,
+                "image_type": h.image_type,
+                "number_of_frames": h.number_of_frames,
+                "images_in_acquisition": h.images_in_acquisition,
+                "transfer_syntax_uid": h.transfer_syntax_uid,
+                "file_path": file_path,
+                "file_size": file_size,
+                "sha256": sha256,
+                "calling_ae": calling_ae,
+                "received_at": now,
+            }
+            touched = [series_id]
+            if prev is None:
+                conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": h.sop_instance_uid, **values})
+            else:
+                conn.execute(_UPDATE_INSTANCE, {"instance_id": prev.id, **values})
+                if prev.series_id != series_id:
+                    # The same SOP instance now claims another series: the old one changed too.
+                    touched.append(prev.series_id)
+            for sid in touched:
+                if conn.execute(_TOUCH_SERIES, {"series_id": sid, "now": now}).rowcount != 1:
+                    raise _StaleCache()  # a cached series id vanished (series removed)
+            self._series_ids[h.series_uid] = series_id
+            if prev is not None:
+                _audit(conn, "replaced", now, **event)
+                return "replaced"
+            return "new"
 
         return self._retrying(tx)
 
-    def record_duplicate(self, h: Header, calling_ae: str | None, peer: str | None = None) -> None:
-        """Audit an identical resend that was answered without touching the file."""
-
-        def tx(s: Session) -> str:
-            audit(
-                s,
-                "duplicate",
-                series_uid=h.series_uid,
-                sop_instance_uid=h.sop_instance_uid,
-                calling_ae=calling_ae,
-                peer=peer,
-                status=STATUS_SUCCESS,
-            )
-            return "duplicate"
-
-        self._retrying(tx)
-
     def record_event(self, kind: str, **fields: object) -> None:
-        """Audit a rejection or failure; never raises (the caller is answering a peer)."""
+        """Audit a rejection, duplicate or failure; never raises (the caller is answering a
+        peer, and the database may be what failed)."""
         try:
-            self._retrying(lambda s: audit(s, kind, **fields) and kind)
-        except Exception as exc:  # the DB may be what failed
+            self._retrying(lambda conn: _audit(conn, kind, utcnow(), **fields) or kind)
+        except Exception as exc:
             log.error("cannot write audit event %s: %s", kind, type(exc).__name__)
 
 
-def _touch(series: Series, now) -> None:
-    series.revision = (series.revision or 0) + 1
-    series.last_received = now
-    if series.state not in (SeriesState.receiving, SeriesState.changed):
-        series.state = SeriesState.changed
+def _audit(conn: Connection, kind: str, now, **fields: object) -> None:
+    detail = fields.pop("detail", None)
+    if detail is not None and not isinstance(detail, str):
+        detail = json.dumps(detail, default=str)
+    conn.execute(_INSERT_AUDIT, {"kind": kind, "at": now, "detail": detail, **fields})

@@ -22,14 +22,15 @@ Nothing here logs patient names or IDs: only UIDs, AE titles, addresses, statuse
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
-import os
 import socket
 import ssl
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -45,6 +46,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node.config import NodeConfig
 from dicom_node.index import (
+    STATUS_INVALID_UID,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
     Indexer,
@@ -67,7 +69,6 @@ REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
 REJECT_CONGESTION = (0x02, 0x03, 0x01)
 
-STATUS_INTERNAL_ERROR = 0xC2FF  # a bug on our side; details in the log
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
 
@@ -124,6 +125,10 @@ class Receiver:
         self._server = None
         self._assocs: dict[int, AssociationInfo] = {}
         self._lock = threading.Lock()
+        # fsyncs run here so that they overlap with work on the association's own thread.
+        self._io_pool = ThreadPoolExecutor(
+            max_workers=2 * config.node.max_associations, thread_name_prefix="spool-io"
+        )
         self.ae = self._make_ae()
 
     # -- set-up --------------------------------------------------------------------------------
@@ -201,6 +206,7 @@ class Receiver:
             time.sleep(0.05)
         for assoc in server.active_associations:
             assoc.abort()
+        self._io_pool.shutdown(wait=True)
         log.info("receiver stopped")
 
     def active_associations(self) -> list[AssociationInfo]:
@@ -291,6 +297,11 @@ class Receiver:
         except OSError:
             return True
 
+    def _discard(self, tmp_written: Future) -> None:
+        """Remove a temp file that will not be placed (once its write has finished)."""
+        with contextlib.suppress(SpoolError):  # if it failed, write_temp removed it already
+            self.spool.discard(tmp_written.result())
+
     def _on_store(self, event) -> Dataset | int:
         """Store one instance durably; 0x0000 only once file and index row are committed."""
         t0 = time.perf_counter()
@@ -340,13 +351,21 @@ class Receiver:
         meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         meta.SourceApplicationEntityTitle = calling_ae
-        data = b"".join((_PREAMBLE, encode_file_meta(meta), req.DataSet.getvalue()))
+        dataset = req.DataSet.getvalue()
+        data = b"".join((_PREAMBLE, encode_file_meta(meta), dataset))
 
+        # The temp file is written and fsync'd on a pool thread while this one parses the
+        # header and checks the index: the fsync's wait overlaps with our CPU work.
+        try:
+            tmp_written = self._io_pool.submit(self.spool.write_temp, (data,))
+        except RuntimeError:  # pool shut down: the node is stopping
+            return STATUS_OUT_OF_RESOURCES, "node is shutting down", "refused"
         try:
             header = read_header(data, str(req.AffectedSOPClassUID), sop_uid)
             path = self.spool.path_for(header.study_uid, header.series_uid, sop_uid)
         except (InvalidInstance, UnsafePathError) as exc:
-            code = exc.status if isinstance(exc, InvalidInstance) else 0xC212
+            self._discard(tmp_written)
+            code = exc.status if isinstance(exc, InvalidInstance) else STATUS_INVALID_UID
             reason = exc.reason if isinstance(exc, InvalidInstance) else str(exc)
             self.indexer.record_event(
                 "instance_rejected",
@@ -358,21 +377,25 @@ class Receiver:
             )
             return code, reason, "rejected"
 
-        sha = hashlib.sha256(data).hexdigest()
-        rel = self.spool.relative(path)
+        # Hash the data set as the peer sent it (not our file meta, which names the caller): the
+        # same instance resent, from any AE, is recognised as a duplicate by the index.
+        sha = hashlib.sha256(dataset).hexdigest()
         try:
-            prev = self.indexer.existing(sop_uid)
-            if (
-                prev is not None
-                and prev.sha256 == sha
-                and os.path.exists(self.spool.root / prev.file_path)
-            ):
-                self.indexer.record_duplicate(header, calling_ae, peer)
-                return STATUS_SUCCESS, None, "duplicate"
-            size = self.spool.write(path, (data,))
-            outcome = self.indexer.record(header, rel, size, sha, calling_ae, peer)
+            size = self.spool.place(tmp_written.result(), path, sync_dir=False)
+            # The file's bytes are fsync'd and renamed into place. Its directory entry and the
+            # index row become durable concurrently (two fsyncs in parallel rather than in
+            # series); we answer only when both are. Should the row outlive a crash without
+            # the entry, the sender got no answer and its resend rewrites the file.
+            dir_synced = self._io_pool.submit(self.spool.sync_dir, path.parent)
+            try:
+                outcome = self.indexer.record(
+                    header, self.spool.relative(path), size, sha, calling_ae, peer
+                )
+            finally:
+                dir_synced.result()
         except SpoolError as exc:
-            reason = f"spool write failed: {exc.strerror}"
+            self._discard(tmp_written)
+            reason = str(exc.strerror)
             self.indexer.record_event(
                 "store_failed",
                 series_uid=header.series_uid,
@@ -384,6 +407,7 @@ class Receiver:
             )
             return STATUS_OUT_OF_RESOURCES, reason, "failed"
         except Exception as exc:  # the index DB failed: not acknowledged, sender may retry
+            self._discard(tmp_written)
             reason = f"index write failed: {type(exc).__name__}"
             log.error("%s sop_instance_uid=%s", reason, sop_uid)
             self.indexer.record_event(

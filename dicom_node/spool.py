@@ -92,36 +92,67 @@ class Spool:
                     _fsync_dir(d.parent)
             self._known_dirs.add(directory)
 
-    def write(self, path: Path, chunks: list[bytes] | tuple[bytes, ...]) -> int:
-        """Durably write ``chunks`` (concatenated) to ``path`` (from :meth:`path_for`).
+    def write_temp(self, chunks: list[bytes] | tuple[bytes, ...]) -> Path:
+        """Write ``chunks`` to a new temp file in the spool and fsync it; returns its path.
 
-        Replaces an existing file atomically. Returns the number of bytes written.
-        Raises :class:`SpoolError` on any failure, leaving no partial file behind.
+        Step one of a durable write; :meth:`place` puts the file where it belongs.
         """
         tmp = self.incoming / f"{uuid.uuid4().hex}.part"
-        size = 0
         try:
-            self._ensure_dir(path.parent)
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
             try:
                 for chunk in chunks:
                     view = memoryview(chunk)
                     while view:
-                        n = os.write(fd, view)
-                        view = view[n:]
-                        size += n
+                        view = view[os.write(fd, view) :]
                 if self.fsync:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-            if self.fsync:
-                _fsync_dir(path.parent)
         except OSError as exc:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
+            self.discard(tmp)
             raise SpoolError(exc.errno, f"spool write failed: {exc.strerror or exc}") from exc
+        return tmp
+
+    def place(self, tmp: Path, path: Path, sync_dir: bool = True) -> int:
+        """Rename the fsync'd temp file ``tmp`` over ``path``; returns the file size.
+
+        With ``sync_dir=False`` the caller must call :meth:`sync_dir` on ``path.parent``
+        before it relies on the new name being durable (the receiver overlaps that fsync with
+        its database commit).
+        """
+        try:
+            size = tmp.stat().st_size
+            self._ensure_dir(path.parent)
+            os.replace(tmp, path)  # atomic: readers see the old file or the new one
+        except OSError as exc:
+            self.discard(tmp)
+            raise SpoolError(exc.errno, f"spool rename failed: {exc.strerror or exc}") from exc
+        if sync_dir:
+            self.sync_dir(path.parent)
         return size
+
+    def discard(self, tmp: Path) -> None:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+
+    def write(self, path: Path, chunks: list[bytes] | tuple[bytes, ...]) -> int:
+        """Durably write ``chunks`` (concatenated) to ``path`` (from :meth:`path_for`).
+
+        When it returns, the file is complete at ``path`` and survives a power cut (temp file
+        fsync'd, renamed, directory fsync'd). Replaces an existing file atomically. Returns the
+        size. Raises :class:`SpoolError` on any failure, leaving no partial file behind.
+        """
+        return self.place(self.write_temp(chunks), path)
+
+    def sync_dir(self, directory: Path) -> None:
+        """fsync ``directory`` so renames into it are durable; raises :class:`SpoolError`."""
+        if not self.fsync:
+            return
+        try:
+            _fsync_dir(directory)
+        except OSError as exc:
+            raise SpoolError(exc.errno, f"directory fsync failed: {exc.strerror or exc}") from exc
 
     # -- housekeeping --------------------------------------------------------------------------
     def clean_incoming(self) -> int:

@@ -27,8 +27,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-err_console = Console(stderr=True)
+console = Console(soft_wrap=True)  # long lines stay one line (logs, grep)
+err_console = Console(stderr=True, soft_wrap=True)
 
 ConfigOption = typer.Option(
     None,

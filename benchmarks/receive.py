@@ -1,0 +1,90 @@
+"""Receive throughput: this node (durable acks) vs dcmtk storescp vs Orthanc, on loopback.
+
+    python benchmarks/receive.py [--instances 300] [--trials 3]
+
+Sends the same real 512x512 CT slices (the 20-slice JPEG 2000 sample series, cycled and given
+new UIDs, pixel data untouched) with dcmtk ``storescu`` over one association to each receiver,
+all with ``TCP_NODELAY=1``:
+
+* this node (``dicom-node serve`` subprocess, fsync on, every 0x0000 means file + index row
+  durable);
+* dcmtk ``storescp +xa`` writing files (no fsync);
+* Debian Orthanc with its default SQLite index.
+
+Each trial sends a fresh set of UIDs to every receiver in turn (so nobody sees resends, and
+load drift on the machine hits all three alike). Prints instances/s per trial, the median and
+best, and the ratios to this node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dicom_node.sample_data import fetch_sample_data  # noqa: E402
+from tests.support.dcmtk import storescp  # noqa: E402
+from tests.support.node import NodeProcess, make_instances, send_with_storescu  # noqa: E402
+from tests.support.orthanc import OrthancServer  # noqa: E402
+
+
+def _send(files: list[Path], port: int, called_ae: str) -> float:
+    t0 = time.perf_counter()
+    result = send_with_storescu(files, port, called_ae=called_ae)
+    dt = time.perf_counter() - t0
+    if result.returncode != 0 or len(result.acknowledged) != len(files):
+        tail = "\n".join(result.output.splitlines()[-15:])
+        raise SystemExit(
+            f"send to {called_ae} failed: rc {result.returncode}, "
+            f"{len(result.acknowledged)}/{len(files)} acknowledged\n{tail}"
+        )
+    return len(files) / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--instances", type=int, default=300)
+    ap.add_argument("--trials", type=int, default=3)
+    args = ap.parse_args()
+
+    sources = sorted(fetch_sample_data().ct_dicom_repaired.glob("*.dcm"))
+    rates: dict[str, list[float]] = {"dicom-node": [], "storescp": [], "orthanc": []}
+    with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=REPO / "var") as tmp:
+        tmp = Path(tmp)
+        sets = [
+            make_instances(
+                sources, args.instances, tmp / f"set{t}", seed=f"bench-{t}-{time.time()}"
+            )
+            for t in range(args.trials)
+        ]
+        node = NodeProcess(tmp / "node", overrides={"storage": {"fsync": True}})
+        orthanc = OrthancServer(tmp / "orthanc", aet="ORTHANC")
+        with node, orthanc, storescp(tmp / "storescp", ae_title="STORESCP") as scp:
+            for t, files in enumerate(sets):
+                rates["dicom-node"].append(_send(files, node.port, NodeProcess.AE_TITLE))
+                rates["storescp"].append(_send(files, scp.port, "STORESCP"))
+                rates["orthanc"].append(_send(files, orthanc.dicom_port, "ORTHANC"))
+                print(
+                    f"trial {t + 1}: " + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates.items()),
+                    flush=True,
+                )
+            indexed = node.sqlite("select count(*) from instances")[0][0]
+            if indexed != args.instances * args.trials:
+                raise SystemExit(f"node indexed {indexed} instances, expected all of them")
+
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    best = {k: max(v) for k, v in rates.items()}
+    print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000), one storescu association")
+    print(f"{'receiver':<12} {'median/s':>9} {'best/s':>8} {'node / it (median)':>19}")
+    for k in rates:
+        print(f"{k:<12} {med[k]:9.0f} {best[k]:8.0f} {med['dicom-node'] / med[k]:19.2f}")
+
+
+if __name__ == "__main__":
+    main()

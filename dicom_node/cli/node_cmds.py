@@ -1,0 +1,440 @@
+"""Node administration commands: serve, status, series, config check, echo, db upgrade.
+
+Exit codes (see :mod:`dicom_node.cli.app`): 0 ok, 1 failed, 2 usage/config error, 3 not found,
+4 peer unreachable. Every error is one line on stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from sqlalchemy import func, select
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
+
+from dicom_node import db
+from dicom_node.cli.app import (
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_NOT_FOUND,
+    EXIT_UNREACHABLE,
+    ConfigOption,
+    app,
+    console,
+    err_console,
+    fail,
+    get_config,
+)
+from dicom_node.config import ConfigError, NodeConfig, load_config, resolve_config_path
+
+series_app = typer.Typer(help="Inspect received series.", no_args_is_help=True)
+config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+app.add_typer(series_app, name="series")
+app.add_typer(config_app, name="config")
+app.add_typer(db_app, name="db")
+
+
+def _sessions(config: NodeConfig):
+    engine = db.make_engine(config.database.url, config.database.busy_timeout_ms)
+    return db.make_session_factory(engine)
+
+
+def _db_error(exc: Exception) -> None:
+    if isinstance(exc, OperationalError) and "no such table" in str(exc):
+        fail("the database has no schema yet: run `dicom-node db upgrade`")
+    fail(f"database error: {str(exc).splitlines()[0][:200]}")
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    config_path: Path | None = ConfigOption,
+    log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR"),
+) -> None:
+    """Run the node (receiver, and the pipeline when installed) until SIGTERM/SIGINT."""
+    config = get_config(config_path)
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        fail(f"unknown log level {log_level!r}", EXIT_CONFIG)
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # pynetdicom logs every PDU at INFO; keep only its warnings unless debugging.
+    if level > logging.DEBUG:
+        logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+    from dicom_node.node import Node
+
+    try:
+        Node(config).run_forever()
+    except OSError as exc:
+        fail(
+            f"cannot listen on {config.node.bind_address}:{config.node.port}: {exc.strerror or exc}"
+        )
+    except SQLAlchemyError as exc:
+        _db_error(exc)
+
+
+# -- status --------------------------------------------------------------------------------------
+
+
+@app.command()
+def status(
+    config_path: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Counts of studies/series/instances, free disk and the open associations."""
+    from dicom_node.node import read_status
+
+    config = get_config(config_path)
+    Session = _sessions(config)
+    try:
+        with Session() as s:
+            counts = {
+                "studies": s.scalar(select(func.count(db.Study.id))),
+                "series": s.scalar(select(func.count(db.Series.id))),
+                "instances": s.scalar(select(func.count(db.Instance.id))),
+                "bytes": s.scalar(select(func.coalesce(func.sum(db.Instance.file_size), 0))),
+            }
+            by_state = dict(
+                s.execute(select(db.Series.state, func.count()).group_by(db.Series.state)).all()
+            )
+            jobs = dict(s.execute(select(db.Job.state, func.count()).group_by(db.Job.state)).all())
+    except SQLAlchemyError as exc:
+        _db_error(exc)
+    spool = Path(config.storage.spool_dir)
+    try:
+        free = shutil.disk_usage(spool if spool.exists() else spool.parent).free
+    except OSError:
+        free = None
+    running = read_status(config)
+    report = {
+        "node": {
+            "running": running is not None,
+            "pid": running and running.get("pid"),
+            "ae_title": config.node.ae_title,
+            "port": (running or {}).get("port", config.node.port),
+            "started": running and running.get("started"),
+        },
+        "counts": counts,
+        "series_by_state": {k.value: v for k, v in by_state.items()},
+        "jobs_by_state": {k.value: v for k, v in jobs.items()},
+        "disk": {
+            "spool": str(spool),
+            "free_bytes": free,
+            "min_free_bytes": config.storage.min_free_bytes,
+            "below_minimum": free is not None and free < config.storage.min_free_bytes,
+        },
+        "associations": (running or {}).get("associations", []),
+    }
+    if as_json:
+        print(json.dumps(report, indent=2))
+        return
+    n = report["node"]
+    if n["running"]:
+        console.print(
+            f"node [green]running[/green] pid {n['pid']} {n['ae_title']}@{n['port']} "
+            f"since {n['started']}"
+        )
+    else:
+        console.print(f"node [yellow]not running[/yellow] ({n['ae_title']}@{n['port']})")
+    console.print(
+        f"studies {counts['studies']}  series {counts['series']}  instances {counts['instances']}"
+        f"  ({counts['bytes'] / 1e6:.1f} MB)"
+    )
+    if report["series_by_state"]:
+        console.print(
+            "series by state: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(report["series_by_state"].items()))
+        )
+    if report["jobs_by_state"]:
+        console.print(
+            "jobs by state: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(report["jobs_by_state"].items()))
+        )
+    d = report["disk"]
+    if d["free_bytes"] is not None:
+        flag = " [red]BELOW MINIMUM: new associations refused[/red]" if d["below_minimum"] else ""
+        console.print(
+            f"disk free {d['free_bytes'] / 1e9:.1f} GB (minimum {d['min_free_bytes'] / 1e9:.1f}"
+            f" GB) at {d['spool']}{flag}"
+        )
+    assocs = report["associations"]
+    console.print(f"associations open: {len(assocs)}")
+    for a in assocs:
+        console.print(
+            f"  {a['calling_ae']} from {a['peer']}:{a['port']} since {a['started']}"
+            f" stored {a['stored']} failed {a['failed']}"
+        )
+
+
+# -- series --------------------------------------------------------------------------------------
+
+
+def _series_dict(series: db.Series, n_instances: int, study_uid: str) -> dict:
+    return {
+        "series_uid": series.series_uid,
+        "study_uid": study_uid,
+        "modality": series.modality,
+        "series_number": series.series_number,
+        "series_description": series.series_description,
+        "n_instances": n_instances,
+        "state": series.state.value,
+        "state_reason": series.state_reason,
+        "revision": series.revision,
+        "calling_ae": series.calling_ae,
+        "first_received": series.first_received.isoformat(timespec="seconds"),
+        "last_received": series.last_received.isoformat(timespec="seconds"),
+    }
+
+
+@series_app.command("list")
+def series_list(
+    config_path: Path | None = ConfigOption,
+    state: str | None = typer.Option(None, "--state", help="only series in this state"),
+    as_json: bool = typer.Option(False, "--json", help="one JSON object per series, in a list"),
+) -> None:
+    """List received series, newest first."""
+    config = get_config(config_path)
+    if state is not None:
+        try:
+            state_enum = db.SeriesState(state)
+        except ValueError:
+            fail(
+                f"unknown state {state!r}; one of: {', '.join(s.value for s in db.SeriesState)}",
+                EXIT_CONFIG,
+            )
+    Session = _sessions(config)
+    counts = (
+        select(db.Instance.series_id, func.count(db.Instance.id).label("n"))
+        .group_by(db.Instance.series_id)
+        .subquery()
+    )
+    q = (
+        select(db.Series, func.coalesce(counts.c.n, 0), db.Study.study_uid)
+        .join(db.Study, db.Study.id == db.Series.study_id)
+        .outerjoin(counts, counts.c.series_id == db.Series.id)
+        .order_by(db.Series.last_received.desc())
+    )
+    if state is not None:
+        q = q.where(db.Series.state == state_enum)
+    try:
+        with Session() as s:
+            rows = [_series_dict(se, n, st) for se, n, st in s.execute(q).all()]
+    except SQLAlchemyError as exc:
+        _db_error(exc)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table("series UID", "mod", "n", "state", "last received", "reason")
+    for r in rows:
+        table.add_row(
+            r["series_uid"],
+            r["modality"] or "",
+            str(r["n_instances"]),
+            r["state"],
+            r["last_received"],
+            r["state_reason"] or "",
+        )
+    console.print(table)
+
+
+@series_app.command("show")
+def series_show(
+    uid: str = typer.Argument(..., help="SeriesInstanceUID"),
+    config_path: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """One series: its state, instances with geometry, and audit events."""
+    config = get_config(config_path)
+    Session = _sessions(config)
+    try:
+        with Session() as s:
+            series = s.scalars(select(db.Series).where(db.Series.series_uid == uid)).first()
+            if series is None:
+                fail(f"no series {uid}", EXIT_NOT_FOUND)
+            study_uid = s.get(db.Study, series.study_id).study_uid
+            insts = s.scalars(
+                select(db.Instance)
+                .where(db.Instance.series_id == series.id)
+                .order_by(db.Instance.instance_number, db.Instance.sop_instance_uid)
+            ).all()
+            events = s.scalars(
+                select(db.AuditEvent)
+                .where(db.AuditEvent.series_uid == uid)
+                .order_by(db.AuditEvent.at.desc())
+                .limit(20)
+            ).all()
+            info = _series_dict(series, len(insts), study_uid)
+            info["instances"] = [
+                {
+                    "sop_instance_uid": i.sop_instance_uid,
+                    "sop_class_uid": i.sop_class_uid,
+                    "instance_number": i.instance_number,
+                    "image_position": i.image_position,
+                    "image_orientation": i.image_orientation,
+                    "pixel_spacing": i.pixel_spacing,
+                    "slice_thickness": i.slice_thickness,
+                    "rows": i.rows,
+                    "columns": i.columns,
+                    "number_of_frames": i.number_of_frames,
+                    "transfer_syntax_uid": i.transfer_syntax_uid,
+                    "file_path": i.file_path,
+                    "file_size": i.file_size,
+                }
+                for i in insts
+            ]
+            info["audit"] = [
+                {"at": e.at.isoformat(timespec="seconds"), "kind": e.kind, "detail": e.detail}
+                for e in events
+            ]
+    except SQLAlchemyError as exc:
+        _db_error(exc)
+    if as_json:
+        print(json.dumps(info, indent=2))
+        return
+    for key in ("series_uid", "study_uid", "modality", "series_number", "series_description",
+                "n_instances", "state", "state_reason", "revision", "calling_ae",
+                "first_received", "last_received"):  # fmt: skip
+        console.print(f"{key:>20}: {info[key] if info[key] is not None else ''}", highlight=False)
+    table = Table("#", "SOP instance UID", "position", "thick", "size", "TS")
+    for i in info["instances"]:
+        pos = i["image_position"]
+        table.add_row(
+            str(i["instance_number"] or ""),
+            i["sop_instance_uid"],
+            ", ".join(f"{v:.2f}" for v in pos) if pos else "",
+            "" if i["slice_thickness"] is None else f"{i['slice_thickness']:g}",
+            f"{i['rows']}x{i['columns']}",
+            i["transfer_syntax_uid"],
+        )
+    console.print(table)
+    for e in info["audit"]:
+        console.print(f"  {e['at']} {e['kind']} {e['detail'] or ''}", highlight=False)
+
+
+# -- config --------------------------------------------------------------------------------------
+
+
+@config_app.command("check")
+def config_check(config_path: Path | None = ConfigOption) -> None:
+    """Validate the config; print every error with its key path (exit 2 if any)."""
+    path = resolve_config_path(config_path)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for key, msg in exc.errors:
+            err_console.print(
+                f"[red]error:[/red] {exc.source}: {key or '<file>'}: {msg}", highlight=False
+            )
+        raise typer.Exit(EXIT_CONFIG) from None
+    console.print(
+        f"{path}: ok (AE {config.node.ae_title} on {config.node.bind_address}:"
+        f"{config.node.port}, {len(config.allowed_callers)} allowed callers, "
+        f"{len(config.destinations)} destinations, {len(config.rules)} rules)",
+        highlight=False,
+    )
+
+
+# -- echo ----------------------------------------------------------------------------------------
+
+
+@app.command()
+def echo(
+    destination: str = typer.Argument(..., help="name of a configured destination"),
+    config_path: Path | None = ConfigOption,
+    timeout: float = typer.Option(10, "--timeout", help="seconds for connect and each reply"),
+) -> None:
+    """C-ECHO a configured destination (exit 4 when it cannot be reached or refuses)."""
+    import time
+
+    from pynetdicom import AE, evt
+    from pynetdicom.sop_class import Verification
+
+    from dicom_node.uids import IMPLEMENTATION_CLASS_UID
+
+    config = get_config(config_path)
+    try:
+        dest = config.destination(destination)
+    except KeyError:
+        names = ", ".join(d.name for d in config.destinations) or "none configured"
+        fail(f"no destination named {destination!r} ({names})", EXIT_NOT_FOUND)
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
+    ae = AE(ae_title=config.node.ae_title)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.connection_timeout = timeout
+    ae.add_requested_context(Verification)
+
+    def _nodelay(event) -> None:
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    tls_args = None
+    if dest.tls is not None:
+        import ssl
+
+        ctx = ssl.create_default_context(
+            ssl.Purpose.SERVER_AUTH, cafile=str(dest.tls.ca_file) if dest.tls.ca_file else None
+        )
+        ctx.check_hostname = False
+        ctx.load_cert_chain(str(dest.tls.cert_file), str(dest.tls.key_file))
+        tls_args = (ctx, None)
+    t0 = time.perf_counter()
+    assoc = ae.associate(
+        dest.host,
+        dest.port,
+        ae_title=dest.ae_title,
+        tls_args=tls_args,
+        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
+    )
+    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
+    if assoc.is_rejected:
+        rsp = assoc.acceptor.primitive
+        fail(
+            f"{where} rejected the association: result 0x{rsp.result:02X} "
+            f"source 0x{rsp.result_source:02X} reason 0x{rsp.diagnostic:02X}",
+            EXIT_UNREACHABLE,
+        )
+    if not assoc.is_established:
+        fail(f"{where} unreachable (connection refused, timed out or aborted)", EXIT_UNREACHABLE)
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if not rsp or "Status" not in rsp:
+        fail(f"{where} gave no C-ECHO response", EXIT_UNREACHABLE)
+    if rsp.Status != 0:
+        fail(f"{where} answered C-ECHO with status 0x{rsp.Status:04X}", EXIT_FAILED)
+    console.print(f"{where}: C-ECHO ok in {(time.perf_counter() - t0) * 1000:.0f} ms")
+
+
+# -- db ------------------------------------------------------------------------------------------
+
+
+@db_app.command("upgrade")
+def db_upgrade(config_path: Path | None = ConfigOption) -> None:
+    """Create or upgrade the database schema to the newest revision."""
+    config = get_config(config_path)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    try:
+        db.upgrade(config.database.url)
+    except Exception as exc:
+        fail(f"database upgrade failed: {str(exc).splitlines()[0][:200]}", EXIT_FAILED)
+    console.print(f"database at newest schema: {config.database.url}", highlight=False)
+
+
+__all__ = ["app", "EXIT_FAILED"]
