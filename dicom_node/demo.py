@@ -32,7 +32,6 @@ import yaml
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import CTImageStorage
 from rich.console import Console
-from rich.table import Table
 
 from dicom_node import db
 from dicom_node.sample_data import REPO_ROOT, fetch_sample_data
@@ -228,25 +227,25 @@ def _wait_for_job(config_path: Path, proc: subprocess.Popen, timeout_s: float):
 def _summary(job, dest: LocalDestination, preview: Path | None, t_last_received: float) -> None:
     s = job.summary or {}
     stages = dict(job.stage_seconds or {})
-    table = Table(show_header=False, box=None)
-    table.add_row("slices in → out", f"{s.get('n_in')} → {s.get('n_out')}")
-    table.add_row(
-        "spacing",
-        f"{s.get('spacing_in_mm')} mm → {s.get('spacing_out_mm')} mm (factor {job.factor})",
-    )
-    table.add_row("model", f"{job.model_id} {job.model_version}")
-    table.add_row("derived series", str(job.derived_series_uid))
-    table.add_row("received by the local PACS", f"{len(dest.received)} instances in {dest.out_dir}")
-    table.add_row("preview (PNG)", str(preview or "-"))
+    rows = [
+        ("slices in -> out", f"{s.get('n_in')} -> {s.get('n_out')}"),
+        (
+            "spacing",
+            f"{s.get('spacing_in_mm')} mm -> {s.get('spacing_out_mm')} mm (factor {job.factor})",
+        ),
+        ("model", f"{job.model_id} {job.model_version}"),
+        ("derived series", str(job.derived_series_uid)),
+        ("local destination", f"{len(dest.received)} instances in {dest.out_dir}"),
+        ("preview (PNG)", str(preview or "-")),
+    ]
     for name in ("quiet", "queue_wait", "load", "inference", "write", "preview", "send"):
         if name in stages:
-            table.add_row(f"seconds: {name}", f"{stages[name]:.2f}")
+            rows.append((f"seconds: {name}", f"{stages[name]:.2f}"))
     if dest.last_ack:
-        table.add_row(
-            "last instance in → last derived acknowledged",
-            f"{dest.last_ack - t_last_received:.2f} s",
-        )
-    console.print(table)
+        rows.append(("last in -> last acknowledged", f"{dest.last_ack - t_last_received:.2f} s"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"  {k:<{width}}  {v}")
     note = s.get("model_note")
     if note:
         console.print(f"[yellow]note:[/yellow] {note}")
