@@ -5,11 +5,12 @@ body part, a series-description regex and the calling AE; every criterion left o
 anything. :func:`explain` evaluates every rule and says, criterion by criterion, why it matched
 or not (``dicom-node rules test``). :func:`select_rule` picks the matching rule with the highest
 priority (ties: the first in the file). :func:`factor_for` turns a rule's target spacing into an
-integer factor ``round(spacing / target)``; below 2 the series is already thin enough.
+integer factor ``round(spacing / target)`` (halves round up); below 2 the series is already thin enough.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -185,7 +186,7 @@ def factor_for(rule: Rule, spacing_mm: float) -> FactorDecision:
         )
     assert a.target_spacing_mm is not None
     raw = spacing_mm / a.target_spacing_mm
-    factor = int(round(raw))
+    factor = int(math.floor(raw + 0.5))  # half up: 2.5 mm at a 1 mm target gives 3
     if factor < 2:
         return FactorDecision(
             None,
