@@ -1,0 +1,260 @@
+"""The pipeline in-process on a real (tiny) CT series: completion -> job -> worker -> send.
+
+A linear-interpolation stand-in replaces ACVTT so the test runs in seconds; everything else
+(planning, loading, the writer, send classification and bookkeeping, supersede) is the real code.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+from pynetdicom import AE, evt
+from pynetdicom.sop_class import CTImageStorage
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.config import parse_config
+from dicom_node.db import Instance, Job, JobState, Series, SeriesState, Study, utcnow
+from dicom_node.infer import ModelPool
+from dicom_node.jobs import claim
+from dicom_node.scheduler import Pipeline, evaluate_series
+
+
+class LinearStandIn:
+    model_id = "linear-test"
+    model_version = "1"
+
+    def interpolate(self, volume, factor, progress=None):
+        d = volume.shape[0]
+        z = np.arange((d - 1) * factor + 1) / factor
+        i0 = np.minimum(np.floor(z).astype(int), d - 2)
+        w = (z - i0)[:, None, None]
+        return (volume[i0] * (1 - w) + volume[i0 + 1] * w).astype(np.float32)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SCP:
+    """A pynetdicom C-STORE SCP answering every store with ``status``."""
+
+    def __init__(self, port: int, status: int = 0):
+        self.port, self.status, self.received = port, status, []
+        ae = AE(ae_title="PACS")
+        ae.add_supported_context(CTImageStorage)
+        self.server = ae.start_server(
+            ("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, self._store)]
+        )
+
+    def _store(self, event):
+        self.received.append(event.request.AffectedSOPInstanceUID)
+        return self.status
+
+    def stop(self):
+        self.server.shutdown()
+
+
+@pytest.fixture
+def env(tmp_path, sample_data):
+    port = _free_port()
+    config = parse_config(
+        {
+            "storage": {"spool_dir": str(tmp_path / "spool"), "retention_days": 0},
+            "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
+            "completion": {"quiet_seconds": 0},
+            "destinations": [
+                {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}
+            ],
+            "rules": [
+                {
+                    "name": "thick",
+                    "match": {"modality": ["CT"], "spacing_mm": [2, 10]},
+                    "action": {"target_spacing_mm": 1.25, "destinations": ["pacs"]},
+                }
+            ],
+        }
+    )
+    db.upgrade(config.database.url)
+    engine = db.make_engine(config.database.url)
+    sessions = db.make_session_factory(engine)
+    models = ModelPool(config.model, loader=lambda _m: (LinearStandIn(), None))
+    pipeline = Pipeline(config, sessions, models=models, send_base_delay_s=0.01)
+    files = sorted(p for p in Path(sample_data.pydicom_ct5n).iterdir() if p.is_file())
+    yield config, sessions, pipeline, files, port
+    engine.dispose()
+
+
+def _index(sessions, config, files):
+    """Put files in the spool and index them as the receiver would (geometry fields only)."""
+    spool = Path(config.storage.spool_dir)
+    with sessions() as s:
+        for f in files:
+            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            study = s.scalars(select(Study).where(Study.study_uid == ds.StudyInstanceUID)).first()
+            if study is None:
+                study = Study(study_uid=ds.StudyInstanceUID)
+                s.add(study)
+            series = s.scalars(
+                select(Series).where(Series.series_uid == ds.SeriesInstanceUID)
+            ).first()
+            if series is None:
+                series = Series(
+                    series_uid=ds.SeriesInstanceUID, study=study, modality=ds.Modality, revision=0
+                )
+                s.add(series)
+            rel = Path(ds.StudyInstanceUID) / ds.SeriesInstanceUID / f"{ds.SOPInstanceUID}.dcm"
+            (spool / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(f, spool / rel)
+            s.add(
+                Instance(
+                    series=series,
+                    sop_class_uid=ds.SOPClassUID,
+                    sop_instance_uid=ds.SOPInstanceUID,
+                    instance_number=int(ds.InstanceNumber),
+                    acquisition_number=int(ds.AcquisitionNumber),
+                    image_position=[float(v) for v in ds.ImagePositionPatient],
+                    image_orientation=[float(v) for v in ds.ImageOrientationPatient],
+                    pixel_spacing=[float(v) for v in ds.PixelSpacing],
+                    slice_thickness=float(ds.SliceThickness),
+                    rows=ds.Rows,
+                    columns=ds.Columns,
+                    frame_of_reference_uid=ds.FrameOfReferenceUID,
+                    image_type=list(ds.ImageType),
+                    transfer_syntax_uid=ds.file_meta.TransferSyntaxUID,
+                    file_path=str(rel),
+                    file_size=f.stat().st_size,
+                    sha256="0" * 64,
+                )
+            )
+            series.revision += 1
+            series.last_received = utcnow() - timedelta(seconds=5)
+            if series.state not in (SeriesState.receiving, SeriesState.changed):
+                series.state = SeriesState.changed
+        s.commit()
+        return series.id
+
+
+def _run_next(pipeline, sessions) -> Job:
+    with sessions() as s:
+        job = s.scalars(select(Job).where(Job.state == JobState.queued)).first()
+        assert claim(s, job.id)
+        s.commit()
+    assert pipeline.worker.run(job.id) is JobState.written
+    with sessions() as s:
+        return s.get(Job, job.id)
+
+
+def test_series_to_sent_and_late_arrival_supersedes(env):
+    config, sessions, pipeline, files, port = env
+    series_id = _index(sessions, config, files[:4])
+    pipeline.check_completion()
+    with sessions() as s:
+        series = s.get(Series, series_id)
+        assert series.state is SeriesState.complete
+        job = s.scalars(select(Job)).one()
+        assert job.factor == 2 and job.stage_seconds["quiet"] >= 5  # 2.5 mm / 1.25 mm
+    job = _run_next(pipeline, sessions)
+    assert job.summary["n_out"] == 7 and len(list(Path(job.derived_dir).glob("*.dcm"))) == 7
+    assert job.preview_path and Path(job.preview_path).exists()
+    assert {"load", "inference", "write", "preview"} <= set(job.stage_seconds)
+
+    scp = SCP(port)
+    try:
+        assert pipeline.send_job(job.id) is JobState.sent
+    finally:
+        scp.stop()
+    assert len(scp.received) == 7
+    with sessions() as s:
+        assert s.get(Series, series_id).state is SeriesState.processed
+
+    # A late slice re-opens the series; the new job supersedes the first one.
+    _index(sessions, config, files[4:])
+    with sessions() as s:
+        assert s.get(Series, series_id).state is SeriesState.changed
+    pipeline.check_completion()
+    with sessions() as s:
+        jobs = s.scalars(select(Job).order_by(Job.id)).all()
+        assert len(jobs) == 2 and jobs[1].supersedes_job_id == jobs[0].id
+        assert jobs[1].instances_hash != jobs[0].instances_hash
+
+    # Same input again: no new job (idempotent), series marked processed once sent.
+    with sessions() as s:
+        series = s.get(Series, series_id)
+        _, _, again = evaluate_series(s, config, series, pipeline.models)
+        assert again.id == jobs[1].id
+
+
+def test_send_failures_transient_retry_and_permanent_fail_at_once(env):
+    config, sessions, pipeline, files, port = env
+    _index(sessions, config, files)
+    pipeline.check_completion()
+    job = _run_next(pipeline, sessions)
+
+    # Nobody listening: transient, retried later.
+    assert pipeline.send_job(job.id) is JobState.written
+    with sessions() as s:
+        j = s.get(Job, job.id)
+        assert j.send_attempts == 1 and j.next_send_at is not None and j.reason
+
+    # Out of resources (0xA700) on every instance: permanent, the job fails at once.
+    scp = SCP(port, status=0xA700)
+    try:
+        with sessions() as s:
+            s.get(Job, job.id).next_send_at = None
+            s.commit()
+        assert pipeline.send_job(job.id) is JobState.failed
+        assert len(scp.received) == 1  # stopped at the first refusal, no storm
+    finally:
+        scp.stop()
+    with sessions() as s:
+        j = s.get(Job, job.id)
+        assert j.state is JobState.failed and "permanently" in j.reason
+
+
+def test_rejected_and_ignored_series(env, sample_data):
+    config, sessions, pipeline, _, _ = env
+    gap = sorted(p for p in Path(sample_data.pydicom_ct2).iterdir() if p.is_file())
+    sid = _index(sessions, config, gap)
+    pipeline.check_completion()
+    with sessions() as s:
+        series = s.get(Series, sid)
+        assert series.state is SeriesState.rejected and "gap" in series.state_reason
+        assert s.scalars(select(Job)).first() is None
+
+
+def test_pipeline_start_recovers_and_stops(env):
+    config, sessions, pipeline, files, _ = env
+    _index(sessions, config, files)
+    pipeline.check_completion()
+    with sessions() as s:
+        job = s.scalars(select(Job)).one()
+        claim(s, job.id)
+        s.commit()
+    pipeline.start()
+    try:
+        done = threading.Event()
+
+        def written():
+            with sessions() as s:
+                return s.get(Job, job.id).state in (JobState.written, JobState.failed)
+
+        for _ in range(100):
+            if written():
+                done.set()
+                break
+            threading.Event().wait(0.1)
+        assert done.is_set()  # recovered running -> queued, then dispatched and run
+        with sessions() as s:
+            assert s.get(Job, job.id).attempts == 2
+    finally:
+        pipeline.shutdown()
