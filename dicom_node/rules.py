@@ -5,7 +5,8 @@ body part, a series-description regex and the calling AE; every criterion left o
 anything. :func:`explain` evaluates every rule and says, criterion by criterion, why it matched
 or not (``dicom-node rules test``). :func:`select_rule` picks the matching rule with the highest
 priority (ties: the first in the file). :func:`factor_for` turns a rule's target spacing into an
-integer factor ``round(spacing / target)`` (halves round up); below 2 the series is already thin enough.
+integer factor ``round(spacing / target)`` (halves round up); below 2 the series is already
+thin enough.
 """
 
 from __future__ import annotations

@@ -85,7 +85,15 @@ def test_metadata_match_ignores_geometry():
 
 @pytest.mark.parametrize(
     ("spacing", "target", "factor"),
-    [(2.0, 1.0, 2), (5.0, 1.0, 5), (3.0, 1.0, 3), (2.5, 1.0, 3), (2.4, 1.0, 2), (6.0, 2.0, 3), (5.0, 2.0, 3)],
+    [
+        (2.0, 1.0, 2),
+        (5.0, 1.0, 5),
+        (3.0, 1.0, 3),
+        (2.5, 1.0, 3),
+        (2.4, 1.0, 2),
+        (6.0, 2.0, 3),
+        (5.0, 2.0, 3),
+    ],
 )
 def test_factor_from_target_spacing(spacing, target, factor):
     (rule,) = _rules({**THICK, "action": {"target_spacing_mm": target}})
