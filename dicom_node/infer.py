@@ -15,6 +15,7 @@ end; every job made that way says so in ``job.summary["model_note"]``.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import logging
 import queue
@@ -421,7 +422,7 @@ def _single_frame_sources(
                 "NumberOfFrames",
                 "PixelData",
             ):
-                flat.add(elem)
+                flat.add(copy.deepcopy(elem))  # elements are mutable: never share them
         frame = ref.frame or 0
         for seq in (
             "PlanePositionSequence",
@@ -433,7 +434,7 @@ def _single_frame_sources(
             item = functional_group_item(ds, frame, seq)
             if item is not None:
                 for elem in item:
-                    flat[elem.tag] = elem
+                    flat[elem.tag] = copy.deepcopy(elem)
         stand_in = deterministic_uid("acvtt-frame", str(ds.SOPInstanceUID), str(frame))
         frame_map[stand_in] = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), frame + 1)
         flat.SOPInstanceUID = stand_in

@@ -258,3 +258,58 @@ def test_pipeline_start_recovers_and_stops(env):
             assert s.get(Job, job.id).attempts == 2
     finally:
         pipeline.shutdown()
+
+
+def test_enhanced_ct_input_gives_single_frame_derived_series(env, tmp_path):
+    import highdicom as hd
+    from pydicom.uid import generate_uid
+
+    config, sessions, pipeline, files, _ = env
+    datasets = [pydicom.dcmread(p) for p in files]
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        legacy_datasets=datasets,
+        series_instance_uid=generate_uid(),
+        series_number=5,
+        sop_instance_uid=generate_uid(),
+        instance_number=1,
+    )
+    src = tmp_path / "enhanced.dcm"
+    enhanced.save_as(src)
+    spool = Path(config.storage.spool_dir)
+    rel = Path("1.2") / "3.4" / "enhanced.dcm"
+    (spool / rel).parent.mkdir(parents=True)
+    shutil.copyfile(src, spool / rel)
+    with sessions() as s:
+        study = Study(study_uid=enhanced.StudyInstanceUID)
+        series = Series(series_uid=enhanced.SeriesInstanceUID, study=study, modality="CT")
+        s.add(
+            Instance(
+                series=series,
+                sop_class_uid=enhanced.SOPClassUID,
+                sop_instance_uid=enhanced.SOPInstanceUID,
+                number_of_frames=5,
+                transfer_syntax_uid=enhanced.file_meta.TransferSyntaxUID,
+                file_path=str(rel),
+                file_size=1,
+                sha256="0" * 64,
+            )
+        )
+        series.last_received = utcnow() - timedelta(seconds=5)
+        s.commit()
+    pipeline.check_completion()
+    job = _run_next(pipeline, sessions)
+    out = [pydicom.dcmread(p) for p in sorted(Path(job.derived_dir).glob("*.dcm"))]
+    assert len(out) == 9 and all(int(ds.get("NumberOfFrames", 1)) == 1 for ds in out)
+    refs = {(r.ReferencedSOPInstanceUID, int(r.ReferencedFrameNumber)) for ds in out
+            for r in ds.SourceImageSequence}  # fmt: skip
+    assert {uid for uid, _ in refs} == {enhanced.SOPInstanceUID}
+    assert {frame for _, frame in refs} == {1, 2, 3, 4, 5}
+    (ser,) = out[0].ReferencedSeriesSequence
+    assert [r.ReferencedSOPInstanceUID for r in ser.ReferencedInstanceSequence] == [
+        enhanced.SOPInstanceUID
+    ]
+    import subprocess
+
+    proc = subprocess.run(["/usr/bin/dciodvfy", out[4].filename], capture_output=True, text=True)
+    errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
+    assert errors == []
