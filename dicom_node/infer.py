@@ -325,16 +325,19 @@ class Worker:
                 preview = importlib.import_module("dicom_node.preview")
             except ModuleNotFoundError:
                 preview = None
-            if preview is not None and hasattr(preview, "write_preview"):
-                result = preview.write_preview(
+            if float(np.dot(plan.slice_vector, plan.normal)) < 0:
+                # preview.py draws index 0 at the bottom: give it the stack ascending along n.
+                thick, thin = thick[::-1], thin[::-1]
+            if preview is not None and hasattr(preview, "write_preview_png"):
+                row_mm, col_mm = (float(v) for v in plan.pixel_spacing)
+                info = preview.write_preview_png(
                     thick,
                     thin,
+                    (plan.spacing_mm, row_mm, col_mm),
+                    (plan.spacing_mm / factor, row_mm, col_mm),
                     path,
-                    spacing_in_mm=plan.spacing_mm,
-                    factor=factor,
-                    pixel_spacing_mm=plan.pixel_spacing,
                 )
-                return str(result or path)
+                return str(getattr(info, "path", path))
             return str(
                 fallback_preview(thick, thin, plan.spacing_mm, factor, plan.pixel_spacing, path)
             )
