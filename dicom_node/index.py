@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -145,16 +146,87 @@ def _uid(ds: Dataset, keyword: str) -> str:
     return "" if value is None else str(value).strip("\0 ")
 
 
+_EXPLICIT_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN",
+                      b"UR", b"UT", b"UV"}  # fmt: skip
+_ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_UNDEFINED = 0xFFFFFFFF
+
+
+class _Truncated(Exception):
+    pass
+
+
+def _walk(buf: bytes, pos: int, end: int, explicit: bool, stop: int | None) -> int:
+    """Walk data elements from ``pos``; return the offset after ``stop`` (a delimiter tag) or
+    ``end``. Raises :class:`_Truncated` when a length runs past the data."""
+    while pos < end:
+        if pos + 8 > end:
+            raise _Truncated(f"element header cut off at byte {pos}")
+        group, elem = struct.unpack_from("<HH", buf, pos)
+        tag = group << 16 | elem
+        if group == 0xFFFE:  # item / delimiters have no VR in any transfer syntax
+            (length,) = struct.unpack_from("<I", buf, pos + 4)
+            pos += 8
+            if tag == stop:
+                return pos
+            if tag != _ITEM:
+                raise _Truncated(f"unexpected delimiter ({group:04X},{elem:04X}) at {pos - 8}")
+            if length == _UNDEFINED:
+                pos = _walk(buf, pos, end, explicit, _ITEM_END)
+            else:
+                pos += length
+            continue
+        vr = buf[pos + 4 : pos + 6]
+        if explicit and vr in _EXPLICIT_LONG_VRS:
+            if pos + 12 > end:
+                raise _Truncated(f"element header cut off at byte {pos}")
+            (length,) = struct.unpack_from("<I", buf, pos + 8)
+            pos += 12
+        elif explicit:
+            (length,) = struct.unpack_from("<H", buf, pos + 6)
+            pos += 8
+        else:
+            (length,) = struct.unpack_from("<I", buf, pos + 4)
+            pos += 8
+        if length == _UNDEFINED:  # a sequence, or encapsulated pixel data: items follow
+            pos = _walk(buf, pos, end, explicit, _SEQ_END)
+        else:
+            pos += length
+    if stop is not None or pos > end:
+        raise _Truncated("data set ends inside an element or sequence")
+    return pos
+
+
+def check_encoding(dataset: bytes, transfer_syntax: str) -> str | None:
+    """Check that every element of ``dataset`` (pixel data included) fits in the bytes sent.
+
+    Catches truncated or garbled encodings that a header-only parse would accept. Only for the
+    little-endian, non-deflated transfer syntaxes (every common one); returns None when fine or
+    not checkable, else a reason.
+    """
+    if transfer_syntax in ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
+                           "1.2.840.10008.1.2.4.95"):  # fmt: skip
+        return None  # big endian / deflated: pydicom's parse is the check
+    explicit = transfer_syntax != "1.2.840.10008.1.2"
+    try:
+        _walk(dataset, 0, len(dataset), explicit, None)
+    except (_Truncated, struct.error) as exc:
+        return str(exc) or "malformed encoding"
+    return None
+
+
 def read_header(
     data: bytes,
     command_sop_class: str | None = None,
     command_sop_instance: str | None = None,
+    dataset_offset: int | None = None,
 ) -> Header:
     """Parse the header of a Part 10 byte string (preamble + file meta + data set).
 
     Raises :class:`InvalidInstance` when the data cannot be parsed (0xC210), a required UID is
     missing (0xC211) or invalid (0xC212), or the data set's SOP Class/Instance UID differs from
-    the C-STORE command's (0xA900).
+    the C-STORE command's (0xA900). With ``dataset_offset`` (where the data set starts in
+    ``data``) the whole data set's encoding is checked too (:func:`check_encoding`).
     """
     try:
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
@@ -166,6 +238,12 @@ def read_header(
             f"cannot decode data set header: {type(exc).__name__}",
             command_sop_instance,
         ) from None
+    if dataset_offset is not None:
+        problem = check_encoding(data[dataset_offset:], ts)
+        if problem:
+            raise InvalidInstance(
+                STATUS_UNDECODABLE, f"cannot decode data set: {problem}", command_sop_instance
+            )
 
     missing = [k for k, v in uids.items() if not v]
     if missing:

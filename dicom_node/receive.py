@@ -202,7 +202,11 @@ class Receiver:
             return
         server.shutdown()  # stops accepting; open associations keep running
         deadline = time.monotonic() + grace_s
-        while time.monotonic() < deadline and any(a.is_alive() for a in server.active_associations):
+        # Only established associations get the grace period: a connection still waiting for
+        # its A-ASSOCIATE-RQ has nothing to lose.
+        while time.monotonic() < deadline and any(
+            a.is_alive() and a.is_established for a in server.active_associations
+        ):
             time.sleep(0.05)
         for assoc in server.active_associations:
             assoc.abort()
@@ -361,7 +365,12 @@ class Receiver:
         except RuntimeError:  # pool shut down: the node is stopping
             return STATUS_OUT_OF_RESOURCES, "node is shutting down", "refused"
         try:
-            header = read_header(data, str(req.AffectedSOPClassUID), sop_uid)
+            header = read_header(
+                data,
+                str(req.AffectedSOPClassUID),
+                sop_uid,
+                dataset_offset=len(data) - len(dataset),
+            )
             path = self.spool.path_for(header.study_uid, header.series_uid, sop_uid)
         except (InvalidInstance, UnsafePathError) as exc:
             self._discard(tmp_written)

@@ -28,7 +28,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -113,8 +112,12 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
-    def start(self, timeout: float = 30) -> NodeProcess:
-        """Start the subprocess and wait until it answers a C-ECHO."""
+    def start(self, timeout: float = 30, expect_rejection: bool = False) -> NodeProcess:
+        """Start the subprocess and wait until it answers a C-ECHO.
+
+        ``expect_rejection``: wait only until it answers an association request at all (for
+        configurations that reject everyone, e.g. a disk minimum above the free space).
+        """
         if self.proc is not None and self.proc.poll() is None:
             raise RuntimeError("node already running")
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
@@ -130,16 +133,14 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
-            if self._port_open() and echo(self.port, self.AE_TITLE).returncode == 0:
+            answer = echo(self.port, self.AE_TITLE, timeout=2)
+            if answer.returncode == 0 or (
+                expect_rejection and "Association Rejected" in answer.stdout + answer.stderr
+            ):
                 return self
             time.sleep(0.1)
         self.kill()
         raise TimeoutError(f"node did not answer C-ECHO in {timeout}s:\n{self.log_tail()}")
-
-    def _port_open(self) -> bool:
-        with socket.socket() as s:
-            s.settimeout(0.2)
-            return s.connect_ex(("127.0.0.1", self.port)) == 0
 
     def stop(self, timeout: float = 20) -> int | None:
         """SIGTERM and wait (clean shutdown); returns the exit code."""
@@ -167,7 +168,7 @@ class NodeProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def __enter__(self) -> NodeProcess:
-        return self.start()
+        return self if self.running else self.start()
 
     def __exit__(self, *exc) -> None:
         with contextlib.suppress(Exception):
