@@ -298,6 +298,19 @@ def test_bad_uid_refused_and_never_a_path(node, sample_data, tmp_path, field, va
     assert not list(node.spool.parent.glob("**/x"))
 
 
+def test_dataset_not_matching_the_command_gets_a900(node, sample_data, tmp_path):
+    ds = pydicom.dcmread(sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[0])
+    sop = generate_uid()
+    ds.SOPInstanceUID = generate_uid()  # the data set says one thing...
+    ds.file_meta.MediaStorageSOPInstanceUID = sop  # ...the C-STORE command another
+    path = tmp_path / "mismatch.dcm"
+    ds.save_as(path)
+    with raw_sender(node.port) as assoc:
+        rsp = assoc.send_c_store(path)
+    assert _status(rsp) == 0xA900
+    assert _instance_rows(node, sop) == 0 and _instance_rows(node, ds.SOPInstanceUID) == 0
+
+
 def test_unrepaired_raw_files_refused_nothing_stored(node, sample_data):
     files = sorted(p for p in sample_data.ct_dicom_raw.iterdir() if p.is_file())
     assert len(files) == 20
