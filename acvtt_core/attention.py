@@ -48,10 +48,15 @@ def mrnla_fused(q: torch.Tensor, vk: torch.Tensor) -> tuple[torch.Tensor, torch.
         if nr == 1 and n > 1:
             fused, rel = fused.reshape(n, lq, d), rel.reshape(n, 1, lq)
         return fused, rel
+    if q.device.type == "cpu":
+        # PyTorch's fused CPU kernel (flash) needs equal q/k and v head dims; with v of width 2d
+        # it silently falls back to the math path, which materialises Lq x Lk. Zero-padding q
+        # and k to 2d leaves q.k unchanged and keeps the fused kernel (measured 2x faster).
+        qq, k = F.pad(qq, (0, d)), F.pad(k, (0, d))
     # q is pre-scaled, so SDPA must not scale again.
     out = F.scaled_dot_product_attention(qq, k, vk, scale=1.0)
     t, kbar = out[..., :d], out[..., d:]
-    score = (qq * kbar).sum(-1)  # (Nr, R, Lq')
+    score = (qq[..., :d] * kbar).sum(-1)  # (Nr, R, Lq')
     rel = torch.softmax(score, dim=1)
     fused = (rel.unsqueeze(-1) * t).sum(1)  # (Nr, Lq', d)
     if nr == 1 and n > 1:

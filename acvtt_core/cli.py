@@ -32,6 +32,7 @@ def interpolate(
         False, help="Use an untrained model if no checkpoint exists (demo/test only)."
     ),
     no_crop: bool = typer.Option(False, help="Do not crop to the body bounding box."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."),
 ) -> None:
     """Interpolate IN by --factor and write OUT: (d-1)*R+1 slices, z spacing / R, int16 HU."""
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
@@ -47,6 +48,7 @@ def interpolate(
         preset=preset,
         allow_random_init=random_init,
         crop_body=not no_crop,
+        autocast_bf16=_bf16(precision),
     )
     console.print(
         f"{inp.name}: {vol.shape[::-1]} voxels, spacing "
@@ -69,6 +71,12 @@ def interpolate(
         )
     write_volume(out, to_int16_hu(result), geom.upsampled_z(factor))
     console.print(f"wrote {out} {result.shape[::-1]} in {time.perf_counter() - t0:.1f} s")
+
+
+def _bf16(precision: str) -> bool | None:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise typer.BadParameter("precision must be auto, fp32 or bf16")
+    return None if precision == "auto" else precision == "bf16"
 
 
 def _load_volumes(paths: list[Path]):
@@ -283,6 +291,7 @@ def bench(
     slow_samples: int = typer.Option(4, help="Images per pass timed in the authors' loop."),
     skip_slow: bool = typer.Option(False, help="Skip the authors' loop."),
     no_crop: bool = typer.Option(False),
+    precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
     out: Path | None = typer.Option(None, "--out", help="Also write JSON here."),
 ) -> None:
     """FLOPs, s/volume, GFLOP/s vs measured matmul rate, memory, speed-up vs the authors' loop."""
@@ -295,6 +304,7 @@ def bench(
         preset=None if checkpoint else preset,
         allow_random_init=checkpoint is None,
         crop_body=not no_crop,
+        autocast_bf16=_bf16(precision),
     )
     if interp.meta.preset != preset and checkpoint is None:
         raise typer.BadParameter("preset mismatch")
