@@ -46,10 +46,20 @@ def unet_conv_flops(cin: int, c: int, h: int, w: int, decoder: bool = True) -> f
     return f
 
 
-def mrnla_flops(cfg: ModelConfig, h: int, w: int, hr: int, wr: int) -> dict[str, float]:
+def _att_units(n_refs: int, cpu: bool) -> int:
+    """FLOPs per (Lq Lk d) of the fused call actually run: q.k (2) and A[v | k] (4); on CPU q and
+    k are zero-padded to 2d (4 + 4); with one reference the call carries v alone (2 + 2)."""
+    if n_refs == 1:
+        return 4
+    return 8 if cpu else 6
+
+
+def mrnla_flops(
+    cfg: ModelConfig, h: int, w: int, hr: int, wr: int, cpu: bool = True
+) -> dict[str, float]:
     """Per through-plane image of padded size (h, w) with references (hr, wr). `paper` counts
-    S = q k^T and A v (4 Lq Lk d per reference); `executed` counts the fused call over
-    [v | k] (6 Lq Lk d) plus the q and output 1x1 convs."""
+    S = q k^T and A v (4 Lq Lk d per reference); `executed` counts the fused call that runs
+    (see `_att_units`); both include the q and output 1x1 convs."""
     c = cfg.width
     lq, lk = (h // 8) * (w // 8), (hr // 8) * (wr // 8)
     chans = [8 * c, 4 * c, 2 * c, c]
@@ -58,20 +68,22 @@ def mrnla_flops(cfg: ModelConfig, h: int, w: int, hr: int, wr: int) -> dict[str,
         cl, b = chans[i], 2**i
         d = cl * b * b
         paper += 4 * lq * lk * d * cfg.n_refs
-        executed += (6 if cfg.n_refs > 1 else 4) * lq * lk * d * cfg.n_refs
+        executed += _att_units(cfg.n_refs, cpu) * lq * lk * d * cfg.n_refs
         proj += 2 * 2 * cl * cl * h * w / 4 ** (3 - i)
     return {"paper": paper + proj, "executed": executed + proj}
 
 
-def volume_flops(cfg: ModelConfig, d: int, h: int, w: int, factor: int, box: BBox | None = None):
+def volume_flops(
+    cfg: ModelConfig, d: int, h: int, w: int, factor: int, box: BBox | None = None, cpu: bool = True
+):
     """Analytic FLOPs of one whole-volume inference (images padded to multiples of 8)."""
     if box is not None:
         h, w = box.shape
     dout = output_depth(d, factor)
     dp, hp, wp = _r8(dout), _r8(h), _r8(w)
     conv1 = unet_conv_flops(1, cfg.width, dp, wp) * h + unet_conv_flops(1, cfg.width, dp, hp) * w
-    att_c = mrnla_flops(cfg, dp, wp, hp, wp)
-    att_s = mrnla_flops(cfg, dp, hp, hp, wp)
+    att_c = mrnla_flops(cfg, dp, wp, hp, wp, cpu)
+    att_s = mrnla_flops(cfg, dp, hp, hp, wp, cpu)
     refs = cfg.n_refs * unet_conv_flops(1, cfg.width, hp, wp, decoder=False)
     chans = [8 * cfg.width, 4 * cfg.width, 2 * cfg.width, cfg.width]
     refs += sum(cfg.n_refs * 4 * chans[i] ** 2 * hp * wp / 4 ** (3 - i) for i in cfg.mrnla_levels)
@@ -193,7 +205,7 @@ def component_rates(interp: Interpolator, d: int, hp: int, wp: int, chunk: int =
             mrnla_fused(q, vk)
             _sync(dev)
             t_att += time.perf_counter() - t
-            flops += (6 if cfg.n_refs > 1 else 4) * chunk * lq * lk * dd * cfg.n_refs
+            flops += _att_units(cfg.n_refs, dev == "cpu") * chunk * lq * lk * dd * cfg.n_refs
         if flops:
             out["attention_gflops"] = flops / t_att / 1e9
         x = torch.rand(chunk, 1, hp, wp, device=dev).contiguous(memory_format=torch.channels_last)
@@ -235,8 +247,9 @@ def run_bench(
         torch.cuda.reset_peak_memory_stats()
     box = interp.bbox(vol_hu)
     res["bbox"] = [box.y0, box.y1, box.x0, box.x1]
-    res["flops_full_plane"] = volume_flops(cfg, d, h, w, factor)
-    res["flops"] = volume_flops(cfg, d, h, w, factor, box)
+    cpu = dev == "cpu"
+    res["flops_full_plane"] = volume_flops(cfg, d, h, w, factor, cpu=cpu)
+    res["flops"] = volume_flops(cfg, d, h, w, factor, box, cpu=cpu)
     interp.interpolate(vol_hu[: min(d, 3)], factor)  # warm-up (kernels, allocator)
     t = time.perf_counter()
     out = interp.interpolate(vol_hu, factor)
