@@ -46,7 +46,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node import geometry
-from dicom_node.config import NodeConfig
+from dicom_node.config import CompletionSection, NodeConfig
 from dicom_node.db import Instance, Series, SeriesState, utcnow
 
 __all__ = [
@@ -90,6 +90,15 @@ class Tolerances:
     tilt_tol_deg: float = geometry.DEFAULT_TILT_TOL_DEG
     max_tilt_deg: float = 30.0
     min_slices: int = 3
+
+
+def tolerances_from_config(completion: CompletionSection) -> Tolerances:
+    """The tolerances an administrator set in the ``completion`` section of the config."""
+    return Tolerances(
+        spacing_abs_tol_mm=completion.spacing_abs_tol_mm,
+        spacing_rel_tol=completion.spacing_rel_tol,
+        max_tilt_deg=completion.max_tilt_deg,
+    )
 
 
 @dataclass(frozen=True)

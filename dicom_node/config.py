@@ -120,6 +120,15 @@ class DatabaseSection(_Strict):
 class CompletionSection(_Strict):
     quiet_seconds: float = Field(30, ge=0)
     check_interval_s: float = Field(2, gt=0)
+    spacing_rel_tol: float = Field(0.02, ge=0, le=0.5, description="allowed slice step error")
+    spacing_abs_tol_mm: float = Field(0.05, ge=0)
+    max_tilt_deg: float = Field(30, ge=0, le=60, description="steeper gantry tilt is rejected")
+
+
+class SendSection(_Strict):
+    max_attempts: int = Field(8, ge=1, le=100)
+    base_delay_s: float = Field(2, gt=0)
+    max_delay_s: float = Field(300, gt=0)
 
 
 class RuleMatch(_Strict):
@@ -148,7 +157,7 @@ class RuleAction(_Strict):
     priority: int = 0
     quiet_seconds: float | None = Field(None, ge=0)
     series_number_offset: int = 1000
-    series_description: str = "{description} ACVTT {spacing:g}mm"
+    series_description: str = "{source_description} ACVTT {spacing:g}mm"
 
     @model_validator(mode="after")
     def _one_target(self) -> RuleAction:
@@ -177,6 +186,7 @@ class NodeConfig(_Strict):
     storage: StorageSection = StorageSection()
     database: DatabaseSection = DatabaseSection()
     completion: CompletionSection = CompletionSection()
+    send: SendSection = SendSection()
     rules: list[Rule] = []
     model: ModelSection = ModelSection()
 

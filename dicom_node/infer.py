@@ -30,8 +30,8 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence as DicomSequence
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.complete import Rejection, SeriesPlan, plan_series
-from dicom_node.config import ModelSection, NodeConfig
+from dicom_node.complete import Rejection, SeriesPlan, plan_series, tolerances_from_config
+from dicom_node.config import ModelSection, NodeConfig, RuleAction
 from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
 from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
@@ -209,7 +209,12 @@ class Worker:
             queued_at = job.updated_at or job.created_at
             timer.seconds["queue_wait"] = round(max(0.0, (t_start - queued_at).total_seconds()), 3)
             with timer.stage("plan"):
-                plan = plan_series(series, self.spool_root, only_sop_uids=wanted)
+                plan = plan_series(
+                    series,
+                    self.spool_root,
+                    tolerances_from_config(self.config.completion),
+                    only_sop_uids=wanted,
+                )
             factor, model_id, model_version = job.factor, job.model_id, job.model_version
             job_key = (job.source_series_uid, job.instances_hash)
             action = self._rule_action(job.rule_name)
@@ -295,9 +300,11 @@ class Worker:
 
         model_id, model_version = model
         sources, frame_map = _single_frame_sources(plan, headers)
-        # config.py's template uses {description}; the writer names it {source_description}.
-        template = action.series_description if action else "{description} ACVTT {spacing:g}mm"
-        template = template.replace("{description", "{source_description")
+        template = (
+            action.series_description
+            if action
+            else RuleAction.model_fields["series_description"].default
+        )
         if out_dir.exists():
             for old in out_dir.glob("*.dcm"):  # a reprocess rewrites the same UIDs
                 old.unlink()

@@ -39,7 +39,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import jobs as jobs_mod
-from dicom_node.complete import Rejection, due_series, plan_series
+from dicom_node.complete import Rejection, due_series, plan_series, tolerances_from_config
 from dicom_node.config import Destination as DestinationConfig
 from dicom_node.config import NodeConfig
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState, audit, utcnow
@@ -71,7 +71,7 @@ def evaluate_series(
     (state, reason, job). The state is not changed when the series moved on meanwhile."""
     revision = series.revision
     spool_root = Path(config.storage.spool_dir).resolve()
-    plan = plan_series(series, spool_root)
+    plan = plan_series(series, spool_root, tolerances_from_config(config.completion))
     job: Job | None = None
     if isinstance(plan, Rejection):
         state, reason = SeriesState.rejected, plan.reason
@@ -151,9 +151,9 @@ class Pipeline:
         session_factory: sessionmaker[Session],
         *,
         models: ModelPool | None = None,
-        send_max_attempts: int = 8,
-        send_base_delay_s: float = 2.0,
-        send_max_delay_s: float = 300.0,
+        send_max_attempts: int | None = None,
+        send_base_delay_s: float | None = None,
+        send_max_delay_s: float | None = None,
         dispatch_interval_s: float = 1.0,
         send_interval_s: float = 1.0,
         cleanup_interval_s: float = 3600.0,
@@ -163,9 +163,10 @@ class Pipeline:
         self.concurrency = config.model.concurrency
         self.models = models or ModelPool(config.model, size=self.concurrency)
         self.worker = Worker(config, session_factory, self.models)
-        self.send_max_attempts = send_max_attempts
-        self.send_base_delay_s = send_base_delay_s
-        self.send_max_delay_s = send_max_delay_s
+        # Keyword overrides exist for tests; the config's ``send`` section is the normal source.
+        self.send_max_attempts = send_max_attempts or config.send.max_attempts
+        self.send_base_delay_s = send_base_delay_s or config.send.base_delay_s
+        self.send_max_delay_s = send_max_delay_s or config.send.max_delay_s
         self._intervals = (dispatch_interval_s, send_interval_s, cleanup_interval_s)
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}

@@ -223,7 +223,7 @@ def reprocess(
     PACS never gets a second copy. Without ``--force`` a finished job is left alone.
     """
     from dicom_node import jobs
-    from dicom_node.complete import Rejection, plan_series
+    from dicom_node.complete import Rejection, plan_series, tolerances_from_config
     from dicom_node.infer import ModelPool, record_untrained
     from dicom_node.rules import explain, factor_for, facts_from_series, select_rule
 
@@ -234,7 +234,11 @@ def reprocess(
             series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
             if series is None:
                 fail(f"no series {series_uid}", EXIT_NOT_FOUND)
-            plan = plan_series(series, Path(config.storage.spool_dir).resolve())
+            plan = plan_series(
+                series,
+                Path(config.storage.spool_dir).resolve(),
+                tolerances_from_config(config.completion),
+            )
             if isinstance(plan, Rejection):
                 series.state, series.state_reason = SeriesState.rejected, plan.reason
                 s.commit()
@@ -347,7 +351,7 @@ def rules_test(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show the series' geometry, which rule matches and why, or why none does."""
-    from dicom_node.complete import Rejection, plan_series
+    from dicom_node.complete import Rejection, plan_series, tolerances_from_config
     from dicom_node.rules import explain, factor_for, facts_from_series
 
     config = get_config(config_path)
@@ -356,7 +360,11 @@ def rules_test(
             series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
             if series is None:
                 fail(f"no series {series_uid}", EXIT_NOT_FOUND)
-            plan = plan_series(series, Path(config.storage.spool_dir).resolve())
+            plan = plan_series(
+                series,
+                Path(config.storage.spool_dir).resolve(),
+                tolerances_from_config(config.completion),
+            )
             rejected = plan.reason if isinstance(plan, Rejection) else None
             facts = facts_from_series(series, None if rejected else plan)
             expl = explain(facts, config.rules)
