@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/default}
-BUDGET=${2:-70}
+BUDGET=${2:-55}
 PY=${PYTHON:-.venv/bin/python}
 mkdir -p "$OUT"
 "$PY" -m dicom_node.sample_data > "$OUT/sample_data.json"
@@ -21,6 +21,6 @@ nohup "$PY" -m acvtt_core.recipe --out "$OUT" --preset compact --factors 2,3,4,5
   --source "$D/lung1_image.nrrd:iz:1" \
   --source "$D/spine_ct.nii.gz:z:0.3" \
   --held-out lung2_image --held-out abdomen_ct --held-out ct_dicom_repaired \
-  --budget-min "$BUDGET" --steps 20000 --batch-size 4 --crop 128 --lr 4e-4 --threads 2 \
+  --budget-min "$BUDGET" --steps 20000 --batch-size 4 --crop 128 --lr 1e-3 --p-slab 0.4 --init he --threads 2 \
   > "$OUT/train.log" 2>&1 &
 echo "training in the background: pid $! log $OUT/train.log"
