@@ -9,7 +9,9 @@ all with ``TCP_NODELAY=1``:
 * this node (``dicom-node serve`` subprocess, fsync on, every 0x0000 means file + index row
   durable);
 * dcmtk ``storescp +xa`` writing files (no fsync);
-* Debian Orthanc with its default SQLite index.
+* Debian Orthanc with its default SQLite index;
+* for reference, this node with ``storage.fsync: false`` (files not fsync'd; the index commit
+  still is), to show what durability costs.
 
 Each trial sends a fresh set of UIDs to every receiver in turn (so nobody sees resends, and
 load drift on the machine hits all three alike). Prints instances/s per trial, the median and
@@ -54,7 +56,12 @@ def main() -> None:
     args = ap.parse_args()
 
     sources = sorted(fetch_sample_data().ct_dicom_repaired.glob("*.dcm"))
-    rates: dict[str, list[float]] = {"dicom-node": [], "storescp": [], "orthanc": []}
+    rates: dict[str, list[float]] = {
+        "dicom-node": [],
+        "storescp": [],
+        "orthanc": [],
+        "node-nofsync": [],
+    }
     with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=REPO / "var") as tmp:
         tmp = Path(tmp)
         sets = [
@@ -63,13 +70,16 @@ def main() -> None:
             )
             for t in range(args.trials)
         ]
-        node = NodeProcess(tmp / "node", overrides={"storage": {"fsync": True}})
+        quiet = {"completion": {"quiet_seconds": 100000}}  # measure receiving only
+        node = NodeProcess(tmp / "node", overrides={"storage": {"fsync": True}, **quiet})
+        nofsync = NodeProcess(tmp / "nofsync", overrides={"storage": {"fsync": False}, **quiet})
         orthanc = OrthancServer(tmp / "orthanc", aet="ORTHANC")
-        with node, orthanc, storescp(tmp / "storescp", ae_title="STORESCP") as scp:
+        with node, nofsync, orthanc, storescp(tmp / "storescp", ae_title="STORESCP") as scp:
             for t, files in enumerate(sets):
                 rates["dicom-node"].append(_send(files, node.port, NodeProcess.AE_TITLE))
                 rates["storescp"].append(_send(files, scp.port, "STORESCP"))
                 rates["orthanc"].append(_send(files, orthanc.dicom_port, "ORTHANC"))
+                rates["node-nofsync"].append(_send(files, nofsync.port, NodeProcess.AE_TITLE))
                 print(
                     f"trial {t + 1}: " + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates.items()),
                     flush=True,
@@ -81,9 +91,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     best = {k: max(v) for k, v in rates.items()}
     print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000), one storescu association")
-    print(f"{'receiver':<12} {'median/s':>9} {'best/s':>8} {'node / it (median)':>19}")
+    print(f"{'receiver':<13} {'median/s':>9} {'best/s':>8} {'dicom-node / it':>16}")
     for k in rates:
-        print(f"{k:<12} {med[k]:9.0f} {best[k]:8.0f} {med['dicom-node'] / med[k]:19.2f}")
+        print(f"{k:<13} {med[k]:9.0f} {best[k]:8.0f} {med['dicom-node'] / med[k]:16.2f}")
 
 
 if __name__ == "__main__":
