@@ -192,6 +192,10 @@ def train_selfsup_command(
         str(threads),
         "--seed",
         str(seed),
+        "--p-slab",
+        str(p_slab),
+        "--init",
+        init,
     ]
     recipe_main(argv)
 
