@@ -75,8 +75,13 @@ def serve(
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
+    import pydicom.config
+
     from dicom_node.node import Node
 
+    # pydicom's warnings about invalid values quote the value, which may be a patient's name:
+    # the node reads leniently and never logs them.
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     try:
         Node(config).run_forever()
     except OSError as exc:
