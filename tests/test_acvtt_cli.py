@@ -177,3 +177,18 @@ def test_train_command_resumes(tmp_path):
     assert steps == [1, 2, 3, 4]
     meta = json.loads((tmp_path / "run/model.json").read_text())
     assert meta["training_data"]["volumes"] == ["v"] and meta["factors"] == [2]
+
+
+def test_read_dicom_series_folder():
+    try:
+        from dicom_node.sample_data import fetch_sample_data
+
+        folder = fetch_sample_data().ct_dicom_repaired
+    except Exception as exc:
+        pytest.skip(f"sample data unavailable: {exc}")
+    from acvtt_core.volume_io import read_volume
+
+    vol, geom = read_volume(folder)
+    assert vol.shape == (20, 512, 512)
+    assert abs(geom.spacing[2] - 2.0) < 0.01
+    assert geom.upsampled_z(4).spacing[2] == pytest.approx(geom.spacing[2] / 4)
