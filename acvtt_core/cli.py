@@ -292,11 +292,17 @@ def bench(
     skip_slow: bool = typer.Option(False, help="Skip the authors' loop."),
     no_crop: bool = typer.Option(False),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (default: torch's)."),
     out: Path | None = typer.Option(None, "--out", help="Also write JSON here."),
 ) -> None:
     """FLOPs, s/volume, GFLOP/s vs measured matmul rate, memory, speed-up vs the authors' loop."""
+    import torch
+
     from acvtt_core.bench import format_report, phantom_ct, run_bench
     from acvtt_core.infer import load_interpolator
+
+    if threads:
+        torch.set_num_threads(threads)
 
     interp = load_interpolator(
         checkpoint,
