@@ -1,11 +1,22 @@
 """Analytic FLOP counts against PyTorch's FLOP counter, and the paper-preset figure."""
 
+import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from acvtt_core.bench import mrnla_flops, unet_conv_flops, volume_flops
 from acvtt_core.config import PRESETS, ModelConfig
 from acvtt_core.model import Stage1, UNet
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP
+    # barriers between many tiny ops can slow a test down more than 10x.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def _count(fn) -> int:

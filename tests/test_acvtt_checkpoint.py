@@ -17,6 +17,16 @@ from acvtt_core.infer import load_interpolator
 from acvtt_core.model import ACVTT
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP
+    # barriers between many tiny ops can slow a test down more than 10x.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _model(width=4, seed=0):
     torch.manual_seed(seed)
     cfg = ModelConfig(width=width, n_refs=2, mrnla_levels=(0, 1))

@@ -18,6 +18,16 @@ from acvtt_core.train import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP
+    # barriers between many tiny ops can slow a test down more than 10x.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _volume(d=21, h=24, w=24, seed=0):
     # Smooth curvature along z that linear interpolation gets systematically wrong.
     rng = np.random.default_rng(seed)
