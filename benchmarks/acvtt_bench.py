@@ -1,7 +1,7 @@
 """ACVTT benchmark; a thin wrapper around `acvtt bench` (see docs/ACVTT.md).
 
-    python benchmarks/acvtt_bench.py --preset compact --shape 24,256,256 --factor 5
-    python benchmarks/acvtt_bench.py --preset paper --input lung1_image.nrrd --factor 5
+python benchmarks/acvtt_bench.py --preset compact --shape 24,256,256 --factor 5
+python benchmarks/acvtt_bench.py --preset paper --input lung1_image.nrrd --factor 5
 """
 
 import sys
