@@ -283,3 +283,42 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def ship(
+    checkpoint: Path,
+    eval_json: Path | None = None,
+    out: Path | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Copy a trained checkpoint to the shipped default weights (acvtt_core/weights/default.*),
+    with the `acvtt eval` results (rows + summary) in its metadata. Returns the weights path."""
+    from acvtt_core.checkpoint import code_version
+    from acvtt_core.infer import DEFAULT_CHECKPOINT
+
+    model, meta, version = load_checkpoint(checkpoint)
+    meta.code_version = code_version()
+    meta.model_id = "acvtt-default"
+    if eval_json is not None:
+        res = json.loads(Path(eval_json).read_text())
+        keep = (
+            "case",
+            "factor",
+            "method",
+            "psnr",
+            "ssim",
+            "psnr_synth",
+            "ssim_axial",
+            "ssim_coronal",
+            "ssim_sagittal",
+            "seconds",
+        )
+        meta.metrics = {
+            "protocol": "acvtt eval: paper protocol (LR = HR[::r], 5 slices dropped per end, "
+            "PSNR data range 1, 3D SSIM skimage defaults), held-out patients only",
+            "rows": [{k: r[k] for k in keep if k in r} for r in res["rows"]],
+            "summary": res["summary"],
+            "model_version_evaluated": res.get("model", {}).get("version", version),
+        }
+    meta.extra = {**meta.extra, **(extra or {}), "trained_checkpoint_version": version}
+    return save_checkpoint(out or DEFAULT_CHECKPOINT, model, meta)
