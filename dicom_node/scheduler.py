@@ -31,6 +31,7 @@ import queue
 import shutil
 import ssl
 import threading
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -46,7 +47,7 @@ from dicom_node.db import Instance, Job, JobState, Series, SeriesState, audit, u
 from dicom_node.infer import ModelPool, Worker, record_untrained
 from dicom_node.rules import explain, factor_for, facts_from_series, select_rule
 
-__all__ = ["Pipeline", "evaluate_series"]
+__all__ = ["Pipeline", "QueueOutcome", "evaluate_series", "plan_and_queue"]
 
 log = logging.getLogger(__name__)
 
@@ -64,54 +65,75 @@ def _set_series_state(
     return res.rowcount == 1
 
 
+@dataclass
+class QueueOutcome:
+    """What planning a series led to: a job (new or existing), or a state with its reason."""
+
+    state: SeriesState
+    reason: str | None = None
+    job: Job | None = None
+    created: bool = False
+
+
+def plan_and_queue(
+    session: Session, config: NodeConfig, series: Series, models: ModelPool
+) -> QueueOutcome:
+    """Plan ``series`` (geometry), pick its rule and factor, and queue its job (idempotent: the
+    same instance set, model and factor give the same job). Does not commit."""
+    plan = plan_series(
+        series,
+        Path(config.storage.spool_dir).resolve(),
+        tolerances_from_config(config.completion),
+    )
+    if isinstance(plan, Rejection):
+        return QueueOutcome(SeriesState.rejected, plan.reason)
+    missing = [r.label for r in plan.slices if not Path(r.file_path).exists()]
+    if missing:
+        return QueueOutcome(
+            SeriesState.rejected,
+            f"{len(missing)} source file(s) are no longer retained (first {missing[0]})",
+        )
+    facts = facts_from_series(series, plan)
+    rule = select_rule(facts, config.rules)
+    if rule is None:
+        why = "; ".join(
+            f"{e.rule.name}: " + ", ".join(r[4:] for r in e.reasons if r.startswith("no: "))
+            for e in explain(facts, config.rules)
+        )
+        return QueueOutcome(SeriesState.ignored, f"no rule matched ({why or 'no rules'})")
+    decision = factor_for(rule, plan.spacing_mm)
+    if decision.factor is None:
+        return QueueOutcome(SeriesState.ignored, decision.reason)
+    ident = models.identity()
+    job, created = jobs_mod.queue_job(
+        session,
+        series=series,
+        sop_uids=plan.source_sop_uids,
+        model_id=ident.model_id,
+        model_version=ident.model_version,
+        factor=decision.factor,
+        rule_name=rule.name,
+        destinations=rule.action.destinations,
+        priority=rule.action.priority,
+        summary={"rule": rule.name, "factor_reason": decision.reason},
+    )
+    if created:
+        record_untrained(session, job, ident.note)
+    done = not created and job.state is JobState.sent
+    return QueueOutcome(SeriesState.processed if done else SeriesState.complete, None, job, created)
+
+
 def evaluate_series(
     session: Session, config: NodeConfig, series: Series, models: ModelPool
 ) -> tuple[SeriesState, str | None, Job | None]:
     """Plan a quiet series, pick its rule and queue its job. Commits; returns what happened
     (state, reason, job). The state is not changed when the series moved on meanwhile."""
     revision = series.revision
-    spool_root = Path(config.storage.spool_dir).resolve()
-    plan = plan_series(series, spool_root, tolerances_from_config(config.completion))
-    job: Job | None = None
-    if isinstance(plan, Rejection):
-        state, reason = SeriesState.rejected, plan.reason
-    else:
-        facts = facts_from_series(series, plan)
-        rule = select_rule(facts, config.rules)
-        if rule is None:
-            expl = explain(facts, config.rules)
-            why = "; ".join(
-                f"{e.rule.name}: " + ", ".join(r[4:] for r in e.reasons if r.startswith("no: "))
-                for e in expl
-            )
-            state, reason = SeriesState.ignored, f"no rule matched ({why or 'no rules'})"
-        else:
-            decision = factor_for(rule, plan.spacing_mm)
-            if decision.factor is None:
-                state, reason = SeriesState.ignored, decision.reason
-            else:
-                ident = models.identity()
-                job, created = jobs_mod.queue_job(
-                    session,
-                    series=series,
-                    sop_uids=plan.source_sop_uids,
-                    model_id=ident.model_id,
-                    model_version=ident.model_version,
-                    factor=decision.factor,
-                    rule_name=rule.name,
-                    destinations=rule.action.destinations,
-                    priority=rule.action.priority,
-                    summary={"rule": rule.name, "factor_reason": decision.reason},
-                )
-                if created:
-                    quiet = max(0.0, (utcnow() - series.last_received).total_seconds())
-                    job.stage_seconds = {"quiet": round(quiet, 3)}
-                    record_untrained(session, job, ident.note)
-                    state, reason = SeriesState.complete, None
-                elif job.state is JobState.sent:
-                    state, reason = SeriesState.processed, None
-                else:
-                    state, reason = SeriesState.complete, None
+    outcome = plan_and_queue(session, config, series, models)
+    state, reason, job = outcome.state, outcome.reason, outcome.job
+    if outcome.created:
+        quiet = max(0.0, (utcnow() - series.last_received).total_seconds())
+        job.stage_seconds = {"quiet": round(quiet, 3)}
     if not _set_series_state(session, series, revision, state, reason):
         session.rollback()
         log.info("series changed while checked; waiting series_uid=%s", series.series_uid)

@@ -12,15 +12,7 @@ from acvtt_core.cli import app
 from acvtt_core.config import ModelConfig
 from acvtt_core.model import ACVTT
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP
-    # barriers between many tiny ops can slow a test down more than 10x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 sitk = pytest.importorskip("SimpleITK")

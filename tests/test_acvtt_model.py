@@ -7,15 +7,7 @@ from acvtt_core.attention import MRNLA, mrnla_fused, mrnla_materialised
 from acvtt_core.config import PRESETS, ModelConfig
 from acvtt_core.model import ACVTT, Stage1, param_count
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP
-    # barriers between many tiny ops can slow a test down more than 10x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _perturb(m: torch.nn.Module, seed: int = 0) -> None:

@@ -17,15 +17,7 @@ from acvtt_core.train import (
     train,
 )
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny tensors gain nothing from a second thread, and on a shared 2-core machine OpenMP
-    # barriers between many tiny ops can slow a test down more than 10x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _volume(d=21, h=24, w=24, seed=0):

@@ -223,9 +223,8 @@ def reprocess(
     PACS never gets a second copy. Without ``--force`` a finished job is left alone.
     """
     from dicom_node import jobs
-    from dicom_node.complete import Rejection, plan_series, tolerances_from_config
-    from dicom_node.infer import ModelPool, record_untrained
-    from dicom_node.rules import explain, factor_for, facts_from_series, select_rule
+    from dicom_node.infer import ModelPool
+    from dicom_node.scheduler import plan_and_queue
 
     config = get_config(config_path)
     sessions = _sessions(config)
@@ -234,43 +233,15 @@ def reprocess(
             series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
             if series is None:
                 fail(f"no series {series_uid}", EXIT_NOT_FOUND)
-            plan = plan_series(
-                series,
-                Path(config.storage.spool_dir).resolve(),
-                tolerances_from_config(config.completion),
-            )
-            if isinstance(plan, Rejection):
-                series.state, series.state_reason = SeriesState.rejected, plan.reason
-                s.commit()
-                fail(f"series rejected: {plan.reason}")
-            missing = [r.label for r in plan.slices if not Path(r.file_path).exists()]
-            if missing:
-                fail(f"{len(missing)} source file(s) are no longer retained (first {missing[0]})")
-            facts = facts_from_series(series, plan)
-            rule = select_rule(facts, config.rules)
-            if rule is None:
-                why = [
-                    f"{e.rule.name}: {'; '.join(e.reasons)}" for e in explain(facts, config.rules)
-                ]
-                fail("no rule matches this series" + (": " + " | ".join(why) if why else ""))
-            decision = factor_for(rule, plan.spacing_mm)
-            if decision.factor is None:
-                fail(decision.reason)
-            ident = ModelPool(config.model).identity()
-            job, created = jobs.queue_job(
-                s,
-                series=series,
-                sop_uids=plan.source_sop_uids,
-                model_id=ident.model_id,
-                model_version=ident.model_version,
-                factor=decision.factor,
-                rule_name=rule.name,
-                destinations=rule.action.destinations,
-                priority=rule.action.priority,
-                summary={"rule": rule.name, "factor_reason": decision.reason},
-            )
+            outcome = plan_and_queue(s, config, series, ModelPool(config.model))
+            if outcome.job is None:
+                if outcome.state is SeriesState.rejected:
+                    series.state, series.state_reason = outcome.state, outcome.reason
+                    s.commit()
+                    fail(f"series rejected: {outcome.reason}")
+                fail(outcome.reason or "series not processed")
+            job, created = outcome.job, outcome.created
             if created:
-                record_untrained(s, job, ident.note)
                 message = f"queued job {job.id}"
                 if job.supersedes_job_id:
                     message += f" (supersedes job {job.supersedes_job_id})"
