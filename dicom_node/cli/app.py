@@ -11,7 +11,9 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import db
 from dicom_node.config import ConfigError, NodeConfig, load_config
 
 EXIT_OK = 0
@@ -43,6 +45,21 @@ def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     """Print one error line and exit with ``code``."""
     err_console.print(f"[red]error:[/red] {message}", highlight=False)
     raise typer.Exit(code)
+
+
+def sessions_for(config: NodeConfig) -> sessionmaker[Session]:
+    """A session factory for the index database named in ``config``."""
+    return db.make_session_factory(
+        db.make_engine(config.database.url, config.database.busy_timeout_ms)
+    )
+
+
+def db_fail(exc: Exception) -> NoReturn:
+    """Exit with one line for a database error (a missing schema names the fix)."""
+    text = str(exc).splitlines()[0][:200]
+    if "no such table" in text:
+        fail("the database has no schema yet: run `dicom-node db upgrade`")
+    fail(f"database error: {text}")
 
 
 def get_config(path: Path | None) -> NodeConfig:

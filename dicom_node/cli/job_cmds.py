@@ -23,10 +23,11 @@ from dicom_node.cli.app import (
     ConfigOption,
     app,
     console,
+    db_fail,
     fail,
     get_config,
+    sessions_for,
 )
-from dicom_node.config import NodeConfig
 from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState
 
 jobs_app = typer.Typer(help="Inspect and manage processing jobs.", no_args_is_help=True)
@@ -35,18 +36,6 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(rules_app, name="rules")
 
 FINAL = (JobState.sent, JobState.failed, JobState.rejected)
-
-
-def _sessions(config: NodeConfig):
-    engine = db.make_engine(config.database.url, config.database.busy_timeout_ms)
-    return db.make_session_factory(engine)
-
-
-def _db_fail(exc: Exception) -> None:
-    text = str(exc).splitlines()[0][:200]
-    if "no such table" in text:
-        fail("the database has no schema yet: run `dicom-node db upgrade`", EXIT_CONFIG)
-    fail(f"database error: {text}")
 
 
 def _parse_state(state: str | None) -> JobState | None:
@@ -106,14 +95,14 @@ def jobs_list(
     config = get_config(config_path)
     want = _parse_state(state)
     try:
-        with _sessions(config)() as s:
+        with sessions_for(config)() as s:
             q = select(Job).order_by(Job.id.desc()).limit(limit)
             if want is not None:
                 q = q.where(Job.state == want)
             rows = s.scalars(q).all()
             data = [_job_dict(j) for j in rows]
     except SQLAlchemyError as exc:
-        _db_fail(exc)
+        db_fail(exc)
     if as_json:
         print(json.dumps(data, indent=1))
         return
@@ -142,7 +131,7 @@ def jobs_show(
     """Everything about one job: state, reason, stage seconds, preview, what it supersedes."""
     config = get_config(config_path)
     try:
-        with _sessions(config)() as s:
+        with sessions_for(config)() as s:
             job = s.get(Job, job_id)
             if job is None:
                 fail(f"no job {job_id}", EXIT_NOT_FOUND)
@@ -158,7 +147,7 @@ def jobs_show(
             d["notes"] = ((job.summary or {}).get("plan") or {}).get("notes", [])
             d["factor_reason"] = (job.summary or {}).get("factor_reason")
     except SQLAlchemyError as exc:
-        _db_fail(exc)
+        db_fail(exc)
     if as_json:
         print(json.dumps(d, indent=1))
         return
@@ -227,7 +216,7 @@ def reprocess(
     from dicom_node.scheduler import plan_and_queue
 
     config = get_config(config_path)
-    sessions = _sessions(config)
+    sessions = sessions_for(config)
     try:
         with sessions() as s:
             series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
@@ -261,7 +250,7 @@ def reprocess(
             s.commit()
             job_id = job.id
     except SQLAlchemyError as exc:
-        _db_fail(exc)
+        db_fail(exc)
     console.print(message)
     if wait > 0:
         state = _wait(sessions, job_id, wait)
@@ -283,7 +272,7 @@ def resend(
     from dicom_node import jobs
 
     config = get_config(config_path)
-    sessions = _sessions(config)
+    sessions = sessions_for(config)
     try:
         with sessions() as s:
             job = s.get(Job, job_id)
@@ -303,7 +292,7 @@ def resend(
             )
             s.commit()
     except SQLAlchemyError as exc:
-        _db_fail(exc)
+        db_fail(exc)
     console.print(f"job {job_id} will be sent again")
     if wait > 0:
         state = _wait(sessions, job_id, wait)
@@ -327,7 +316,7 @@ def rules_test(
 
     config = get_config(config_path)
     try:
-        with _sessions(config)() as s:
+        with sessions_for(config)() as s:
             series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
             if series is None:
                 fail(f"no series {series_uid}", EXIT_NOT_FOUND)
@@ -340,7 +329,7 @@ def rules_test(
             facts = facts_from_series(series, None if rejected else plan)
             expl = explain(facts, config.rules)
     except SQLAlchemyError as exc:
-        _db_fail(exc)
+        db_fail(exc)
     chosen = next((e for e in expl if e.matched), None)
     decision = factor_for(chosen.rule, facts.spacing_mm) if chosen and facts.spacing_mm else None
     out = {

@@ -16,7 +16,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 from sqlalchemy import func, select
-from sqlalchemy.exc import OperationalError, SQLAlchemyError
+from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import db
 from dicom_node.cli.app import (
@@ -27,11 +27,13 @@ from dicom_node.cli.app import (
     ConfigOption,
     app,
     console,
+    db_fail,
     err_console,
     fail,
     get_config,
+    sessions_for,
 )
-from dicom_node.config import ConfigError, NodeConfig, load_config, resolve_config_path
+from dicom_node.config import ConfigError, load_config, resolve_config_path
 
 series_app = typer.Typer(help="Inspect received series.", no_args_is_help=True)
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
@@ -39,17 +41,6 @@ db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 app.add_typer(series_app, name="series")
 app.add_typer(config_app, name="config")
 app.add_typer(db_app, name="db")
-
-
-def _sessions(config: NodeConfig):
-    engine = db.make_engine(config.database.url, config.database.busy_timeout_ms)
-    return db.make_session_factory(engine)
-
-
-def _db_error(exc: Exception) -> None:
-    if isinstance(exc, OperationalError) and "no such table" in str(exc):
-        fail("the database has no schema yet: run `dicom-node db upgrade`")
-    fail(f"database error: {str(exc).splitlines()[0][:200]}")
 
 
 # -- serve ---------------------------------------------------------------------------------------
@@ -89,7 +80,7 @@ def serve(
             f"cannot listen on {config.node.bind_address}:{config.node.port}: {exc.strerror or exc}"
         )
     except SQLAlchemyError as exc:
-        _db_error(exc)
+        db_fail(exc)
 
 
 # -- status --------------------------------------------------------------------------------------
@@ -104,7 +95,7 @@ def status(
     from dicom_node.node import read_status
 
     config = get_config(config_path)
-    Session = _sessions(config)
+    Session = sessions_for(config)
     try:
         with Session() as s:
             counts = {
@@ -118,7 +109,7 @@ def status(
             )
             jobs = dict(s.execute(select(db.Job.state, func.count()).group_by(db.Job.state)).all())
     except SQLAlchemyError as exc:
-        _db_error(exc)
+        db_fail(exc)
     spool = Path(config.storage.spool_dir)
     try:
         free = shutil.disk_usage(spool if spool.exists() else spool.parent).free
@@ -221,7 +212,7 @@ def series_list(
                 f"unknown state {state!r}; one of: {', '.join(s.value for s in db.SeriesState)}",
                 EXIT_CONFIG,
             )
-    Session = _sessions(config)
+    Session = sessions_for(config)
     counts = (
         select(db.Instance.series_id, func.count(db.Instance.id).label("n"))
         .group_by(db.Instance.series_id)
@@ -239,7 +230,7 @@ def series_list(
         with Session() as s:
             rows = [_series_dict(se, n, st) for se, n, st in s.execute(q).all()]
     except SQLAlchemyError as exc:
-        _db_error(exc)
+        db_fail(exc)
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -264,7 +255,7 @@ def series_show(
 ) -> None:
     """One series: its state, instances with geometry, and audit events."""
     config = get_config(config_path)
-    Session = _sessions(config)
+    Session = sessions_for(config)
     try:
         with Session() as s:
             series = s.scalars(select(db.Series).where(db.Series.series_uid == uid)).first()
@@ -306,7 +297,7 @@ def series_show(
                 for e in events
             ]
     except SQLAlchemyError as exc:
-        _db_error(exc)
+        db_fail(exc)
     if as_json:
         print(json.dumps(info, indent=2))
         return
