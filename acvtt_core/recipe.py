@@ -27,7 +27,7 @@ from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoi
 from acvtt_core.config import ModelConfig, get_preset
 from acvtt_core.model import ACVTT
 from acvtt_core.selfsup import MixedSampler, Source
-from acvtt_core.train import Batch, TrainConfig, train
+from acvtt_core.train import Batch, TrainConfig, load_train_state, save_train_state, train
 from acvtt_core.volume import normalise_hu
 
 DEGRADATIONS = {
@@ -78,6 +78,7 @@ class LoggingSampler:
     def __init__(self, inner):
         self.inner = inner
         self.linear_l1: list[float] = []
+        self.linear_mse: list[float] = []
 
     def describe(self) -> dict[str, Any]:
         return self.inner.describe()
@@ -85,7 +86,72 @@ class LoggingSampler:
     def sample(self, batch_size: int, rng: np.random.Generator) -> Batch:
         b = self.inner.sample(batch_size, rng)
         self.linear_l1.append(float((b.x - b.target).abs().mean()))
+        self.linear_mse.append(float(((b.x - b.target) ** 2).mean()))
         return b
+
+
+def train_stage1(
+    model: ACVTT,
+    sampler,
+    cfg: TrainConfig,
+    meta: CheckpointMeta,
+    out_dir: Path,
+    loss: str = "mse",
+) -> list[float]:
+    """`acvtt_core.train.train` for stage 1 with a choice of loss ("l1" delegates to it; "mse"
+    is the same resumable loop with a mean squared error). Same files, same resume format."""
+    if loss == "l1":
+        return train(model, sampler, cfg, meta, out_dir, resume=True)
+    if loss != "mse":
+        raise ValueError(f"unknown loss {loss!r}")
+    import torch.nn.functional as F
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model.to(cfg.device).train()
+    opt = torch.optim.Adam(model.stage1.parameters(), lr=cfg.lr)
+    step = 0
+    state = load_train_state(out_dir, model, opt)
+    if state is not None:
+        step, rng_state = state
+        rng.bit_generator.state = rng_state
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    with open(out_dir / "train_log.jsonl", "a") as logf:
+        try:
+            while step < cfg.steps:
+                b = sampler.sample(cfg.batch_size, rng).to(cfg.device)
+                pred = model.stage1(b.x, refs=b.refs, factor=b.factor)
+                lo = F.mse_loss(pred, b.target)
+                opt.zero_grad(set_to_none=True)
+                lo.backward()
+                opt.step()
+                step += 1
+                losses.append(lo.item())
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    rec = {
+                        "step": step,
+                        "stage": 1,
+                        "loss_mse": float(np.mean(losses[-cfg.log_every :])),
+                        "elapsed_s": round(time.perf_counter() - t0, 1),
+                    }
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
+                if step % cfg.ckpt_every == 0 or step == cfg.steps:
+                    meta.extra.setdefault("training", {})["stage1"] = {
+                        "steps": step,
+                        "batch_size": cfg.batch_size,
+                        "lr": cfg.lr,
+                        "loss": "mse",
+                        "data": sampler.describe(),
+                        **cfg.extra,
+                    }
+                    save_train_state(out_dir, model, meta, opt, step, rng)
+        finally:
+            model.eval()
+    return losses
 
 
 def _set_saved_lr(out: Path, lr: float) -> None:
@@ -136,6 +202,7 @@ def run_recipe(
     held_out: list[str] | None = None,
     sampler_kwargs: dict[str, Any] | None = None,
     init: str = "he",
+    loss: str = "mse",
     log=print,
 ) -> Path:
     """Train (or resume) stage 1 in `out`; returns out/last.safetensors."""
@@ -187,6 +254,7 @@ def run_recipe(
             "stage2": "fusion head zero-initialised and not trained: output = mean(cor, sag)",
             "recipe": "acvtt_core.recipe",
             "init": init if base is None else "base checkpoint",
+            "loss": loss,
             **({"base_checkpoint": str(base)} if base is not None else {}),
         },
     )
@@ -214,14 +282,17 @@ def run_recipe(
             extra={"lr_final": lr / 4},
         )
         wrapped.linear_l1.clear()
+        wrapped.linear_mse.clear()
         tp = time.time()
-        losses = train(model, wrapped, tc, meta, out, resume=True)
+        losses = train_stage1(model, wrapped, tc, meta, out, loss)
         done = target
         rec = {
             "step": done,
             "lr": cur_lr,
-            "l1_model": float(np.mean(losses)) if losses else None,
-            "l1_linear": float(np.mean(wrapped.linear_l1)) if wrapped.linear_l1 else None,
+            f"{loss}_model": float(np.mean(losses)) if losses else None,
+            f"{loss}_linear": float(np.mean(getattr(wrapped, f"linear_{loss}")))
+            if losses
+            else None,
             "s_per_step": round((time.time() - tp) / max(1, len(losses)), 3),
             "elapsed_min": round((time.time() - t0) / 60, 1),
             "samples": dict(sampler.counts),
@@ -251,6 +322,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", choices=("he", "default"), default="he")
+    ap.add_argument("--loss", choices=("mse", "l1"), default="mse")
     ap.add_argument("--p-slab", type=float, default=0.4)
     ap.add_argument("--p-inplane", type=float, default=0.6)
     a = ap.parse_args(argv)
@@ -277,6 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         p_slab=a.p_slab,
         held_out=a.held_out,
         init=a.init,
+        loss=a.loss,
         log=lambda m: print(m, flush=True),
     )
 
