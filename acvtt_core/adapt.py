@@ -121,7 +121,7 @@ def adapt_command(
     thin_min_mm: float = typer.Option(0.8, help="Finest thin spacing taught (mm)."),
     thin_max_mm: float = typer.Option(5.0, help="Coarsest thin spacing taught (mm)."),
     synthetic_z: bool = typer.Option(False, help="Also train on the thick volumes' own z axis."),
-    threads: int = typer.Option(2),
+    threads: int = typer.Option(1, help="CPU threads (1 is fastest on a shared 2-core box)."),
 ) -> None:
     """Fine-tune a model with in-plane self-supervision on a site's own thick scans only."""
     import torch
@@ -161,7 +161,7 @@ def train_selfsup_command(
     lr: float = typer.Option(1e-3, help="Learning rate (divided by 4 for the last quarter)."),
     p_slab: float = typer.Option(0.4, help="Fraction of slab-averaged (vs decimated) samples."),
     init: str = typer.Option("he", help="he (Kaiming) or default (PyTorch) initialisation."),
-    threads: int = typer.Option(2),
+    threads: int = typer.Option(1, help="CPU threads (1 is fastest on a shared 2-core box)."),
     seed: int = typer.Option(0),
     held_out: list[str] = typer.Option([], "--held-out", help="Held-out case names (metadata)."),
 ) -> None:

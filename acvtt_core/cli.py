@@ -328,6 +328,13 @@ def bench(
         out.write_text(json.dumps(res, indent=2, default=float))
 
 
+# Issue 4: site adaptation and the default-model recipe (acvtt_core/adapt.py, lazy imports).
+from acvtt_core.adapt import adapt_command, train_selfsup_command  # noqa: E402
+
+app.command("adapt")(adapt_command)
+app.command("train-selfsup")(train_selfsup_command)
+
+
 def main() -> None:
     app()
 

@@ -195,7 +195,7 @@ def run_recipe(
     lr: float = 1e-3,
     phase_steps: int = 250,
     seed: int = 0,
-    threads: int = 2,
+    threads: int = 1,
     p_inplane: float = 0.6,
     p_slab: float = 0.4,
     base: Path | None = None,
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--init", choices=("he", "default"), default="he")
     ap.add_argument("--loss", choices=("mse", "l1"), default="mse")
