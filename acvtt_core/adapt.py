@@ -161,6 +161,7 @@ def train_selfsup_command(
     lr: float = typer.Option(1e-3, help="Learning rate (divided by 4 for the last quarter)."),
     p_slab: float = typer.Option(0.4, help="Fraction of slab-averaged (vs decimated) samples."),
     init: str = typer.Option("he", help="he (Kaiming) or default (PyTorch) initialisation."),
+    loss: str = typer.Option("mse", help="mse or l1 (the paper's; learns far slower here)."),
     threads: int = typer.Option(1, help="CPU threads (1 is fastest on a shared 2-core box)."),
     seed: int = typer.Option(0),
     held_out: list[str] = typer.Option([], "--held-out", help="Held-out case names (metadata)."),
@@ -196,6 +197,8 @@ def train_selfsup_command(
         str(p_slab),
         "--init",
         init,
+        "--loss",
+        loss,
     ]
     recipe_main(argv)
 

@@ -17,11 +17,12 @@ mkdir -p "$OUT"
 D=var/sample-data/volumes
 # Held out (whole patients, never trained on): lung2 (5 mm chest), abdomen_ct (3 mm abdomen/pelvis)
 # and the abdomen DICOM series ct_dicom_repaired (possibly the same patient as abdomen_ct).
-nohup "$PY" -m acvtt_core.recipe --out "$OUT" --preset compact --factors 2,3,4,5 \
+nohup "$PY" -m acvtt_core.cli train-selfsup --out "$OUT" --preset compact --factors 2,3,4,5 \
   --source "$D/chest_cta_thin.nii.gz:iz:1" \
   --source "$D/lung1_image.nrrd:iz:1" \
   --source "$D/spine_ct.nii.gz:z:0.3" \
   --held-out lung2_image --held-out abdomen_ct --held-out ct_dicom_repaired \
-  --budget-min "$BUDGET" --steps 20000 --batch-size 4 --crop 128 --lr 1e-3 --p-slab 0.4 --init he --loss mse --threads "${THREADS:-1}" \
+  --budget-min "$BUDGET" --steps 20000 --batch-size 4 --crop 128 \
+  --lr 1e-3 --p-slab 0.4 --init he --loss mse --threads "${THREADS:-1}" \
   >> "$OUT/train.log" 2>&1 &
 echo "training in the background: pid $! log $OUT/train.log"
