@@ -35,5 +35,11 @@ if ! python -c 'import torch' 2>/dev/null; then
     python -m pip install -q 'torch==2.13.0'
   fi
 fi
-python -m pip install -q -e '.[test]'
+# Build-backend warnings are noise here; the full log is kept for when something fails.
+mkdir -p var
+if ! python -m pip install -q -e '.[test]' >var/setup-pip.log 2>&1; then
+  tail -n 40 var/setup-pip.log >&2
+  echo "setup: pip install failed (full log: var/setup-pip.log)" >&2
+  exit 1
+fi
 echo "setup complete: $(python -c 'import torch,sys;print("python",sys.version.split()[0],"torch",torch.__version__)')"
