@@ -37,7 +37,7 @@ from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
 from dicom_node.uids import deterministic_uid
 
-__all__ = ["ModelIdentity", "ModelPool", "Worker", "derived_root"]
+__all__ = ["ModelIdentity", "ModelPool", "ModelUnavailable", "Worker", "derived_root"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,10 @@ UNTRAINED_NOTE = (
     "no trained ACVTT weights were found (model.checkpoint unset and none shipped): "
     "this series was made by an UNTRAINED model; do not use it clinically"
 )
+
+
+class ModelUnavailable(RuntimeError):
+    """The configured model cannot be loaded (missing or mismatched checkpoint, no CUDA...)."""
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,10 @@ class ModelPool:
         self._identity: ModelIdentity | None = None
 
     def _create(self):
-        interp, note = self._loader(self.model)
+        try:
+            interp, note = self._loader(self.model)
+        except Exception as exc:
+            raise ModelUnavailable(f"{type(exc).__name__}: {exc}") from exc
         ident = ModelIdentity(str(interp.model_id), str(interp.model_version), note)
         with self._lock:
             self._identity = self._identity or ident

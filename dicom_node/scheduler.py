@@ -44,7 +44,7 @@ from dicom_node.complete import Rejection, due_series, plan_series, tolerances_f
 from dicom_node.config import Destination as DestinationConfig
 from dicom_node.config import NodeConfig
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState, audit, utcnow
-from dicom_node.infer import ModelPool, Worker, record_untrained
+from dicom_node.infer import ModelPool, ModelUnavailable, Worker, record_untrained
 from dicom_node.rules import explain, factor_for, facts_from_series, select_rule
 
 __all__ = ["Pipeline", "QueueOutcome", "evaluate_series", "plan_and_queue"]
@@ -263,6 +263,12 @@ class Pipeline:
                         return
                     try:
                         _, _, job = evaluate_series(s, self.config, series, self.models)
+                    except ModelUnavailable as exc:
+                        # Not the series' fault: it waits (and is re-checked) until the model
+                        # config is fixed; the reason is shown in `series list` and audited once.
+                        s.rollback()
+                        self._model_unavailable(s, series, str(exc))
+                        continue
                     except Exception:
                         s.rollback()
                         log.exception("completion check failed series_uid=%s", series.series_uid)
@@ -272,6 +278,17 @@ class Pipeline:
                 self._wake("dispatch")
         except Exception:
             log.exception("completion check failed")
+
+    def _model_unavailable(self, session: Session, series: Series, error: str) -> None:
+        reason = f"waiting: model unavailable ({error})"[:1000]
+        if series.state_reason == reason:
+            return
+        series.state_reason = reason
+        audit(session, "model_unavailable", series_uid=series.series_uid, detail=error)
+        session.commit()
+        log.error(
+            "model unavailable, series waits series_uid=%s error=%s", series.series_uid, error
+        )
 
     # -- dispatch ----------------------------------------------------------------------------
     def dispatch(self) -> None:

@@ -2,9 +2,9 @@
 
 Orthanc (Debian) plays the PACS on loopback ports; the node runs as ``dicom-node serve`` in a
 subprocess; dcmtk's storescu sends the real 20-slice CT series. Everything is checked through
-Orthanc's REST API and with dicom3tools. To keep the test within a few minutes on a 2-core CPU
-the model runs the ``compact`` preset, and one inference run serves both the reprocess and the
-PACS-outage checks (the reprocess is sent while Orthanc is down).
+Orthanc's REST API and with dicom3tools. The model is the shipped default (small enough for a
+2-core CPU), and one inference run serves both the reprocess and the PACS-outage checks (the
+reprocess is sent while Orthanc is down).
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs):
                 "action": {"target_spacing_mm": 1.0, "destinations": ["pacs"], "priority": 5},
             }
         ],
-        "model": {"preset": "compact", "device": "cpu"},
+        "model": {"device": "cpu"},
     }
     with NodeProcess(tmp_path / "node", overrides=overrides) as node:
         # 1. The real series, and a geometry-broken one (real CT slices with a 202 mm gap).

@@ -313,3 +313,35 @@ def test_enhanced_ct_input_gives_single_frame_derived_series(env, tmp_path):
     proc = subprocess.run(["/usr/bin/dciodvfy", out[4].filename], capture_output=True, text=True)
     errors = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.startswith("Error")]
     assert errors == []
+
+
+def test_unloadable_model_leaves_series_waiting_with_reason(env):
+    config, sessions, _, files, _ = env
+
+    def broken_loader(_model):
+        raise ValueError("checkpoint holds another model config")
+
+    pipeline = Pipeline(config, sessions, models=ModelPool(config.model, loader=broken_loader))
+    series_id = _index(sessions, config, files)
+    pipeline.check_completion()
+    pipeline.check_completion()  # a second check neither crashes nor repeats the audit event
+    with sessions() as s:
+        series = s.get(Series, series_id)
+        # Not rejected (the series is fine): it keeps its waiting state and is checked again.
+        assert series.state in (SeriesState.receiving, SeriesState.changed)
+        assert "model unavailable" in series.state_reason
+        assert "another model config" in series.state_reason
+        assert s.scalars(select(Job)).all() == []
+        events = s.scalars(
+            select(db.AuditEvent).where(db.AuditEvent.kind == "model_unavailable")
+        ).all()
+        assert len(events) == 1
+
+    # Once the model loads, the same series is processed normally.
+    fixed = Pipeline(
+        config, sessions, models=ModelPool(config.model, loader=lambda _m: (LinearStandIn(), None))
+    )
+    fixed.check_completion()
+    with sessions() as s:
+        assert s.get(Series, series_id).state is SeriesState.complete
+        assert len(s.scalars(select(Job)).all()) == 1

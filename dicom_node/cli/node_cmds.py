@@ -336,8 +336,18 @@ def config_check(config_path: Path | None = ConfigOption) -> None:
                 f"[red]error:[/red] {exc.source}: {key or '<file>'}: {msg}", highlight=False
             )
         raise typer.Exit(EXIT_CONFIG) from None
+    from dicom_node.infer import ModelPool, ModelUnavailable
+
+    try:
+        ident = ModelPool(config.model).identity()
+    except ModelUnavailable as exc:
+        err_console.print(f"[red]error:[/red] {path}: model: {exc}", highlight=False)
+        raise typer.Exit(EXIT_CONFIG) from None
+    if ident.note:
+        err_console.print(f"[yellow]warning:[/yellow] {ident.note}", highlight=False)
     console.print(
-        f"{path}: ok (AE {config.node.ae_title} on {config.node.bind_address}:"
+        f"{path}: ok (model {ident.model_id} {ident.model_version}; "
+        f"AE {config.node.ae_title} on {config.node.bind_address}:"
         f"{config.node.port}, {len(config.allowed_callers)} allowed callers, "
         f"{len(config.destinations)} destinations, {len(config.rules)} rules)",
         highlight=False,
