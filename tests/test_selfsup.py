@@ -135,3 +135,49 @@ def test_sampler_determinism():
     assert any(
         x.x.shape != y.x.shape or not torch.equal(x.x, y.x) for x, y in zip(a, c, strict=False)
     )
+
+
+def test_shipped_default_weights_load_with_metadata():
+    from acvtt_core.infer import DEFAULT_CHECKPOINT, load_interpolator
+
+    assert DEFAULT_CHECKPOINT.exists()
+    assert (
+        DEFAULT_CHECKPOINT.stat().st_size + DEFAULT_CHECKPOINT.with_suffix(".json").stat().st_size
+        < 25e6
+    )
+    interp = load_interpolator(device="cpu")
+    meta = interp.meta
+    assert sorted(meta.factors) == [2, 3, 4, 5] and meta.model.factor_conditioning
+    assert {"rows", "summary"} <= set(meta.metrics) and "git" in meta.code_version
+    assert meta.training_data["held_out"] and "degradations" in meta.extra
+    vol = np.full((4, 24, 24), -1000.0, np.float32)
+    vol[:, 6:18, 6:18] = 40.0
+    out = interp.interpolate(vol, 3)
+    assert out.shape == (10, 24, 24)
+    np.testing.assert_array_equal(out[::3], vol)
+
+
+def test_adapt_smoke(tmp_path):
+    sitk = pytest.importorskip("SimpleITK")
+    from acvtt_core.adapt import adapt
+    from acvtt_core.checkpoint import load_checkpoint
+    from acvtt_core.infer import DEFAULT_CHECKPOINT
+
+    rng = np.random.default_rng(0)
+    vol = (rng.random((6, 48, 48)) * 1200 - 1000).astype(np.int16)
+    img = sitk.GetImageFromArray(vol)
+    img.SetSpacing((0.7, 0.7, 5.0))
+    (tmp_path / "site").mkdir()
+    sitk.WriteImage(img, str(tmp_path / "site" / "thick.nrrd"))
+    out = adapt(
+        DEFAULT_CHECKPOINT,
+        tmp_path / "site",
+        tmp_path / "new.safetensors",
+        steps=2,
+        batch_size=1,
+        crop=32,
+        log=lambda m: None,
+    )
+    model, meta, _ = load_checkpoint(out)
+    assert meta.extra["adaptation"]["volumes"]["thick"]["shape"] == [6, 48, 48]
+    assert meta.extra["adaptation"]["self_supervision"] == "in-plane only"
