@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from acvtt_core.metrics import EDGE, paper_metrics
+from acvtt_core.metrics import EDGE, MIN_DEPTH, paper_metrics
 from acvtt_core.volume import (
     cubic_upsample_z,
     decimate,
@@ -25,12 +25,22 @@ def evaluate(
 ) -> dict[str, Any]:
     """Evaluate every (case, factor): HR is the trimmed thin volume in HU, LR = HR[::factor].
     `interp` is an `Interpolator` (None evaluates the baselines only). Returns
-    {"rows": [...], "summary": {...}} with one row per case, factor and method."""
+    {"rows": [...], "summary": {...}, "skipped": [...]} with one row per case, factor and method;
+    a (case, factor) whose volume is too thin for the protocol is listed in "skipped"."""
     rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
     for name, hu in cases.items():
         for r in factors:
             hr_hu, lr_hu = decimate(np.asarray(hu, np.float32), r)
-            if lr_hu.shape[0] < 2 or hr_hu.shape[0] <= 2 * EDGE + 1:
+            if lr_hu.shape[0] < 2 or hr_hu.shape[0] - 2 * EDGE < MIN_DEPTH:
+                skipped.append(
+                    {
+                        "case": name,
+                        "factor": r,
+                        "reason": f"{hr_hu.shape[0]} thin slices leave fewer than {MIN_DEPTH} "
+                        f"after dropping {EDGE} at each end",
+                    }
+                )
                 continue
             gt = normalise_hu(hr_hu)
             lr = normalise_hu(lr_hu)
@@ -55,7 +65,7 @@ def evaluate(
                         **m,
                     }
                 )
-    return {"rows": rows, "summary": summarise(rows)}
+    return {"rows": rows, "summary": summarise(rows), "skipped": skipped}
 
 
 def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:

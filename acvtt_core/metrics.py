@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 EDGE = 5  # thin slices dropped at each z end
+MIN_DEPTH = 7  # skimage's default SSIM window: a 3D SSIM needs 7 slices after the crop
 
 
 def psnr(pred: np.ndarray, gt: np.ndarray, data_range: float = 1.0) -> float:
@@ -32,7 +33,7 @@ def paper_metrics(pred: np.ndarray, gt: np.ndarray, factor: int, edge: int = EDG
     if pred.shape != gt.shape:
         raise ValueError(f"shape mismatch {pred.shape} vs {gt.shape}")
     d = gt.shape[0]
-    if d <= 2 * edge + 1:
+    if d - 2 * edge < MIN_DEPTH:
         raise ValueError(f"volume of depth {d} too thin for the protocol")
     p = np.clip(pred[edge : d - edge], 0.0, 1.0).astype(np.float32)
     g = gt[edge : d - edge].astype(np.float32)

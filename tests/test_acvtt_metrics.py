@@ -1,0 +1,42 @@
+"""The paper protocol's metrics on hand-computed cases, and the evaluation's thin-volume skip."""
+
+import numpy as np
+import pytest
+
+from acvtt_core.evaluate import evaluate
+from acvtt_core.metrics import EDGE, paper_metrics, psnr
+
+
+def test_psnr_hand_computed():
+    gt = np.zeros((4, 8, 8), np.float32)
+    assert psnr(gt + 0.1, gt) == pytest.approx(20.0)  # mse 0.01, range 1
+    assert psnr(gt, gt) == float("inf")
+
+
+def test_edges_dropped_and_synthesised_rows_only():
+    rng = np.random.default_rng(0)
+    gt = (rng.random((21, 16, 16)) * 0.8).astype(np.float32)  # +0.1 stays inside [0, 1]
+    pred = gt.copy()
+    pred[:EDGE] += 0.5  # errors only inside the dropped ends...
+    pred[-EDGE:] -= 0.5
+    m = paper_metrics(pred, gt, factor=2)
+    assert m["psnr"] == float("inf") and m["ssim"] == pytest.approx(1.0)
+
+    pred = gt.copy()
+    pred[EDGE + 1] += 0.1  # ...and one synthesised row (odd index, factor 2) in the scored part
+    m = paper_metrics(pred, gt, factor=2)
+    scored, synth_rows = 21 - 2 * EDGE, 5  # rows 5..15; synthesised: 7, 9, 11, 13, 15 -> 5
+    assert m["psnr"] == pytest.approx(10 * np.log10(scored / 0.01), rel=1e-4)
+    assert m["psnr_synth"] == pytest.approx(10 * np.log10(synth_rows / 0.01), rel=1e-4)
+    assert 0 < m["ssim_axial"] < 1 and m["ssim_coronal"] < 1 and m["ssim_sagittal"] < 1
+
+
+def test_too_thin_volume_is_skipped_with_reason_not_a_crash():
+    rng = np.random.default_rng(1)
+    vol = (rng.random((20, 24, 24)) * 1000 - 500).astype(np.float32)  # 20 slices, like the DICOM
+    result = evaluate({"thin": vol}, factors=[2, 5])
+    assert {r["factor"] for r in result["rows"]} == {2}  # x5 keeps 16 slices, 6 after the crop
+    assert result["skipped"] == [
+        {"case": "thin", "factor": 5, "reason": result["skipped"][0]["reason"]}
+    ]
+    assert "fewer than 7" in result["skipped"][0]["reason"]
