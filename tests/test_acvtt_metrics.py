@@ -23,9 +23,9 @@ def test_edges_dropped_and_synthesised_rows_only():
     assert m["psnr"] == float("inf") and m["ssim"] == pytest.approx(1.0)
 
     pred = gt.copy()
-    pred[EDGE + 1] += 0.1  # ...and one synthesised row (odd index, factor 2) in the scored part
+    pred[EDGE + 2] += 0.1  # ...and one synthesised row (odd index 7, factor 2) in the scored part
     m = paper_metrics(pred, gt, factor=2)
-    scored, synth_rows = 21 - 2 * EDGE, 5  # rows 5..15; synthesised: 7, 9, 11, 13, 15 -> 5
+    scored, synth_rows = 21 - 2 * EDGE, 6  # rows 5..15 -> 11; synthesised 5, 7, ..., 15 -> 6
     assert m["psnr"] == pytest.approx(10 * np.log10(scored / 0.01), rel=1e-4)
     assert m["psnr_synth"] == pytest.approx(10 * np.log10(synth_rows / 0.01), rel=1e-4)
     assert 0 < m["ssim_axial"] < 1 and m["ssim_coronal"] < 1 and m["ssim_sagittal"] < 1
