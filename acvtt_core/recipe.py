@@ -27,7 +27,7 @@ from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoi
 from acvtt_core.config import ModelConfig, get_preset
 from acvtt_core.model import ACVTT
 from acvtt_core.selfsup import MixedSampler, Source
-from acvtt_core.train import Batch, TrainConfig, load_train_state, save_train_state, train
+from acvtt_core.train import Batch, TrainConfig, train
 from acvtt_core.volume import normalise_hu
 
 DEGRADATIONS = {
@@ -98,60 +98,9 @@ def train_stage1(
     out_dir: Path,
     loss: str = "mse",
 ) -> list[float]:
-    """`acvtt_core.train.train` for stage 1 with a choice of loss ("l1" delegates to it; "mse"
-    is the same resumable loop with a mean squared error). Same files, same resume format."""
-    if loss == "l1":
-        return train(model, sampler, cfg, meta, out_dir, resume=True)
-    if loss != "mse":
-        raise ValueError(f"unknown loss {loss!r}")
-    import torch.nn.functional as F
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    model.to(cfg.device).train()
-    opt = torch.optim.Adam(model.stage1.parameters(), lr=cfg.lr)
-    step = 0
-    state = load_train_state(out_dir, model, opt)
-    if state is not None:
-        step, rng_state = state
-        rng.bit_generator.state = rng_state
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    with open(out_dir / "train_log.jsonl", "a") as logf:
-        try:
-            while step < cfg.steps:
-                b = sampler.sample(cfg.batch_size, rng).to(cfg.device)
-                pred = model.stage1(b.x, refs=b.refs, factor=b.factor)
-                lo = F.mse_loss(pred, b.target)
-                opt.zero_grad(set_to_none=True)
-                lo.backward()
-                opt.step()
-                step += 1
-                losses.append(lo.item())
-                if step % cfg.log_every == 0 or step == cfg.steps:
-                    rec = {
-                        "step": step,
-                        "stage": 1,
-                        "loss_mse": float(np.mean(losses[-cfg.log_every :])),
-                        "elapsed_s": round(time.perf_counter() - t0, 1),
-                    }
-                    logf.write(json.dumps(rec) + "\n")
-                    logf.flush()
-                if step % cfg.ckpt_every == 0 or step == cfg.steps:
-                    meta.extra.setdefault("training", {})["stage1"] = {
-                        "steps": step,
-                        "batch_size": cfg.batch_size,
-                        "lr": cfg.lr,
-                        "loss": "mse",
-                        "data": sampler.describe(),
-                        **cfg.extra,
-                    }
-                    save_train_state(out_dir, model, meta, opt, step, rng)
-        finally:
-            model.eval()
-    return losses
+    """`acvtt_core.train.train` for stage 1 with the recipe's loss; resumes from `out_dir`."""
+    cfg = dataclasses.replace(cfg, stage=1, loss=loss)
+    return train(model, sampler, cfg, meta, out_dir, resume=True)
 
 
 def _set_saved_lr(out: Path, lr: float) -> None:
