@@ -402,23 +402,13 @@ class Receiver:
                 )
             finally:
                 dir_synced.result()
-        except SpoolError as exc:
+        except Exception as exc:  # disk or index DB failed: not acknowledged, sender may retry
             self._discard(tmp_written)
-            reason = str(exc.strerror)
-            self.indexer.record_event(
-                "store_failed",
-                series_uid=header.series_uid,
-                sop_instance_uid=sop_uid,
-                calling_ae=calling_ae,
-                peer=peer,
-                status=STATUS_OUT_OF_RESOURCES,
-                detail=reason,
-            )
-            return STATUS_OUT_OF_RESOURCES, reason, "failed"
-        except Exception as exc:  # the index DB failed: not acknowledged, sender may retry
-            self._discard(tmp_written)
-            reason = f"index write failed: {type(exc).__name__}"
-            log.error("%s sop_instance_uid=%s", reason, sop_uid)
+            if isinstance(exc, SpoolError):
+                reason = str(exc.strerror)
+            else:
+                reason = f"index write failed: {type(exc).__name__}"
+                log.error("%s sop_instance_uid=%s", reason, sop_uid)
             self.indexer.record_event(
                 "store_failed",
                 series_uid=header.series_uid,
