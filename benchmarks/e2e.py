@@ -8,7 +8,7 @@ C-STORE-RSP), cross-checked by polling Orthanc's REST API. The split comes from 
 ``stage_seconds``: quiet period, queue wait, load, inference, write, preview, send; "scheduling"
 is what is left (polling intervals between stages).
 
-    python benchmarks/e2e.py [--preset compact] [--quiet 2] [--factor-target 1.0]
+    python benchmarks/e2e.py [--preset P] [--quiet 2] [--target 1.0] [--timeout 900]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def _ts(value: str) -> float:
     return datetime.fromisoformat(value).timestamp()
 
 
-def run(preset: str | None, quiet: float, target: float, device: str) -> dict:
+def run(preset: str | None, quiet: float, target: float, device: str, timeout: float) -> dict:
     sources = sorted(Path(fetch_sample_data().ct_dicom_repaired).glob("*.dcm"))
     with tempfile.TemporaryDirectory(prefix="e2e-bench-") as tmp:
         tmp = Path(tmp)
@@ -61,6 +61,7 @@ def run(preset: str | None, quiet: float, target: float, device: str) -> dict:
                 t_storescu_done = time.time()
                 if len(sent.acknowledged) != len(sources):
                     raise SystemExit(f"storescu failed:\n{sent.output[-2000:]}")
+                deadline = time.monotonic() + timeout
                 while True:
                     rows = node.sqlite(
                         "select state, summary, stage_seconds, updated_at from jobs "
@@ -68,6 +69,9 @@ def run(preset: str | None, quiet: float, target: float, device: str) -> dict:
                     )
                     if rows and rows[0][0] in ("sent", "failed", "rejected"):
                         break
+                    if time.monotonic() > deadline:
+                        why = node.sqlite("select state, state_reason from series")
+                        raise SystemExit(f"no finished job after {timeout:.0f} s; series: {why}")
                     time.sleep(0.1)
                 state, summary, stages, updated = rows[0]
                 if state != "sent":
@@ -102,12 +106,13 @@ def run(preset: str | None, quiet: float, target: float, device: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="compact", help="model preset ('' = shipped default)")
+    ap.add_argument("--preset", default=None, help="model preset (default: the shipped model)")
     ap.add_argument("--quiet", type=float, default=2.0, help="completion.quiet_seconds")
     ap.add_argument("--target", type=float, default=1.0, help="target spacing in mm")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--timeout", type=float, default=900, help="seconds to wait for the job")
     args = ap.parse_args()
-    r = run(args.preset or None, args.quiet, args.target, args.device)
+    r = run(args.preset or None, args.quiet, args.target, args.device, args.timeout)
     print(f"real CT series: {r['n_in']} -> {r['n_out']} slices, "
           f"{r['spacing'][0]} -> {r['spacing'][1]} mm")  # fmt: skip
     print(f"last instance received -> last derived instance acknowledged: {r['total_s']:.2f} s")
