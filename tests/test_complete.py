@@ -214,18 +214,9 @@ def test_missing_geometry_is_rejected(sample_data):
 
 
 def test_enhanced_ct_multiframe_is_planned_and_loaded(sample_data, tmp_path):
-    import highdicom as hd
+    from tests.support.enhanced import write_enhanced_ct
 
-    datasets = [pydicom.dcmread(p) for p in _files(sample_data.pydicom_ct5n)]
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        legacy_datasets=datasets,
-        series_instance_uid=generate_uid(),
-        series_number=5,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-    )
-    path = tmp_path / "enhanced.dcm"
-    enhanced.save_as(path)
+    write_enhanced_ct(_files(sample_data.pydicom_ct5n), tmp_path / "enhanced.dcm")
     plan = _plan_folder(tmp_path)
     assert isinstance(plan, SeriesPlan), plan
     assert plan.multi_frame and plan.n_slices == 5

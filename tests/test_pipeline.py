@@ -261,20 +261,11 @@ def test_pipeline_start_recovers_and_stops(env):
 
 
 def test_enhanced_ct_input_gives_single_frame_derived_series(env, tmp_path):
-    import highdicom as hd
-    from pydicom.uid import generate_uid
+    from tests.support.enhanced import write_enhanced_ct
 
     config, sessions, pipeline, files, _ = env
-    datasets = [pydicom.dcmread(p) for p in files]
-    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
-        legacy_datasets=datasets,
-        series_instance_uid=generate_uid(),
-        series_number=5,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-    )
     src = tmp_path / "enhanced.dcm"
-    enhanced.save_as(src)
+    enhanced = write_enhanced_ct(files, src)
     spool = Path(config.storage.spool_dir)
     rel = Path("1.2") / "3.4" / "enhanced.dcm"
     (spool / rel).parent.mkdir(parents=True)
