@@ -35,6 +35,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.status import code_to_category
 
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
@@ -269,7 +270,25 @@ def _contexts(items: Sequence[_Item]) -> list[tuple[str, list[str]]]:
     return [(cls, [ts]) for cls, tss in wanted.items() for ts in tss]
 
 
+def _unread_rejection(assoc: Association) -> tuple[int, str, str] | None:
+    """An A-ASSOCIATE-RJ that reached pynetdicom's DUL but that its ACSE never read.
+
+    pynetdicom 3.0 races here: when a peer rejects and closes at once (dcmtk ``storescp --refuse``
+    does), a busy requestor thread can find the socket already closed and abort the association
+    before it reads the rejection waiting in the DUL's queue. The rejection is still the peer's
+    answer, so look for it there rather than calling a permanent refusal a transient abort.
+    """
+    pending = getattr(getattr(assoc, "dul", None), "to_user_queue", None)
+    for primitive in list(getattr(pending, "queue", ())):
+        result = getattr(primitive, "result", None)
+        if isinstance(primitive, A_ASSOCIATE) and result in (0x01, 0x02):
+            return int(result), str(primitive.source_str), str(primitive.reason_str)
+    return None
+
+
 def _association_failure(assoc: Association, info: _AssocInfo, dest: Destination) -> SendFailure:
+    if info.reject is None:
+        info.reject = _unread_rejection(assoc)
     if info.reject is not None:
         result, source, reason = info.reject
         kind = FailureKind.PERMANENT if result == 0x01 else FailureKind.TRANSIENT

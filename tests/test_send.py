@@ -101,6 +101,28 @@ def test_storescp_refuse_is_permanent(derived_files, tmp_path):
     assert "rejected (permanent)" in res.failure.reason
 
 
+def test_rejection_left_unread_by_an_aborting_requestor_still_counts():
+    """pynetdicom can abort on the closed socket before its ACSE reads the peer's A-ASSOCIATE-RJ
+    (seen under CPU load with ``storescp --refuse``); the queued rejection must still decide."""
+    from pynetdicom.association import Association
+    from pynetdicom.pdu_primitives import A_ASSOCIATE
+
+    from dicom_node.send import _association_failure, _AssocInfo
+
+    assoc = Association(AE("NODE"), mode="requestor")
+    assoc.is_aborted = True
+    info = _AssocInfo(connected=True)
+    dest = Destination("PACS", "127.0.0.1", 104)
+    assert _association_failure(assoc, info, dest).kind is FailureKind.TRANSIENT
+
+    rj = A_ASSOCIATE()
+    rj.result, rj.result_source, rj.diagnostic = 0x01, 0x01, 0x01
+    assoc.dul.to_user_queue.put(rj)
+    failure = _association_failure(assoc, _AssocInfo(connected=True), dest)
+    assert failure.kind is FailureKind.PERMANENT
+    assert "rejected (permanent)" in failure.reason
+
+
 def test_orthanc_rejects_unknown_calling_ae_permanently(derived_files, tmp_path):
     strict = {
         "DicomAlwaysAllowStore": False,
