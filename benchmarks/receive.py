@@ -11,7 +11,13 @@ all with ``TCP_NODELAY=1``:
 * dcmtk ``storescp +xa`` writing files (no fsync);
 * Debian Orthanc with its default SQLite index;
 * for reference, this node with ``storage.fsync: false`` (files not fsync'd; the index commit
-  still is), to show what durability costs.
+  still is), to show what durability costs;
+* for reference, a do-nothing pynetdicom C-STORE SCP (same library, same TCP_NODELAY and PDU
+  settings, answers 0x0000 without storing anything): the ceiling that pynetdicom's polling
+  reactors put on any handler, this node's included.
+
+The nodes load the model in the background at start-up (a torch import of several seconds of
+CPU); timing starts only once both have logged ``model loaded``, so that start-up is not measured.
 
 Each trial sends a fresh set of UIDs to every receiver in turn (so nobody sees resends, and
 load drift on the machine hits all three alike). Prints instances/s per trial, the median and
@@ -21,7 +27,10 @@ best, and the ratios to this node.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dicom_node.sample_data import fetch_sample_data  # noqa: E402
-from tests.support.dcmtk import storescp  # noqa: E402
+from tests.support.dcmtk import free_port, storescp, wait_for_port  # noqa: E402
 from tests.support.node import NodeProcess, make_instances, send_with_storescu  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
 
@@ -56,7 +65,6 @@ def fsync_floor_ms(directory: Path, n: int = 40) -> float:
     entry with the index commit beside it), so ``2 x`` this is the floor per instance for one
     association; Orthanc fsyncs only its SQLite commit, one phase.
     """
-    import os
 
     directory.mkdir(parents=True, exist_ok=True)
     payload = os.urandom(150_000)  # about one JPEG 2000 CT slice
@@ -75,11 +83,58 @@ def fsync_floor_ms(directory: Path, n: int = 40) -> float:
     return statistics.median(times) * 1000
 
 
+NOOP_AE = "NOOPSCP"
+
+
+def run_noop_scp(port: int) -> None:
+    """Serve C-ECHO and C-STORE with pynetdicom, answering 0x0000 and storing nothing."""
+    import socket
+
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
+    from pynetdicom.sop_class import CTImageStorage, Verification
+
+    def on_open(event):
+        sock = event.assoc.dul.socket.socket
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    ae = AE(ae_title=NOOP_AE)
+    ae.maximum_pdu_size = 0  # as the node: unlimited
+    ae.add_supported_context(Verification)
+    ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
+    handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, lambda event: 0x0000)]
+    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=handlers)
+
+
+@contextlib.contextmanager
+def noop_scp():
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, __file__, "--noop-scp", str(port)], cwd=REPO)
+    try:
+        wait_for_port("127.0.0.1", port, proc=proc)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def wait_for_model(node: NodeProcess, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while "model loaded" not in node.log_tail(400):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"node did not log 'model loaded' in {timeout}s:\n{node.log_tail()}")
+        time.sleep(0.5)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--instances", type=int, default=300)
     ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument("--noop-scp", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.noop_scp:
+        run_noop_scp(args.noop_scp)
+        return
 
     sources = sorted(fetch_sample_data().ct_dicom_repaired.glob("*.dcm"))
     rates: dict[str, list[float]] = {
@@ -87,6 +142,7 @@ def main() -> None:
         "storescp": [],
         "orthanc": [],
         "node-nofsync": [],
+        "pynetdicom-noop": [],
     }
     with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=REPO / "var") as tmp:
         tmp = Path(tmp)
@@ -100,12 +156,21 @@ def main() -> None:
         node = NodeProcess(tmp / "node", overrides={"storage": {"fsync": True}, **quiet})
         nofsync = NodeProcess(tmp / "nofsync", overrides={"storage": {"fsync": False}, **quiet})
         orthanc = OrthancServer(tmp / "orthanc", aet="ORTHANC")
-        with node, nofsync, orthanc, storescp(tmp / "storescp", ae_title="STORESCP") as scp:
+        with (
+            node,
+            nofsync,
+            orthanc,
+            storescp(tmp / "storescp", ae_title="STORESCP") as scp,
+            noop_scp() as noop_port,
+        ):
+            wait_for_model(node)
+            wait_for_model(nofsync)
             for t, files in enumerate(sets):
                 rates["dicom-node"].append(_send(files, node.port, NodeProcess.AE_TITLE))
                 rates["storescp"].append(_send(files, scp.port, "STORESCP"))
                 rates["orthanc"].append(_send(files, orthanc.dicom_port, "ORTHANC"))
                 rates["node-nofsync"].append(_send(files, nofsync.port, NodeProcess.AE_TITLE))
+                rates["pynetdicom-noop"].append(_send(files, noop_port, NOOP_AE))
                 print(
                     f"trial {t + 1}: " + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates.items()),
                     flush=True,
@@ -119,9 +184,9 @@ def main() -> None:
     med = {k: statistics.median(v) for k, v in rates.items()}
     best = {k: max(v) for k, v in rates.items()}
     print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000), one storescu association")
-    print(f"{'receiver':<13} {'median/s':>9} {'best/s':>8} {'dicom-node / it':>16}")
+    print(f"{'receiver':<16} {'median/s':>9} {'best/s':>8} {'dicom-node / it':>16}")
     for k in rates:
-        print(f"{k:<13} {med[k]:9.0f} {best[k]:8.0f} {med['dicom-node'] / med[k]:16.2f}")
+        print(f"{k:<16} {med[k]:9.0f} {best[k]:8.0f} {med['dicom-node'] / med[k]:16.2f}")
     print(
         f"\nfsync on the spool disk now: {fsync_ms:.2f} ms (median); a durable ack waits for two "
         f"fsync phases in series (temp file, then directory entry + index commit), about "
