@@ -336,3 +336,73 @@ def test_unloadable_model_leaves_series_waiting_with_reason(env):
     with sessions() as s:
         assert s.get(Series, series_id).state is SeriesState.complete
         assert len(s.scalars(select(Job)).all()) == 1
+
+
+def _copy_as_new_series(files: list[Path], out_dir: Path, seed: str) -> list[Path]:
+    """The same slices as another study and series (new UIDs), for multi-series tests."""
+    from pydicom.uid import generate_uid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    copies = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.StudyInstanceUID = generate_uid(entropy_srcs=[seed, "study"])
+        ds.SeriesInstanceUID = generate_uid(entropy_srcs=[seed, "series"])
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, str(ds.SOPInstanceUID)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        copies.append(out_dir / f.name)
+        ds.save_as(copies[-1])
+    return copies
+
+
+class RendezvousStandIn(LinearStandIn):
+    """Interpolates only once ``parties`` jobs are inside ``interpolate`` at the same time."""
+
+    def __init__(self, barrier: threading.Barrier, timeout_s: float):
+        self.barrier, self.timeout_s = barrier, timeout_s
+
+    def interpolate(self, volume, factor, progress=None):
+        self.barrier.wait(timeout=self.timeout_s)  # BrokenBarrierError fails the job
+        return super().interpolate(volume, factor, progress)
+
+
+@pytest.mark.parametrize("concurrency", [2, 1])
+def test_model_concurrency_runs_jobs_side_by_side(env, tmp_path, concurrency):
+    """With ``model.concurrency: 2`` two series are interpolated at the same time (each job
+    waits inside the model for the other); with 1 they cannot meet, and both jobs fail."""
+    config, sessions, _, files, _ = env
+    config = config.model_copy(
+        update={"model": config.model.model_copy(update={"concurrency": concurrency})}
+    )
+    barrier = threading.Barrier(2)
+    timeout_s = 30.0 if concurrency == 2 else 2.0
+    models = ModelPool(
+        config.model,
+        size=concurrency,
+        loader=lambda _m: (RendezvousStandIn(barrier, timeout_s), None),
+    )
+    pipeline = Pipeline(config, sessions, models=models, send_base_delay_s=0.01)
+    _index(sessions, config, files)
+    _index(sessions, config, _copy_as_new_series(files, tmp_path / "second", "concurrency"))
+    pipeline.check_completion()
+    with sessions() as s:
+        assert len(s.scalars(select(Job)).all()) == 2
+    pipeline.start()
+    try:
+        finished = (JobState.written, JobState.sent, JobState.failed)
+        for _ in range(400):
+            with sessions() as s:
+                jobs = s.scalars(select(Job)).all()
+                states = [j.state for j in jobs]
+                reasons = [j.reason or "" for j in jobs]
+            if all(st in finished for st in states):
+                break
+            threading.Event().wait(0.1)
+    finally:
+        pipeline.shutdown()
+    assert models._created == concurrency  # one loaded model per concurrent job, kept
+    if concurrency == 2:
+        assert all(st in (JobState.written, JobState.sent) for st in states), states
+    else:
+        assert states == [JobState.failed, JobState.failed], states
+        assert all("BrokenBarrierError" in r for r in reasons), reasons
