@@ -24,7 +24,7 @@ from dicom_node.config import parse_config
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState, Study, utcnow
 from dicom_node.infer import ModelPool
 from dicom_node.jobs import claim
-from dicom_node.scheduler import Pipeline, evaluate_series
+from dicom_node.scheduler import Pipeline, evaluate_series, plan_and_queue
 
 
 class LinearStandIn:
@@ -406,3 +406,50 @@ def test_model_concurrency_runs_jobs_side_by_side(env, tmp_path, concurrency):
     else:
         assert states == [JobState.failed, JobState.failed], states
         assert all("BrokenBarrierError" in r for r in reasons), reasons
+
+
+def test_retention_removes_only_finished_files_and_reprocess_says_why(env, tmp_path):
+    config, sessions, pipeline, files, port = env
+    later = utcnow() + timedelta(days=8)
+    assert pipeline.clean_up(now=later) == 0  # retention_days 0: clean-up is off
+
+    config = config.model_copy(
+        update={"storage": config.storage.model_copy(update={"retention_days": 7})}
+    )
+    models = ModelPool(config.model, loader=lambda _m: (LinearStandIn(), None))
+    pipeline = Pipeline(config, sessions, models=models, send_base_delay_s=0.01)
+    spool = Path(config.storage.spool_dir)
+
+    def source_files(series_id: int) -> list[Path]:
+        with sessions() as s:
+            rows = s.scalars(select(Instance).where(Instance.series_id == series_id))
+            return [spool / r.file_path for r in rows]
+
+    done_id = _index(sessions, config, files)
+    pipeline.check_completion()
+    job = _run_next(pipeline, sessions)
+    still_receiving_id = _index(
+        sessions, config, _copy_as_new_series(files, tmp_path / "open", "retention")
+    )
+    derived = sorted(Path(job.derived_dir).iterdir())
+    assert derived and all(p.exists() for p in source_files(done_id))
+
+    assert pipeline.clean_up(now=later) == 0  # the job is written but not yet sent: kept
+    scp = SCP(port)
+    try:
+        assert pipeline.send_job(job.id) is JobState.sent
+    finally:
+        scp.stop()
+    assert pipeline.clean_up() == 0  # sent, but younger than 7 days
+
+    assert pipeline.clean_up(now=later) == len(files) + len(derived)
+    assert not any(p.exists() for p in source_files(done_id))
+    assert not Path(job.derived_dir).exists()
+    assert all(p.exists() for p in source_files(still_receiving_id))  # not finished: kept
+    with sessions() as s:
+        kinds = s.scalars(select(db.AuditEvent.kind)).all()
+        assert "retention_cleanup" in kinds
+        # Reprocessing after clean-up is refused with the reason, not a crash.
+        outcome = plan_and_queue(s, config, s.get(Series, done_id), models)
+        assert outcome.state is SeriesState.rejected
+        assert "no longer retained" in outcome.reason
