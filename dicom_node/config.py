@@ -65,6 +65,16 @@ class NodeSection(_Strict):
 
     _ae = field_validator("ae_title")(_check_ae)
 
+    @field_validator("tls")
+    @classmethod
+    def _tls(cls, v: TLSConfig | None) -> TLSConfig | None:
+        if v is not None and v.require_client_cert and v.ca_file is None:
+            # Client certificates are checked against ca_file only: without it none would pass.
+            raise ValueError(
+                "require_client_cert needs ca_file (the CA client certificates chain to)"
+            )
+        return v
+
     @field_validator("bind_address")
     @classmethod
     def _bind(cls, v: str) -> str:

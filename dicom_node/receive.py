@@ -105,6 +105,21 @@ def _status(code: int, comment: str | None = None) -> Dataset | int:
     return ds
 
 
+class _DeferredHandshakeContext(ssl.SSLContext):
+    """A server context whose sockets do not handshake inside ``wrap_socket``.
+
+    pynetdicom wraps each accepted socket in its accept loop, so a handshake there holds up every
+    other caller until it ends: one client that connects and sends nothing (a port check, a peer
+    without TLS waiting for us to speak first) would stop the node accepting anyone. The
+    handshake runs in the association's own thread instead (:meth:`Receiver._tls_handshake`).
+    """
+
+    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
+        return super().wrap_socket(
+            sock, server_side=server_side, do_handshake_on_connect=False, **kwargs
+        )
+
+
 class Receiver:
     """The node's storage SCP. ``start()`` returns at once; ``stop()`` closes it down.
 
@@ -154,7 +169,8 @@ class Receiver:
         tls = self.config.node.tls
         if tls is None:
             return None
-        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        # What ssl.create_default_context(CLIENT_AUTH) starts from, deferring the handshake.
+        ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
         if tls.ca_file:
             ctx.load_verify_locations(str(tls.ca_file))
@@ -223,6 +239,28 @@ class Receiver:
         sock = event.assoc.dul.socket.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if isinstance(sock, ssl.SSLSocket):
+                self._tls_handshake(sock, event.address)
+
+    def _tls_handshake(self, sock: ssl.SSLSocket, address) -> None:
+        """Do the TLS handshake that :class:`_DeferredHandshakeContext` left for this thread.
+
+        On failure (no or untrusted client certificate, a caller without TLS, a silent caller
+        past ``acse_timeout_s``) the socket is shut and closed, so the association ends before
+        anything is read from it (and never as plain text).
+        """
+        timeout = sock.gettimeout()
+        sock.settimeout(self.config.node.acse_timeout_s)
+        try:
+            sock.do_handshake()
+        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
+            log.warning("TLS handshake failed peer=%s reason=%s", address[0], exc)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            return
+        sock.settimeout(timeout)
+        log.debug("TLS established peer=%s version=%s", address[0], sock.version())
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc

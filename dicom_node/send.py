@@ -7,11 +7,12 @@ problems; it classifies them instead:
 
 * **transient** (retry later, with :func:`next_retry_delay`): connection refused or timed out,
   association aborted, no response within the timeouts, A-ASSOCIATE-RJ with result "rejected
-  (transient)".
+  (transient)", a TLS handshake the peer closed or let time out.
 * **permanent** (fail now, do not retry): A-ASSOCIATE-RJ "rejected (permanent)", every failure
   status on an instance (0xA7xx out of resources, 0xA9xx data set does not match SOP class,
   0xCxxx cannot understand, and any other failure code, e.g. 0x0122 SOP class not supported),
-  no accepted presentation context for an instance, or an input without valid UIDs.
+  no accepted presentation context for an instance, an input without valid UIDs, or a TLS
+  handshake that failed on a certificate (untrusted, wrong host name) or protocol error.
 
 A resend passes ``already_acknowledged=previous.acknowledged`` so only instances the peer has
 not acknowledged go out again. :func:`send_with_retries` is that loop, for callers that may block.
@@ -20,6 +21,7 @@ Success (0x0000) and warning statuses (0x0001, 0xBxxx) count as acknowledged.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
@@ -195,6 +197,28 @@ class _AssocInfo:
     nodelay: bool | None = None
     reject: tuple[int, str, str] | None = None  # result, source, reason
     extra: list[str] = field(default_factory=list)
+    tls_error: OSError | None = None  # the TLS handshake failed with this
+
+
+class _DeferredHandshake:
+    """A client :class:`ssl.SSLContext` as pynetdicom's ``tls_args`` see it, minus the handshake.
+
+    pynetdicom does the handshake inside its connect and only logs a failure, so an untrusted
+    certificate would look like "cannot connect" (transient, so retried). Its sockets connect
+    without handshaking; :func:`_on_conn_open` does the handshake and keeps the error.
+    """
+
+    def __init__(self, context: ssl.SSLContext):
+        self.context = context
+
+    def wrap_socket(self, sock, server_side=False, server_hostname=None, **kwargs):
+        return self.context.wrap_socket(
+            sock,
+            server_side=server_side,
+            server_hostname=server_hostname,
+            do_handshake_on_connect=False,
+            **kwargs,
+        )
 
 
 def _on_conn_open(event: evt.Event, info: _AssocInfo) -> None:
@@ -204,6 +228,42 @@ def _on_conn_open(event: evt.Event, info: _AssocInfo) -> None:
     if sock is not None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         info.nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        if isinstance(sock, ssl.SSLSocket):
+            _tls_handshake(sock, event.assoc.connection_timeout, info)
+
+
+def _tls_handshake(sock: ssl.SSLSocket, timeout: float | None, info: _AssocInfo) -> None:
+    sock.settimeout(timeout)
+    try:
+        sock.do_handshake()
+    except OSError as exc:  # ssl.SSLError and TimeoutError too
+        info.tls_error = exc
+        # Shut and close it, so that pynetdicom's A-ASSOCIATE-RQ fails to go out (never as
+        # plain text) and the association ends as aborted.
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+    else:
+        sock.settimeout(None)
+
+
+def _tls_failure(exc: OSError, dest: Destination) -> SendFailure:
+    """Certificate and protocol errors are configuration problems (permanent); a peer that
+    closed or went silent during the handshake may be busy (transient)."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return SendFailure(
+            FailureKind.PERMANENT,
+            f"TLS: certificate of {dest} not accepted: {exc.verify_message or exc}",
+        )
+    if isinstance(exc, ssl.SSLError) and not isinstance(
+        exc, ssl.SSLEOFError | ssl.SSLZeroReturnError
+    ):
+        return SendFailure(
+            FailureKind.PERMANENT, f"TLS handshake with {dest} failed: {exc.reason or exc}"
+        )
+    return SendFailure(
+        FailureKind.TRANSIENT, f"TLS handshake with {dest} failed: {str(exc) or type(exc).__name__}"
+    )
 
 
 def _on_acse_recv(event: evt.Event, info: _AssocInfo) -> None:
@@ -240,7 +300,10 @@ def associate(
     info = _AssocInfo()
     tls_args = None
     if destination.tls is not None:
-        tls_args = (destination.tls, destination.tls_server_hostname or destination.host)
+        tls_args = (
+            _DeferredHandshake(destination.tls),
+            destination.tls_server_hostname or destination.host,
+        )
     assoc = ae.associate(
         destination.host,
         destination.port,
@@ -287,6 +350,8 @@ def _unread_rejection(assoc: Association) -> tuple[int, str, str] | None:
 
 
 def _association_failure(assoc: Association, info: _AssocInfo, dest: Destination) -> SendFailure:
+    if info.tls_error is not None:
+        return _tls_failure(info.tls_error, dest)
     if info.reject is None:
         info.reject = _unread_rejection(assoc)
     if info.reject is not None:
@@ -302,7 +367,10 @@ def _association_failure(assoc: Association, info: _AssocInfo, dest: Destination
             return SendFailure(
                 FailureKind.PERMANENT, f"{dest} accepted none of the presentation contexts"
             )
-        return SendFailure(FailureKind.TRANSIENT, f"association with {dest} aborted")
+        # Over TLS 1.3 a peer refuses our certificate after our side of the handshake is done:
+        # its alert arrives as an abort, which pynetdicom only logs.
+        hint = " (TLS: the peer may have refused our certificate)" if dest.tls else ""
+        return SendFailure(FailureKind.TRANSIENT, f"association with {dest} aborted{hint}")
     return SendFailure(FailureKind.TRANSIENT, f"no association with {dest} (timeout)")
 
 
