@@ -390,7 +390,9 @@ def test_kill_9_mid_send_then_restart_keeps_every_acknowledged_instance(sample_d
         node.kill()
         sender.wait(60)
         acked = {f for f, s in parse_storescu_output(log.read_text()).items() if s == 0}
-        assert 60 <= len(acked) < 300
+        # An instance is indexed before its 0x0000 goes out, so the kill can catch the last
+        # indexed ones unacknowledged: fewer than 60 acks is fine, none or all is not mid-send.
+        assert 0 < len(acked) < 300
 
         node.start()
         by_sop = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f for f in files}
