@@ -29,7 +29,6 @@ import contextlib
 import logging
 import queue
 import shutil
-import ssl
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -41,7 +40,6 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import jobs as jobs_mod
 from dicom_node.complete import Rejection, due_series, plan_series, tolerances_from_config
-from dicom_node.config import Destination as DestinationConfig
 from dicom_node.config import NodeConfig
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState, audit, utcnow
 from dicom_node.infer import ModelPool, ModelUnavailable, Worker, record_untrained
@@ -154,14 +152,6 @@ def evaluate_series(
         reason,
     )
     return state, reason, job
-
-
-def tls_context(dest: DestinationConfig) -> ssl.SSLContext | None:
-    if dest.tls is None:
-        return None
-    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=dest.tls.ca_file)
-    ctx.load_cert_chain(str(dest.tls.cert_file), str(dest.tls.key_file))
-    return ctx
 
 
 class Pipeline:
@@ -341,7 +331,12 @@ class Pipeline:
 
     def send_job(self, job_id: int) -> JobState:
         """One send attempt of a written job to all its destinations; returns the new state."""
-        from dicom_node.send import Destination, FailureKind, next_retry_delay, send_instances
+        from dicom_node.send import (
+            FailureKind,
+            destination_from_config,
+            next_retry_delay,
+            send_instances,
+        )
 
         node = self.config.node
         with self.session_factory() as s:
@@ -367,7 +362,7 @@ class Pipeline:
                     failure_kind = FailureKind.PERMANENT
                     reasons.append(f"{name}: destination is no longer configured")
                     continue
-                dest = Destination(dcfg.ae_title, dcfg.host, dcfg.port, tls=tls_context(dcfg))
+                dest = destination_from_config(dcfg)
                 acked = jobs_mod.acknowledged(s, job, name)
                 res = send_instances(
                     dest,

@@ -38,8 +38,10 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
 
+from dicom_node.config import Destination as DestinationConfig
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 __all__ = [
@@ -73,6 +75,17 @@ class Destination:
 
     def __str__(self) -> str:
         return f"{self.ae_title}@{self.host}:{self.port}{' (TLS)' if self.tls else ''}"
+
+
+def destination_from_config(dest: DestinationConfig) -> Destination:
+    """The :class:`Destination` for a configured one, with its TLS client context: the peer's
+    certificate verified against ``ca_file`` (else the system CAs) and its host name checked."""
+    ctx = None
+    if dest.tls is not None:
+        ca = str(dest.tls.ca_file) if dest.tls.ca_file else None
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca)
+        ctx.load_cert_chain(str(dest.tls.cert_file), str(dest.tls.key_file))
+    return Destination(dest.ae_title, dest.host, dest.port, tls=ctx)
 
 
 class FailureKind(StrEnum):
@@ -540,3 +553,34 @@ def send_with_retries(
             break
     assert res is not None
     return res
+
+
+def echo(
+    destination: Destination, *, calling_ae_title: str, timeout: float = 10.0
+) -> tuple[int | None, SendFailure | None, float]:
+    """C-ECHO ``destination`` over an association made exactly as for sending (TCP_NODELAY,
+    TLS handshake and certificate checks, failure classification).
+
+    Returns (status or None, failure or None, seconds).
+    """
+    t0 = time.perf_counter()
+    assoc, info = associate(
+        destination,
+        calling_ae_title,
+        [(Verification, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])],
+        acse_timeout=timeout,
+        dimse_timeout=timeout,
+        network_timeout=timeout,
+        connection_timeout=timeout,
+    )
+    if not assoc.is_established:
+        return None, _association_failure(assoc, info, destination), time.perf_counter() - t0
+    try:
+        rsp = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    status = int(rsp.Status) if rsp and "Status" in rsp else None
+    failure = None
+    if status is None:
+        failure = SendFailure(FailureKind.TRANSIENT, f"{destination} gave no C-ECHO response")
+    return status, failure, time.perf_counter() - t0

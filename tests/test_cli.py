@@ -177,3 +177,26 @@ def test_help_lists_commands():
     for cmd in ("serve", "status", "series", "config", "echo", "db"):
         assert cmd in proc.stdout
     assert sys.executable  # the console script runs under this interpreter's venv
+
+
+def test_text_from_the_database_prints_verbatim(tmp_path, sample_data):
+    """Reasons and descriptions come from peers and DICOM headers: rich markup in them
+    ('[lung]', '[/x]') must neither vanish nor crash the CLI."""
+    from dicom_node import db
+
+    proc = NodeProcess(tmp_path / "node")  # not started: the CLI reads the DB only
+    assert proc.cli("db", "upgrade").returncode == 0
+    reason = "rejected: gap [lung] at slice 7 [/x]"
+    engine = db.make_engine(f"sqlite:///{proc.db_path}")
+    with db.make_session_factory(engine)() as s:
+        study = db.Study(study_uid="1.2.3")
+        s.add(db.Series(series_uid="1.2.3.4", study=study, modality="CT", revision=0,
+                        state=db.SeriesState.rejected, state_reason=reason))  # fmt: skip
+        s.commit()
+    engine.dispose()
+    table = proc.cli("series", "list")
+    assert table.returncode == 0, table.stderr
+    assert "[lung]" in table.stdout and "[/x]" in table.stdout
+    shown = proc.cli("series", "show", "1.2.3.4")
+    assert shown.returncode == 0, shown.stderr
+    assert reason in shown.stdout

@@ -14,8 +14,7 @@ import pytest
 
 from dicom_node.config import ConfigError, TLSConfig, parse_config
 from dicom_node.config import Destination as DestinationConfig
-from dicom_node.scheduler import tls_context
-from dicom_node.send import Destination, FailureKind, send_instances
+from dicom_node.send import Destination, FailureKind, destination_from_config, send_instances
 from tests.support.dcmtk import storescp
 from tests.support.node import make_instances, send_with_storescu
 from tests.support.tls import CA, CertKey, TLSNodeProcess, make_ca
@@ -200,7 +199,8 @@ def _tls_destination(scp, client: CertKey, ca: CA, **kw) -> Destination:
         port=scp.port,
         tls=TLSConfig(cert_file=client.cert, key_file=client.key, ca_file=ca.cert),
     )
-    return Destination(dcfg.ae_title, dcfg.host, dcfg.port, tls=tls_context(dcfg), **kw)
+    dest = destination_from_config(dcfg)
+    return Destination(dest.ae_title, dest.host, dest.port, tls=dest.tls, **kw)
 
 
 def _tls_storescp(tmp_path: Path, server: CertKey, trusted: CA):
@@ -253,3 +253,40 @@ def test_peer_refusing_our_client_certificate_fails(pki, sources, tmp_path):
         assert "certificate" in res.failure.reason, res.failure.reason
         assert res.acknowledged == set()
         assert scp.received_files() == []
+
+
+def test_echo_cli_checks_the_certificate_like_sending(pki, tmp_path):
+    """``dicom-node echo`` goes through the send path's TLS: ok with a trusted server, a clear
+    permanent failure (exit 4) with an untrusted one."""
+    import subprocess
+
+    import yaml
+
+    from tests.support.node import REPO_ROOT, dicom_node_command
+
+    with (
+        _tls_storescp(tmp_path / "good", pki.server, pki.ca) as good,
+        _tls_storescp(tmp_path / "bad", pki.other_server, pki.ca) as bad,
+    ):
+        tls = {"cert_file": str(pki.client.cert), "key_file": str(pki.client.key)}
+        tls["ca_file"] = str(pki.ca.cert)
+        config = {
+            "node": {"ae_title": CALLING},
+            "destinations": [
+                {"name": n, "ae_title": s.ae_title, "host": s.host, "port": s.port, "tls": tls}
+                for n, s in (("good", good), ("bad", bad))
+            ],
+        }
+        path = tmp_path / "node.yaml"
+        path.write_text(yaml.safe_dump(config))
+
+        def echo(name: str) -> subprocess.CompletedProcess:
+            cmd = [*dicom_node_command(), "echo", name, "--config", str(path), "--timeout", "5"]
+            return subprocess.run(cmd, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+        ok = echo("good")
+        assert ok.returncode == 0, ok.stderr
+        assert "C-ECHO ok" in ok.stdout and "(TLS)" in ok.stdout
+        refused = echo("bad")
+        assert refused.returncode == 4, refused.stdout + refused.stderr
+        assert "certificate" in refused.stderr and "(permanent)" in refused.stderr

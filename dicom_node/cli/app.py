@@ -11,6 +11,7 @@ from typing import NoReturn
 
 import typer
 from rich.console import Console
+from rich.text import Text
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import db
@@ -29,8 +30,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console(soft_wrap=True)  # long lines stay one line (logs, grep)
-err_console = Console(stderr=True, soft_wrap=True)
+# Long lines stay one line (logs, grep). No markup: series descriptions, reasons and peer
+# messages print exactly as they are (rich would drop '[lung]' or fail on '[/x]').
+console = Console(soft_wrap=True, markup=False)
+err_console = Console(stderr=True, soft_wrap=True, markup=False)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """One line from plain strings and (text, style) pairs; nothing in it is read as markup."""
+    return Text.assemble(*parts)
+
 
 ConfigOption = typer.Option(
     None,
@@ -43,7 +52,7 @@ ConfigOption = typer.Option(
 
 def fail(message: str, code: int = EXIT_FAILED) -> NoReturn:
     """Print one error line and exit with ``code``."""
-    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    err_console.print(styled(("error:", "red"), f" {message}"), highlight=False)
     raise typer.Exit(code)
 
 
@@ -67,6 +76,12 @@ def get_config(path: Path | None) -> NodeConfig:
     try:
         return load_config(path)
     except ConfigError as exc:
-        for key, msg in exc.errors:
-            err_console.print(f"[red]error:[/red] {exc.source}: {key or '<file>'}: {msg}")
+        print_config_errors(exc)
         raise typer.Exit(EXIT_CONFIG) from None
+
+
+def print_config_errors(exc: ConfigError) -> None:
+    """Every config error on its own line, with the file and the key path."""
+    for key, msg in exc.errors:
+        line = f" {exc.source}: {key or '<file>'}: {msg}"
+        err_console.print(styled(("error:", "red"), line), highlight=False)

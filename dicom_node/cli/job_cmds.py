@@ -27,6 +27,7 @@ from dicom_node.cli.app import (
     fail,
     get_config,
     sessions_for,
+    styled,
 )
 from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState
 
@@ -151,14 +152,14 @@ def jobs_show(
     if as_json:
         print(json.dumps(d, indent=1))
         return
-    console.print(f"[bold]job {d['id']}[/bold]  state [bold]{d['state']}[/bold]")
+    console.print(styled((f"job {d['id']}", "bold"), "  state ", (d["state"], "bold")))
     if d["reason"]:
         console.print(f"reason: {d['reason']}")
     console.print(f"source series: {d['source_series_uid']}")
     console.print(f"rule: {d['rule']}  factor {d['factor']} ({d['factor_reason'] or ''})")
     console.print(f"model: {d['model_id']} {d['model_version']}")
     if d["model_note"]:
-        console.print(f"[yellow]note:[/yellow] {d['model_note']}")
+        console.print(styled(("note:", "yellow"), f" {d['model_note']}"))
     if d["n_out"]:
         console.print(
             f"slices: {d['n_in']} → {d['n_out']}, spacing {d['spacing_in_mm']} → "
@@ -345,7 +346,7 @@ def rules_test(
         print(json.dumps(out, indent=1))
         return
     if rejected:
-        console.print(f"[red]geometry rejected:[/red] {rejected}")
+        console.print(styled(("geometry rejected:", "red"), f" {rejected}"))
     else:
         g = out["geometry"]
         console.print(
@@ -361,8 +362,8 @@ def rules_test(
     if not expl:
         console.print("no rules are configured")
     for e in expl:
-        mark = "[green]MATCH[/green]" if e.matched else "[red]no match[/red]"
-        console.print(f"rule {e.rule.name!r} (priority {e.rule.action.priority}): {mark}")
+        mark = ("MATCH", "green") if e.matched else ("no match", "red")
+        console.print(styled(f"rule {e.rule.name!r} (priority {e.rule.action.priority}): ", mark))
         for r in e.reasons:
             console.print(f"    {r}")
     if rejected:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import socket
 import sys
 from pathlib import Path
 
@@ -31,7 +30,9 @@ from dicom_node.cli.app import (
     err_console,
     fail,
     get_config,
+    print_config_errors,
     sessions_for,
+    styled,
 )
 from dicom_node.config import ConfigError, load_config, resolve_config_path
 
@@ -141,11 +142,14 @@ def status(
     n = report["node"]
     if n["running"]:
         console.print(
-            f"node [green]running[/green] pid {n['pid']} {n['ae_title']}@{n['port']} "
-            f"since {n['started']}"
+            styled(
+                "node ",
+                ("running", "green"),
+                f" pid {n['pid']} {n['ae_title']}@{n['port']} since {n['started']}",
+            )
         )
     else:
-        console.print(f"node [yellow]not running[/yellow] ({n['ae_title']}@{n['port']})")
+        console.print(styled("node ", ("not running", "yellow"), f" ({n['ae_title']}@{n['port']})"))
     console.print(
         f"studies {counts['studies']}  series {counts['series']}  instances {counts['instances']}"
         f"  ({counts['bytes'] / 1e6:.1f} MB)"
@@ -162,10 +166,13 @@ def status(
         )
     d = report["disk"]
     if d["free_bytes"] is not None:
-        flag = " [red]BELOW MINIMUM: new associations refused[/red]" if d["below_minimum"] else ""
+        flag = (" BELOW MINIMUM: new associations refused", "red") if d["below_minimum"] else ""
         console.print(
-            f"disk free {d['free_bytes'] / 1e9:.1f} GB (minimum {d['min_free_bytes'] / 1e9:.1f}"
-            f" GB) at {d['spool']}{flag}"
+            styled(
+                f"disk free {d['free_bytes'] / 1e9:.1f} GB (minimum {d['min_free_bytes'] / 1e9:.1f}"
+                f" GB) at {d['spool']}",
+                flag,
+            )
         )
     assocs = report["associations"]
     console.print(f"associations open: {len(assocs)}")
@@ -331,20 +338,17 @@ def config_check(config_path: Path | None = ConfigOption) -> None:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        for key, msg in exc.errors:
-            err_console.print(
-                f"[red]error:[/red] {exc.source}: {key or '<file>'}: {msg}", highlight=False
-            )
+        print_config_errors(exc)
         raise typer.Exit(EXIT_CONFIG) from None
     from dicom_node.infer import ModelPool, ModelUnavailable
 
     try:
         ident = ModelPool(config.model).identity()
     except ModelUnavailable as exc:
-        err_console.print(f"[red]error:[/red] {path}: model: {exc}", highlight=False)
+        err_console.print(styled(("error:", "red"), f" {path}: model: {exc}"), highlight=False)
         raise typer.Exit(EXIT_CONFIG) from None
     if ident.note:
-        err_console.print(f"[yellow]warning:[/yellow] {ident.note}", highlight=False)
+        err_console.print(styled(("warning:", "yellow"), f" {ident.note}"), highlight=False)
     console.print(
         f"{path}: ok (model {ident.model_id} {ident.model_version}; "
         f"AE {config.node.ae_title} on {config.node.bind_address}:"
@@ -363,69 +367,34 @@ def echo(
     config_path: Path | None = ConfigOption,
     timeout: float = typer.Option(10, "--timeout", help="seconds for connect and each reply"),
 ) -> None:
-    """C-ECHO a configured destination (exit 4 when it cannot be reached or refuses)."""
-    import time
+    """C-ECHO a configured destination (exit 4 when it cannot be reached or refuses).
 
-    from pynetdicom import AE, evt
-    from pynetdicom.sop_class import Verification
-
-    from dicom_node.uids import IMPLEMENTATION_CLASS_UID
+    Uses the association set-up of sending (TCP_NODELAY, TLS with certificate and host name
+    checks), so a passing echo means a send can get through.
+    """
+    from dicom_node.send import destination_from_config
+    from dicom_node.send import echo as send_echo
 
     config = get_config(config_path)
     try:
-        dest = config.destination(destination)
+        dcfg = config.destination(destination)
     except KeyError:
         names = ", ".join(d.name for d in config.destinations) or "none configured"
         fail(f"no destination named {destination!r} ({names})", EXIT_NOT_FOUND)
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
-    ae = AE(ae_title=config.node.ae_title)
-    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.connection_timeout = timeout
-    ae.add_requested_context(Verification)
-
-    def _nodelay(event) -> None:
-        sock = event.assoc.dul.socket.socket
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    tls_args = None
-    if dest.tls is not None:
-        import ssl
-
-        ctx = ssl.create_default_context(
-            ssl.Purpose.SERVER_AUTH, cafile=str(dest.tls.ca_file) if dest.tls.ca_file else None
-        )
-        ctx.check_hostname = False
-        ctx.load_cert_chain(str(dest.tls.cert_file), str(dest.tls.key_file))
-        tls_args = (ctx, None)
-    t0 = time.perf_counter()
-    assoc = ae.associate(
-        dest.host,
-        dest.port,
-        ae_title=dest.ae_title,
-        tls_args=tls_args,
-        evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)],
-    )
-    where = f"{dest.name} ({dest.ae_title}@{dest.host}:{dest.port})"
-    if assoc.is_rejected:
-        rsp = assoc.acceptor.primitive
-        fail(
-            f"{where} rejected the association: result 0x{rsp.result:02X} "
-            f"source 0x{rsp.result_source:02X} reason 0x{rsp.diagnostic:02X}",
-            EXIT_UNREACHABLE,
-        )
-    if not assoc.is_established:
-        fail(f"{where} unreachable (connection refused, timed out or aborted)", EXIT_UNREACHABLE)
     try:
-        rsp = assoc.send_c_echo()
-    finally:
-        assoc.release()
-    if not rsp or "Status" not in rsp:
-        fail(f"{where} gave no C-ECHO response", EXIT_UNREACHABLE)
-    if rsp.Status != 0:
-        fail(f"{where} answered C-ECHO with status 0x{rsp.Status:04X}", EXIT_FAILED)
-    console.print(f"{where}: C-ECHO ok in {(time.perf_counter() - t0) * 1000:.0f} ms")
+        dest = destination_from_config(dcfg)
+    except (OSError, ValueError) as exc:  # unreadable certificate, key or CA file
+        fail(f"{dcfg.name}: TLS set-up failed: {exc}", EXIT_CONFIG)
+    status, failure, seconds = send_echo(
+        dest, calling_ae_title=config.node.ae_title, timeout=timeout
+    )
+    where = f"{dcfg.name} ({dest})"
+    if failure is not None:
+        fail(f"{dcfg.name}: {failure.reason} ({failure.kind.value})", EXIT_UNREACHABLE)
+    if status != 0:
+        fail(f"{where} answered C-ECHO with status 0x{status:04X}", EXIT_FAILED)
+    console.print(f"{where}: C-ECHO ok in {seconds * 1000:.0f} ms")
 
 
 # -- db ------------------------------------------------------------------------------------------
