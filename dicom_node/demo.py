@@ -159,14 +159,17 @@ def run(preset: str | None = None, timeout_s: float = 1800) -> int:
         )  # fmt: skip
         t_last_received = time.time()
         if sent.returncode != 0:
-            console.print(f"[red]storescu failed:[/red] {escape((sent.stdout + sent.stderr)[-1500:])}")
+            output = escape((sent.stdout + sent.stderr)[-1500:])
+            console.print(f"[red]storescu failed:[/red] {output}")
             return 1
         console.print(f"    sent in {t_last_received - t_send:.2f} s")
         console.print("[bold]4/5[/bold] waiting for the job (quiet period, ACVTT, write, send)")
         job = _wait_for_job(config_path, proc, timeout_s)
         if job is None or job.state.value != "sent":
             reason = job.reason if job is not None else "no job was created"
-            console.print(f"[red]the job did not finish:[/red] {escape(reason)}; see var/demo/node.log")
+            console.print(
+                f"[red]the job did not finish:[/red] {escape(reason)}; see var/demo/node.log"
+            )
             return 1
         n_out = (job.summary or {}).get("n_out")
         _wait_until(lambda: len(dest.received) >= (n_out or 0), 30)
