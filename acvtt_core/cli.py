@@ -255,6 +255,7 @@ def eval_cmd(
     random_init: bool = typer.Option(False, help="Evaluate an untrained model (smoke test)."),
     baselines_only: bool = typer.Option(False, help="Only linear and cubic."),
     out: Path = typer.Option(Path("acvtt_eval.json"), "--out", help="JSON results."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."),
 ) -> None:
     """Paper protocol: LR = HR[::R]; ACVTT vs linear vs cubic; JSON + table."""
     from acvtt_core.evaluate import evaluate, table
@@ -263,7 +264,11 @@ def eval_cmd(
     interp = None
     if not baselines_only:
         interp = load_interpolator(
-            checkpoint, device=device, preset=preset, allow_random_init=random_init
+            checkpoint,
+            device=device,
+            preset=preset,
+            allow_random_init=random_init,
+            autocast_bf16=_bf16(precision),
         )
     cases = {n: v for n, v, _ in _load_volumes(data)}
     res = evaluate(cases, factors, interp)
@@ -272,6 +277,7 @@ def eval_cmd(
             "id": interp.model_id,
             "version": interp.model_version,
             "device": interp.device,
+            "precision": "bf16" if interp.autocast_bf16 else "fp32",
             "factors_trained": interp.factors,
         }
     out.write_text(json.dumps(res, indent=2))

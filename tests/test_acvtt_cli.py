@@ -115,6 +115,19 @@ def test_eval_and_bench_commands(thick_ct, tiny_checkpoint, tmp_path):
     data = json.loads(out.read_text())
     assert {r["method"] for r in data["rows"]} == {"linear", "cubic", "acvtt"}
     assert "acvtt_gain_db_vs_best_baseline" in data["summary"]["x2"]
+    assert data["model"]["precision"] == "fp32"  # auto on CPU
+    bf16_out = tmp_path / "eval_bf16.json"
+    args = ["eval", "--data", str(thin), "--factor", "2", "--checkpoint", str(tiny_checkpoint)]
+    res = runner.invoke(
+        app, [*args, "--device", "cpu", "--precision", "bf16", "--out", str(bf16_out)]
+    )
+    assert res.exit_code == 0, res.output
+    bf16 = json.loads(bf16_out.read_text())
+    assert bf16["model"]["precision"] == "bf16"
+    acvtt = {d["model"]["precision"]: next(r for r in d["rows"] if r["method"] == "acvtt")
+             for d in (data, bf16)}  # fmt: skip
+    assert acvtt["bf16"]["psnr"] != acvtt["fp32"]["psnr"]  # the option reached the model
+    assert abs(acvtt["bf16"]["psnr"] - acvtt["fp32"]["psnr"]) < 1.0
     bj = tmp_path / "bench.json"
     res = runner.invoke(
         app,
