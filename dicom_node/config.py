@@ -186,7 +186,9 @@ class ModelSection(_Strict):
     checkpoint: Path | None = Field(None, description="safetensors file; None = shipped default")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     preset: str | None = None
-    concurrency: int = Field(1, ge=1, le=16)
+    concurrency: int | None = Field(
+        None, ge=1, le=16, description="jobs at once; None = one per CUDA GPU (1 on CPU)"
+    )
 
 
 class NodeConfig(_Strict):

@@ -78,8 +78,33 @@ def _load_interpolator(model: ModelSection):
         return interp, UNTRAINED_NOTE
 
 
+def cuda_device_count(device: str) -> int:
+    """CUDA GPUs the ``model.device`` setting can use (0 for ``cpu`` or without CUDA)."""
+    if device == "cpu":
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_concurrency(model: ModelSection, n_gpus: int | None = None) -> int:
+    """``model.concurrency``, or by default one job per CUDA GPU (one job without a GPU)."""
+    if model.concurrency is not None:
+        return model.concurrency
+    return max(1, cuda_device_count(model.device) if n_gpus is None else n_gpus)
+
+
+def device_for_slot(device: str, slot: int, n_gpus: int) -> str:
+    """The device of the ``slot``-th loaded model: with several GPUs, the models take them in
+    turn (``cuda:0``, ``cuda:1``, ...); otherwise the configured device."""
+    if n_gpus > 1 and device in ("auto", "cuda"):
+        return f"cuda:{slot % n_gpus}"
+    return device
+
+
 class ModelPool:
-    """Up to ``size`` loaded interpolators, created on first use and kept between jobs."""
+    """Up to ``size`` loaded interpolators, created on first use and kept between jobs; with
+    several GPUs each one is loaded on its own GPU."""
 
     def __init__(self, model: ModelSection, size: int = 1, loader: Callable | None = None):
         self.model = model
@@ -90,9 +115,16 @@ class ModelPool:
         self._lock = threading.Lock()
         self._identity: ModelIdentity | None = None
 
-    def _create(self):
+    def _create(self, slot: int):
+        n_gpus = cuda_device_count(self.model.device) if self.size > 1 else 0
+        device = device_for_slot(self.model.device, slot, n_gpus)
+        model = (
+            self.model
+            if device == self.model.device
+            else self.model.model_copy(update={"device": device})
+        )
         try:
-            interp, note = self._loader(self.model)
+            interp, note = self._loader(model)
         except Exception as exc:
             raise ModelUnavailable(f"{type(exc).__name__}: {exc}") from exc
         ident = ModelIdentity(str(interp.model_id), str(interp.model_version), note)
@@ -115,10 +147,11 @@ class ModelPool:
         with self._lock:
             create = self._created < self.size
             if create:
+                slot = self._created
                 self._created += 1
         if create:
             try:
-                return self._create()
+                return self._create(slot)
             except BaseException:
                 with self._lock:
                     self._created -= 1

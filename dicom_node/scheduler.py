@@ -42,7 +42,13 @@ from dicom_node import jobs as jobs_mod
 from dicom_node.complete import Rejection, due_series, plan_series, tolerances_from_config
 from dicom_node.config import NodeConfig
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState, audit, utcnow
-from dicom_node.infer import ModelPool, ModelUnavailable, Worker, record_untrained
+from dicom_node.infer import (
+    ModelPool,
+    ModelUnavailable,
+    Worker,
+    record_untrained,
+    resolve_concurrency,
+)
 from dicom_node.rules import explain, factor_for, facts_from_series, select_rule
 
 __all__ = ["Pipeline", "QueueOutcome", "evaluate_series", "plan_and_queue"]
@@ -172,7 +178,7 @@ class Pipeline:
     ):
         self.config = config
         self.session_factory = session_factory
-        self.concurrency = config.model.concurrency
+        self.concurrency = resolve_concurrency(config.model)
         self.models = models or ModelPool(config.model, size=self.concurrency)
         self.worker = Worker(config, session_factory, self.models)
         # Keyword overrides exist for tests; the config's ``send`` section is the normal source.

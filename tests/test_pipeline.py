@@ -453,3 +453,38 @@ def test_retention_removes_only_finished_files_and_reprocess_says_why(env, tmp_p
         outcome = plan_and_queue(s, config, s.get(Series, done_id), models)
         assert outcome.state is SeriesState.rejected
         assert "no longer retained" in outcome.reason
+
+
+def test_default_concurrency_is_one_job_per_gpu_each_on_its_own_gpu():
+    from dicom_node.config import ModelSection
+    from dicom_node.infer import cuda_device_count, device_for_slot, resolve_concurrency
+
+    auto = ModelSection()
+    assert auto.concurrency is None
+    assert resolve_concurrency(auto, n_gpus=0) == 1  # CPU: one job
+    assert resolve_concurrency(auto, n_gpus=4) == 4  # one per GPU
+    assert resolve_concurrency(ModelSection(concurrency=2), n_gpus=4) == 2  # configured wins
+    # This machine, for real: its GPUs (none on a CPU-only box) decide the default.
+    assert resolve_concurrency(auto) == max(1, cuda_device_count("auto"))
+    assert resolve_concurrency(ModelSection(device="cpu")) == 1
+    assert [device_for_slot("auto", s, 2) for s in range(3)] == ["cuda:0", "cuda:1", "cuda:0"]
+    assert device_for_slot("cuda", 1, 1) == "cuda"
+    assert device_for_slot("cpu", 1, 2) == "cpu"
+    assert device_for_slot("auto", 0, 0) == "auto"
+
+
+def test_model_pool_loads_each_slot_on_its_device():
+    """With several GPUs the pool's models go to cuda:0, cuda:1, ...; the loader is told."""
+    from dicom_node.config import ModelSection
+
+    seen = []
+
+    def loader(model):
+        seen.append(model.device)
+        return LinearStandIn(), None
+
+    pool = ModelPool(ModelSection(device="cpu"), size=2, loader=loader)
+    a, b = pool.acquire(), pool.acquire()
+    pool.release(a)
+    pool.release(b)
+    assert seen == ["cpu", "cpu"] and pool.acquire() in (a, b)
