@@ -82,9 +82,13 @@ def cuda_device_count(device: str) -> int:
     """CUDA GPUs the ``model.device`` setting can use (0 for ``cpu`` or without CUDA)."""
     if device == "cpu":
         return 0
-    import torch
+    try:
+        import torch
 
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception as exc:  # a broken torch must not stop the node; loading reports it
+        log.warning("cannot count CUDA devices: %s", exc)
+        return 0
 
 
 def resolve_concurrency(model: ModelSection, n_gpus: int | None = None) -> int:
