@@ -410,3 +410,48 @@ def test_kill_9_mid_send_then_restart_keeps_every_acknowledged_instance(sample_d
         assert node.sqlite("select count(*) from instances") == [(300,)]
     finally:
         node.kill()
+
+
+def _limit_file_size(limit: int):
+    def apply() -> None:  # in the node's process: every file it writes stops at `limit` bytes
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+def test_failed_spool_write_gets_a700_and_loses_nothing(sample_data, tmp_path):
+    """A real write error from the OS (the file-size limit: EFBIG, as ENOSPC would be) on one
+    instance: it is answered 0xA700 with the reason, nothing of it is indexed or left behind, and
+    instances before and after it are stored as usual."""
+    import numpy as np
+
+    small = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))
+    files = make_instances(small, 3, tmp_path / "in", seed=f"efbig-{time.time()}")
+    big = pydicom.dcmread(files[0])
+    big.decompress()
+    big.SOPInstanceUID = generate_uid()
+    big.Rows = big.Columns = 2048  # 8 MiB of pixels: above the limit below
+    big.PixelData = np.zeros((2048, 2048), np.int16).tobytes()
+    big.file_meta.MediaStorageSOPInstanceUID = big.SOPInstanceUID
+    big_path = tmp_path / "big.dcm"
+    big.save_as(big_path, enforce_file_format=True)
+
+    with NodeProcess(
+        tmp_path / "node", overrides=QUIET, preexec_fn=_limit_file_size(6 * 2**20)
+    ) as node:
+        result = send_with_storescu(
+            [files[0], big_path, *files[1:]], node.port, extra_args=["--no-halt"]
+        )
+        assert result.statuses[files[0]] == 0 and result.statuses[files[2]] == 0
+        assert result.statuses[big_path] == 0xA700, result.output[-2000:]
+        indexed = {uid for (uid,) in node.sqlite("select sop_instance_uid from instances")}
+        assert big.SOPInstanceUID not in indexed and len(indexed) == 3
+        assert not list((node.spool / ".incoming").glob("*.part"))  # the partial file is gone
+        failed = node.sqlite(
+            "select detail from audit_events where kind = 'store_failed' and sop_instance_uid = ?",
+            big.SOPInstanceUID,
+        )
+        assert failed and "too large" in failed[0][0].lower(), failed
+        assert echo(node.port, node.AE_TITLE).returncode == 0  # still serving

@@ -92,7 +92,9 @@ class NodeProcess:
         allowed_callers: list[tuple[str, str]] | None = None,
         overrides: dict | None = None,
         port: int | None = None,
+        preexec_fn=None,
     ):
+        self.preexec_fn = preexec_fn  # run in the child before exec (e.g. resource limits)
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
@@ -127,6 +129,7 @@ class NodeProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=self.preexec_fn,
         )
         log.close()
         deadline = time.monotonic() + timeout
