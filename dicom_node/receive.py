@@ -427,8 +427,11 @@ class Receiver:
         # Hash the data set as the peer sent it (not our file meta, which names the caller): the
         # same instance resent, from any AE, is recognised as a duplicate by the index.
         sha = hashlib.sha256(dataset).hexdigest()
+        placed_new = False  # this store put a file where there was none
         try:
+            was_there = path.exists()
             size = self.spool.place(tmp_written.result(), path, sync_dir=False)
+            placed_new = not was_there
             # The file's bytes are fsync'd and renamed into place. Its directory entry and the
             # index row become durable concurrently (two fsyncs in parallel rather than in
             # series); we answer only when both are. Should the row outlive a crash without
@@ -442,6 +445,9 @@ class Receiver:
                 dir_synced.result()
         except Exception as exc:  # disk or index DB failed: not acknowledged, sender may retry
             self._discard(tmp_written)
+            if placed_new:  # no index row will ever point at it: do not leave an orphan file
+                with contextlib.suppress(OSError):
+                    path.unlink()
             if isinstance(exc, SpoolError):
                 reason = str(exc.strerror)
             else:

@@ -455,3 +455,32 @@ def test_failed_spool_write_gets_a700_and_loses_nothing(sample_data, tmp_path):
         )
         assert failed and "too large" in failed[0][0].lower(), failed
         assert echo(node.port, node.AE_TITLE).returncode == 0  # still serving
+
+
+def test_index_failure_gets_a700_leaves_no_orphan_and_a_resend_succeeds(sample_data, tmp_path):
+    """The index database cannot be written (another process holds it locked past the busy
+    timeout): 0xA700 with the reason, the new file is not left in the spool unindexed, and the
+    sender's resend once the lock is gone is stored and indexed."""
+    import sqlite3
+
+    files = make_instances(
+        sorted(sample_data.ct_dicom_repaired.glob("*.dcm")), 2, tmp_path / "in", seed="locked"
+    )
+    overrides = {**QUIET, "database": {"busy_timeout_ms": 50}}
+    with NodeProcess(tmp_path / "node", overrides=overrides) as node:
+        assert send_with_storescu(files[:1], node.port).acknowledged == {files[0]}
+        locker = sqlite3.connect(node.db_path, timeout=5, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            locked = send_with_storescu(files[1:], node.port)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert locked.statuses[files[1]] == 0xA700, locked.output[-2000:]
+        assert "index write failed" in locked.output
+        assert len(_spool_files(node)) == 1  # only the first, indexed instance
+        assert node.sqlite("select count(*) from instances") == [(1,)]
+
+        assert send_with_storescu(files[1:], node.port).acknowledged == {files[1]}
+        assert node.sqlite("select count(*) from instances") == [(2,)]
+        assert len(_spool_files(node)) == 2
