@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -33,6 +34,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import (
@@ -428,8 +430,11 @@ class Receiver:
         # same instance resent, from any AE, is recognised as a duplicate by the index.
         sha = hashlib.sha256(dataset).hexdigest()
         placed_new = False  # this store put a file where there was none
+        previous: Path | None = None  # a hard link to the file this store replaces
         try:
             was_there = path.exists()
+            if was_there:
+                previous = self._keep_previous(path)
             size = self.spool.place(tmp_written.result(), path, sync_dir=False)
             placed_new = not was_there
             # The file's bytes are fsync'd and renamed into place. Its directory entry and the
@@ -445,9 +450,12 @@ class Receiver:
                 dir_synced.result()
         except Exception as exc:  # disk or index DB failed: not acknowledged, sender may retry
             self._discard(tmp_written)
-            if placed_new:  # no index row will ever point at it: do not leave an orphan file
-                with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError):
+                if placed_new:  # no index row will ever point at it: no orphan file
                     path.unlink()
+                elif previous is not None:  # the index still describes the old file: put it back
+                    os.replace(previous, path)
+                    previous = None
             if isinstance(exc, SpoolError):
                 reason = str(exc.strerror)
             else:
@@ -463,4 +471,22 @@ class Receiver:
                 detail=reason,
             )
             return STATUS_OUT_OF_RESOURCES, reason, "failed"
+        finally:
+            if previous is not None:
+                with contextlib.suppress(OSError):
+                    previous.unlink()
         return STATUS_SUCCESS, None, outcome
+
+    @staticmethod
+    def _keep_previous(path: Path) -> Path | None:
+        """Hard-link the file about to be replaced (no copy), so that a failed index update can
+        restore it; the caller removes the link. None where the file system refuses links."""
+        keep = path.with_name(path.name + ".prev")
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                keep.unlink()  # left by a crash
+            os.link(path, keep)
+        except OSError as exc:
+            log.warning("cannot keep the replaced file for a rollback: %s", exc.strerror)
+            return None
+        return keep

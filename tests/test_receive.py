@@ -484,3 +484,42 @@ def test_index_failure_gets_a700_leaves_no_orphan_and_a_resend_succeeds(sample_d
         assert send_with_storescu(files[1:], node.port).acknowledged == {files[1]}
         assert node.sqlite("select count(*) from instances") == [(2,)]
         assert len(_spool_files(node)) == 2
+
+
+def test_changed_instance_with_index_failure_keeps_the_old_file(sample_data, tmp_path):
+    """A changed instance (same SOP Instance UID) arrives while the index cannot be written: the
+    stored file stays the one the index describes; the resend then replaces it properly."""
+    import hashlib
+    import sqlite3
+
+    (original,) = make_instances(
+        sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[:1], 1, tmp_path / "in", "replace"
+    )
+    changed_ds = pydicom.dcmread(original)
+    changed_ds.SeriesDescription = "changed after the first send"
+    changed = tmp_path / "changed.dcm"
+    changed_ds.save_as(changed)
+    overrides = {**QUIET, "database": {"busy_timeout_ms": 50}}
+    with NodeProcess(tmp_path / "node", overrides=overrides) as node:
+        assert send_with_storescu([original], node.port).acknowledged == {original}
+        (stored,) = _spool_files(node)
+        before = stored.read_bytes()
+        (indexed_sha,) = node.sqlite("select sha256 from instances")[0]
+
+        locker = sqlite3.connect(node.db_path, timeout=5, isolation_level=None)
+        try:
+            locker.execute("BEGIN EXCLUSIVE")
+            locked = send_with_storescu([changed], node.port)
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        assert locked.statuses[changed] == 0xA700, locked.output[-2000:]
+        assert stored.read_bytes() == before  # restored: the file the index describes
+        assert node.sqlite("select sha256 from instances") == [(indexed_sha,)]
+        assert _spool_files(node) == [stored] and not list(stored.parent.glob("*.prev"))
+
+        assert send_with_storescu([changed], node.port).acknowledged == {changed}
+        assert pydicom.dcmread(stored).SeriesDescription == "changed after the first send"
+        (new_sha,) = node.sqlite("select sha256 from instances")[0]
+        assert new_sha != indexed_sha
+        assert hashlib.sha256(stored.read_bytes()).hexdigest() != hashlib.sha256(before).hexdigest()
