@@ -56,6 +56,7 @@ from dicom_node.index import (
     read_header,
 )
 from dicom_node.spool import Spool, SpoolError, UnsafePathError
+from dicom_node.tls import DeferredHandshake, handshake
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
@@ -107,21 +108,6 @@ def _status(code: int, comment: str | None = None) -> Dataset | int:
     return ds
 
 
-class _DeferredHandshakeContext(ssl.SSLContext):
-    """A server context whose sockets do not handshake inside ``wrap_socket``.
-
-    pynetdicom wraps each accepted socket in its accept loop, so a handshake there holds up every
-    other caller until it ends: one client that connects and sends nothing (a port check, a peer
-    without TLS waiting for us to speak first) would stop the node accepting anyone. The
-    handshake runs in the association's own thread instead (:meth:`Receiver._tls_handshake`).
-    """
-
-    def wrap_socket(self, sock, server_side=False, do_handshake_on_connect=True, **kwargs):
-        return super().wrap_socket(
-            sock, server_side=server_side, do_handshake_on_connect=False, **kwargs
-        )
-
-
 class Receiver:
     """The node's storage SCP. ``start()`` returns at once; ``stop()`` closes it down.
 
@@ -167,17 +153,18 @@ class Receiver:
             ae.add_supported_context(sop_class, ALL_TRANSFER_SYNTAXES)
         return ae
 
-    def _ssl_context(self) -> ssl.SSLContext | None:
+    def _ssl_context(self) -> DeferredHandshake | None:
         tls = self.config.node.tls
         if tls is None:
             return None
-        # What ssl.create_default_context(CLIENT_AUTH) starts from, deferring the handshake.
-        ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
+        # Client certificates chain to ca_file only (no system CAs). The handshake runs in each
+        # association's thread (_on_conn_open), not in pynetdicom's accept loop.
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
         if tls.ca_file:
             ctx.load_verify_locations(str(tls.ca_file))
         ctx.verify_mode = ssl.CERT_REQUIRED if tls.require_client_cert else ssl.CERT_NONE
-        return ctx
+        return DeferredHandshake(ctx)
 
     def start(self) -> None:
         """Listen on the configured address and port (non-blocking)."""
@@ -245,24 +232,14 @@ class Receiver:
                 self._tls_handshake(sock, event.address)
 
     def _tls_handshake(self, sock: ssl.SSLSocket, address) -> None:
-        """Do the TLS handshake that :class:`_DeferredHandshakeContext` left for this thread.
-
-        On failure (no or untrusted client certificate, a caller without TLS, a silent caller
-        past ``acse_timeout_s``) the socket is shut and closed, so the association ends before
-        anything is read from it (and never as plain text).
-        """
-        timeout = sock.gettimeout()
-        sock.settimeout(self.config.node.acse_timeout_s)
-        try:
-            sock.do_handshake()
-        except (OSError, ValueError) as exc:  # ssl.SSLError and TimeoutError are OSErrors
-            log.warning("TLS handshake failed peer=%s reason=%s", address[0], exc)
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
-            return
-        sock.settimeout(timeout)
-        log.debug("TLS established peer=%s version=%s", address[0], sock.version())
+        """The handshake :class:`~dicom_node.tls.DeferredHandshake` left for this thread, within
+        ``acse_timeout_s``. On failure (no or untrusted client certificate, a caller without TLS,
+        a silent caller) the socket is closed, so the association ends before anything is read."""
+        error = handshake(sock, self.config.node.acse_timeout_s)
+        if error is not None:
+            log.warning("TLS handshake failed peer=%s reason=%s", address[0], error)
+        else:
+            log.debug("TLS established peer=%s version=%s", address[0], sock.version())
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc

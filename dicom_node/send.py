@@ -21,7 +21,6 @@ Success (0x0000) and warning statuses (0x0001, 0xBxxx) count as acknowledged.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 import socket
@@ -42,6 +41,7 @@ from pynetdicom.sop_class import Verification
 from pynetdicom.status import code_to_category
 
 from dicom_node.config import Destination as DestinationConfig
+from dicom_node.tls import DeferredHandshake, handshake
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
 
 __all__ = [
@@ -210,28 +210,7 @@ class _AssocInfo:
     nodelay: bool | None = None
     reject: tuple[int, str, str] | None = None  # result, source, reason
     extra: list[str] = field(default_factory=list)
-    tls_error: OSError | None = None  # the TLS handshake failed with this
-
-
-class _DeferredHandshake:
-    """A client :class:`ssl.SSLContext` as pynetdicom's ``tls_args`` see it, minus the handshake.
-
-    pynetdicom does the handshake inside its connect and only logs a failure, so an untrusted
-    certificate would look like "cannot connect" (transient, so retried). Its sockets connect
-    without handshaking; :func:`_on_conn_open` does the handshake and keeps the error.
-    """
-
-    def __init__(self, context: ssl.SSLContext):
-        self.context = context
-
-    def wrap_socket(self, sock, server_side=False, server_hostname=None, **kwargs):
-        return self.context.wrap_socket(
-            sock,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            do_handshake_on_connect=False,
-            **kwargs,
-        )
+    tls_error: Exception | None = None  # the TLS handshake failed with this
 
 
 def _on_conn_open(event: evt.Event, info: _AssocInfo) -> None:
@@ -242,25 +221,10 @@ def _on_conn_open(event: evt.Event, info: _AssocInfo) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         info.nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
         if isinstance(sock, ssl.SSLSocket):
-            _tls_handshake(sock, event.assoc.connection_timeout, info)
+            info.tls_error = handshake(sock, event.assoc.connection_timeout)
 
 
-def _tls_handshake(sock: ssl.SSLSocket, timeout: float | None, info: _AssocInfo) -> None:
-    sock.settimeout(timeout)
-    try:
-        sock.do_handshake()
-    except OSError as exc:  # ssl.SSLError and TimeoutError too
-        info.tls_error = exc
-        # Shut and close it, so that pynetdicom's A-ASSOCIATE-RQ fails to go out (never as
-        # plain text) and the association ends as aborted.
-        with contextlib.suppress(OSError):
-            sock.shutdown(socket.SHUT_RDWR)
-        sock.close()
-    else:
-        sock.settimeout(None)
-
-
-def _tls_failure(exc: OSError, dest: Destination) -> SendFailure:
+def _tls_failure(exc: Exception, dest: Destination) -> SendFailure:
     """Certificate and protocol errors are configuration problems (permanent); a peer that
     closed or went silent during the handshake may be busy (transient)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -314,7 +278,7 @@ def associate(
     tls_args = None
     if destination.tls is not None:
         tls_args = (
-            _DeferredHandshake(destination.tls),
+            DeferredHandshake(destination.tls),
             destination.tls_server_hostname or destination.host,
         )
     assoc = ae.associate(
