@@ -136,7 +136,7 @@ class NodeProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"node exited with {self.proc.returncode}:\n{self.log_tail()}")
-            answer = echo(self.port, self.AE_TITLE, timeout=2)
+            answer = self.ready_echo(timeout=2)
             if answer.returncode == 0 or (
                 expect_rejection and "Association Rejected" in answer.stdout + answer.stderr
             ):
@@ -144,6 +144,10 @@ class NodeProcess:
             time.sleep(0.1)
         self.kill()
         raise TimeoutError(f"node did not answer C-ECHO in {timeout}s:\n{self.log_tail()}")
+
+    def ready_echo(self, timeout: float) -> subprocess.CompletedProcess:
+        """The C-ECHO that :meth:`start` polls until the node answers it."""
+        return echo(self.port, self.AE_TITLE, timeout=timeout)
 
     def stop(self, timeout: float = 20) -> int | None:
         """SIGTERM and wait (clean shutdown); returns the exit code."""

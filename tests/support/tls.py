@@ -142,16 +142,5 @@ class TLSNodeProcess(NodeProcess):
         super().__init__(directory, overrides=merged, **kw)
         self.echo_client, self.ca = echo_client, ca
 
-    def start(self, timeout: float = 30, expect_rejection: bool = False) -> TLSNodeProcess:
-        import tests.support.node as node_mod
-
-        # NodeProcess.start polls with the module's plain ``echo``; swap in a TLS echo meanwhile.
-        plain = node_mod.echo
-        node_mod.echo = lambda port, called_ae="ACVTT", calling_ae="ECHOSCU", timeout=5: echo_tls(
-            port, self.echo_client, self.ca, called_ae, timeout
-        )
-        try:
-            super().start(timeout, expect_rejection)
-        finally:
-            node_mod.echo = plain
-        return self
+    def ready_echo(self, timeout: float) -> subprocess.CompletedProcess:
+        return echo_tls(self.port, self.echo_client, self.ca, self.AE_TITLE, timeout)
