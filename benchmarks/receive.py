@@ -1,6 +1,6 @@
 """Receive throughput: this node (durable acks) vs dcmtk storescp vs Orthanc, on loopback.
 
-    python benchmarks/receive.py [--instances 300] [--trials 3]
+    python benchmarks/receive.py [--instances 300] [--trials 3] [--senders 1]
 
 Sends the same real 512x512 CT slices (the 20-slice JPEG 2000 sample series, cycled and given
 new UIDs, pixel data untouched) with dcmtk ``storescu`` over one association to each receiver,
@@ -8,7 +8,8 @@ all with ``TCP_NODELAY=1``:
 
 * this node (``dicom-node serve`` subprocess, fsync on, every 0x0000 means file + index row
   durable);
-* dcmtk ``storescp +xa`` writing files (no fsync);
+* dcmtk ``storescp +xa`` writing files (no fsync; with ``--fork`` when there are several
+  senders, as it otherwise serves one association at a time);
 * Debian Orthanc with its default SQLite index;
 * for reference, this node with ``storage.fsync: false`` (files not fsync'd; the index commit
   still is), to show what durability costs;
@@ -20,8 +21,16 @@ The nodes load the model in the background at start-up (a torch import of severa
 CPU); timing starts only once both have logged ``model loaded``, so that start-up is not measured.
 
 Each trial sends a fresh set of UIDs to every receiver in turn (so nobody sees resends, and
-load drift on the machine hits all three alike). Prints instances/s per trial, the median and
+load drift on the machine hits all of them alike). Prints instances/s per trial, the median and
 best, and the ratios to this node.
+
+``--senders N`` (N > 1) measures several senders at once, as when a PACS pushes several series
+in parallel: each trial starts N ``storescu`` processes together, each sending its own
+``--instances`` instances (its own study and series, distinct UIDs) over its own association, to
+each receiver in turn. The rate is then the aggregate: N x ``--instances`` over the wall time from
+the first start to the last exit. Every sender must exit 0 with every instance answered 0x0000.
+N is at most the node's default ``node.max_associations`` (32). Orthanc keeps its default
+``DicomThreadsCount`` (4), so above 4 senders some of its associations wait for a free thread.
 """
 
 from __future__ import annotations
@@ -41,21 +50,66 @@ sys.path.insert(0, str(REPO))
 
 from dicom_node.sample_data import fetch_sample_data  # noqa: E402
 from tests.support.dcmtk import free_port, storescp, wait_for_port  # noqa: E402
-from tests.support.node import NodeProcess, make_instances, send_with_storescu  # noqa: E402
+from tests.support.node import (  # noqa: E402
+    NodeProcess,
+    StoreResult,
+    make_instances,
+    parse_storescu_output,
+    send_with_storescu,
+    start_storescu,
+)
 from tests.support.orthanc import OrthancServer  # noqa: E402
 
+# The node's default node.max_associations: more senders than this would be rejected.
+MAX_SENDERS = 32
 
-def _send(files: list[Path], port: int, called_ae: str) -> float:
-    t0 = time.perf_counter()
-    result = send_with_storescu(files, port, called_ae=called_ae)
-    dt = time.perf_counter() - t0
-    if result.returncode != 0 or len(result.acknowledged) != len(files):
+
+def _check(result: StoreResult, files: list[Path], who: str, acknowledged: set[Path]) -> None:
+    """Abort the benchmark unless storescu exited 0 with every file in ``acknowledged``."""
+    if result.returncode != 0 or len(acknowledged) != len(files):
         tail = "\n".join(result.output.splitlines()[-15:])
         raise SystemExit(
-            f"send to {called_ae} failed: rc {result.returncode}, "
-            f"{len(result.acknowledged)}/{len(files)} acknowledged\n{tail}"
+            f"send to {who} failed: rc {result.returncode}, "
+            f"{len(acknowledged)}/{len(files)} acknowledged\n{tail}"
         )
-    return len(files) / dt
+
+
+def _send(batches: list[list[Path]], port: int, called_ae: str, log_dir: Path) -> float:
+    """Send each batch over its own storescu association, all started at once; instances/s.
+
+    One batch: a plain ``send_with_storescu`` (success or warning statuses count). Several: one
+    background ``storescu`` per batch, timed from the first start to the last exit; each must
+    exit 0 with every instance answered 0x0000.
+    """
+    if len(batches) == 1:
+        (files,) = batches
+        t0 = time.perf_counter()
+        result = send_with_storescu(files, port, called_ae=called_ae)
+        dt = time.perf_counter() - t0
+        _check(result, files, called_ae, result.acknowledged)
+        return len(files) / dt
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    logs = [log_dir / f"sender{i + 1}.log" for i in range(len(batches))]
+    procs = []
+    try:
+        t0 = time.perf_counter()
+        for files, log in zip(batches, logs, strict=True):
+            procs.append(start_storescu(files, port, log, called_ae=called_ae))
+        for proc in procs:
+            proc.wait()
+        dt = time.perf_counter() - t0
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for i, (files, proc, log) in enumerate(zip(batches, procs, logs, strict=True)):
+        output = log.read_text(errors="replace")
+        result = StoreResult(proc.returncode, parse_storescu_output(output), output)
+        ok = {p for p, status in result.statuses.items() if status == 0x0000}
+        _check(result, files, f"{called_ae} (sender {i + 1} of {len(batches)})", ok)
+    return sum(map(len, batches)) / dt
 
 
 def fsync_floor_ms(directory: Path, n: int = 40) -> float:
@@ -100,6 +154,7 @@ def run_noop_scp(port: int) -> None:
 
     ae = AE(ae_title=NOOP_AE)
     ae.maximum_pdu_size = 0  # as the node: unlimited
+    ae.maximum_associations = MAX_SENDERS  # as the node (pynetdicom's default is 10)
     ae.add_supported_context(Verification)
     ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
     handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, lambda event: 0x0000)]
@@ -128,30 +183,45 @@ def wait_for_model(node: NodeProcess, timeout: float = 300) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--instances", type=int, default=300)
-    ap.add_argument("--trials", type=int, default=3)
+    ap.add_argument(
+        "--instances", type=int, default=300, help="instances each sender sends (default 300)"
+    )
+    ap.add_argument("--trials", type=int, default=3, help="trials per receiver (default 3)")
+    ap.add_argument(
+        "--senders",
+        type=int,
+        default=1,
+        metavar="N",
+        help="storescu processes sending at once, each its own --instances over its own "
+        "association; the rate is then the aggregate, N x --instances over the wall time from "
+        f"first start to last exit (default 1, at most {MAX_SENDERS})",
+    )
     ap.add_argument("--noop-scp", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.noop_scp:
         run_noop_scp(args.noop_scp)
         return
+    if not 1 <= args.senders <= MAX_SENDERS:
+        ap.error(f"--senders must be between 1 and {MAX_SENDERS}")
 
     sources = sorted(fetch_sample_data().ct_dicom_repaired.glob("*.dcm"))
-    rates: dict[str, list[float]] = {
-        "dicom-node": [],
-        "storescp": [],
-        "orthanc": [],
-        "node-nofsync": [],
-        "pynetdicom-noop": [],
-    }
+    rates: dict[str, list[float]] = {}  # receiver -> instances/s per trial, in sending order
     with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=REPO / "var") as tmp:
         tmp = Path(tmp)
+        # per trial, one batch per sender, each its own study and series
         sets = [
-            make_instances(
-                sources, args.instances, tmp / f"set{t}", seed=f"bench-{t}-{time.time()}"
-            )
+            [
+                make_instances(
+                    sources,
+                    args.instances,
+                    tmp / f"set{t}-{s}",
+                    seed=f"bench-{t}-{s}-{time.time()}",
+                )
+                for s in range(args.senders)
+            ]
             for t in range(args.trials)
         ]
+        logs = tmp / "storescu-logs"
         quiet = {"completion": {"quiet_seconds": 100000}}  # measure receiving only
         node = NodeProcess(tmp / "node", overrides={"storage": {"fsync": True}, **quiet})
         nofsync = NodeProcess(tmp / "nofsync", overrides={"storage": {"fsync": False}, **quiet})
@@ -160,37 +230,59 @@ def main() -> None:
             node,
             nofsync,
             orthanc,
-            storescp(tmp / "storescp", ae_title="STORESCP") as scp,
+            storescp(
+                tmp / "storescp",
+                ae_title="STORESCP",
+                extra_args=["--fork"] if args.senders > 1 else [],
+            ) as scp,
             noop_scp() as noop_port,
         ):
             wait_for_model(node)
             wait_for_model(nofsync)
-            for t, files in enumerate(sets):
-                rates["dicom-node"].append(_send(files, node.port, NodeProcess.AE_TITLE))
-                rates["storescp"].append(_send(files, scp.port, "STORESCP"))
-                rates["orthanc"].append(_send(files, orthanc.dicom_port, "ORTHANC"))
-                rates["node-nofsync"].append(_send(files, nofsync.port, NodeProcess.AE_TITLE))
-                rates["pynetdicom-noop"].append(_send(files, noop_port, NOOP_AE))
+            for t, batches in enumerate(sets):
+                for key, port, ae in (
+                    ("dicom-node", node.port, NodeProcess.AE_TITLE),
+                    ("storescp", scp.port, "STORESCP"),
+                    ("orthanc", orthanc.dicom_port, "ORTHANC"),
+                    ("node-nofsync", nofsync.port, NodeProcess.AE_TITLE),
+                    ("pynetdicom-noop", noop_port, NOOP_AE),
+                ):
+                    rates.setdefault(key, []).append(_send(batches, port, ae, logs))
                 print(
                     f"trial {t + 1}: " + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates.items()),
                     flush=True,
                 )
             indexed = node.sqlite("select count(*) from instances")[0][0]
-            if indexed != args.instances * args.trials:
+            if indexed != args.instances * args.trials * args.senders:
                 raise SystemExit(f"node indexed {indexed} instances, expected all of them")
 
         fsync_ms = fsync_floor_ms(tmp / "fsync-probe")
 
     med = {k: statistics.median(v) for k, v in rates.items()}
     best = {k: max(v) for k, v in rates.items()}
-    print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000), one storescu association")
+    if args.senders == 1:
+        how = "one storescu association"
+    else:
+        how = (
+            f"each of {args.senders} storescu associations at once "
+            f"(aggregate rate: all {args.senders * args.instances} over first start to last exit)"
+        )
+    print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000), {how}")
     print(f"{'receiver':<16} {'median/s':>9} {'best/s':>8} {'dicom-node / it':>16}")
     for k in rates:
         print(f"{k:<16} {med[k]:9.0f} {best[k]:8.0f} {med['dicom-node'] / med[k]:16.2f}")
+    node_ms = 1000 / med["dicom-node"]
+    if args.senders == 1:
+        floor = f"about {2 * fsync_ms:.1f} ms of the node's {node_ms:.1f} ms per instance"
+    else:
+        floor = (
+            f"about {2 * fsync_ms:.1f} ms per instance on each association; the node's "
+            f"{args.senders} associations overlap theirs ({node_ms:.1f} ms per instance in "
+            "aggregate)"
+        )
     print(
         f"\nfsync on the spool disk now: {fsync_ms:.2f} ms (median); a durable ack waits for two "
-        f"fsync phases in series (temp file, then directory entry + index commit), about "
-        f"{2 * fsync_ms:.1f} ms of the node's {1000 / med['dicom-node']:.1f} ms per instance"
+        f"fsync phases in series (temp file, then directory entry + index commit), {floor}"
     )
 
 
