@@ -256,9 +256,14 @@ def eval_cmd(
     baselines_only: bool = typer.Option(False, help="Only linear and cubic."),
     out: Path = typer.Option(Path("acvtt_eval.json"), "--out", help="JSON results."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."),
+    degradation: str = typer.Option(
+        "decimate",
+        help="decimate: LR = HR[::R] (the paper's protocol); slab: box-profile slab averages "
+        "R thin slices thick (like a clinical thick reconstruction).",
+    ),
 ) -> None:
     """Paper protocol: LR = HR[::R]; ACVTT vs linear vs cubic; JSON + table."""
-    from acvtt_core.evaluate import evaluate, table
+    from acvtt_core.evaluate import DEGRADATIONS, evaluate, table
     from acvtt_core.infer import load_interpolator
 
     interp = None
@@ -271,7 +276,9 @@ def eval_cmd(
             autocast_bf16=_bf16(precision),
         )
     cases = {n: v for n, v, _ in _load_volumes(data)}
-    res = evaluate(cases, factors, interp)
+    if degradation not in DEGRADATIONS:
+        raise typer.BadParameter(f"one of {', '.join(DEGRADATIONS)}", param_hint="--degradation")
+    res = evaluate(cases, factors, interp, degradation)
     if interp is not None:
         res["model"] = {
             "id": interp.model_id,

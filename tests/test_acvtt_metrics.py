@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from acvtt_core.evaluate import evaluate
+from acvtt_core.evaluate import evaluate, thick_volume
 from acvtt_core.metrics import EDGE, paper_metrics, psnr
 
 
@@ -40,3 +40,27 @@ def test_too_thin_volume_is_skipped_with_reason_not_a_crash():
         {"case": "thin", "factor": 5, "reason": result["skipped"][0]["reason"]}
     ]
     assert "fewer than 7" in result["skipped"][0]["reason"]
+
+
+def test_slab_degradation_averages_thin_slices_and_keeps_the_grid():
+    hu = np.zeros((9, 4, 4), np.float32)
+    hu[4:6] = 300.0  # thin rows 4 and 5 bright; the thick grid of factor 2 is rows 0, 2, 4, ...
+    hr, lr = thick_volume(hu, 2, "decimate")
+    assert lr[:, 0, 0].tolist() == [0, 0, 300, 0, 0]
+    hr, lr = thick_volume(hu, 2, "slab")
+    assert hr.shape == (9, 4, 4) and lr.shape == (5, 4, 4)
+    # Box profile 2 thin slices thick centred on thin row 2k: weights 1/4, 1/2, 1/4.
+    assert lr[:, 0, 0] == pytest.approx([0, 0, 225, 75, 0])
+    with pytest.raises(ValueError, match="unknown degradation"):
+        thick_volume(hu, 2, "blur")
+
+
+def test_evaluate_slab_differs_from_decimate_and_says_which():
+    rng = np.random.default_rng(2)
+    vol = (rng.random((25, 24, 24)) * 1000 - 500).astype(np.float32)
+    dec = evaluate({"v": vol}, factors=[2])
+    slab = evaluate({"v": vol}, factors=[2], degradation="slab")
+    assert dec["degradation"] == "decimate" and slab["degradation"] == "slab"
+    lin = {r["method"]: r["psnr"] for r in dec["rows"]}["linear"]
+    lin_slab = {r["method"]: r["psnr"] for r in slab["rows"]}["linear"]
+    assert lin != pytest.approx(lin_slab)
