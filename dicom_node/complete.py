@@ -175,6 +175,13 @@ class SeriesPlan:
     def step_mm(self) -> float:
         return float(np.linalg.norm(self.slice_vector))
 
+    @property
+    def ascending_along_normal(self) -> bool:
+        """True when plan order runs along +normal (the order SimpleITK reads a series in, and
+        the order ACVTT models are trained and evaluated in); False when the source numbers its
+        slices the other way (head-first CT numbered from the head down, for example)."""
+        return float(np.dot(self.slice_vector, self.normal)) > 0
+
     def summary(self) -> dict:
         """JSON-ready description (no patient data) for the job record and the CLI."""
         return {

@@ -37,7 +37,14 @@ from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
 from dicom_node.uids import deterministic_uid
 
-__all__ = ["ModelIdentity", "ModelPool", "ModelUnavailable", "Worker", "derived_root"]
+__all__ = [
+    "ModelIdentity",
+    "ModelPool",
+    "ModelUnavailable",
+    "Worker",
+    "derived_root",
+    "interpolate_in_model_order",
+]
 
 log = logging.getLogger(__name__)
 
@@ -290,8 +297,12 @@ class Worker:
                     t_start,
                 )
             with timer.stage("inference"):
-                volume = interp.interpolate(
-                    loaded.volume, factor, progress=_progress_logger(job_id)
+                volume = interpolate_in_model_order(
+                    interp,
+                    loaded.volume,
+                    factor,
+                    ascending=plan.ascending_along_normal,
+                    progress=_progress_logger(job_id),
                 )
         finally:
             self.models.release(interp)
@@ -438,6 +449,27 @@ def fallback_preview(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def interpolate_in_model_order(
+    interp,
+    volume: np.ndarray,
+    factor: int,
+    ascending: bool,
+    progress: Callable[[int, int], None] | None = None,
+) -> np.ndarray:
+    """Interpolate a (D, H, W) volume given in plan order, feeding the model its slices in
+    ascending order along the slice normal and returning the result in plan order.
+
+    ACVTT is not symmetric in z: it was trained and evaluated on volumes read by SimpleITK, whose
+    slices ascend along the normal, and the same series fed head-down scores differently (a held-
+    out chest CT at x4: -0.28 dB; docs/MODEL.md). Sources that number slices the other way (most
+    head-first CTs) are therefore reversed for the model and back afterwards.
+    """
+    if ascending:
+        return interp.interpolate(volume, factor, progress=progress)
+    out = interp.interpolate(np.ascontiguousarray(volume[::-1]), factor, progress=progress)
+    return np.ascontiguousarray(out[::-1])
 
 
 def _progress_logger(job_id: int) -> Callable[[int, int], None]:

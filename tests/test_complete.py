@@ -61,6 +61,7 @@ def test_real_ct5n_is_planned_in_source_order(sample_data):
     # InstanceNumber 6..10 runs towards the feet: the plan keeps that order and its vector.
     assert [s.instance_number for s in plan.slices] == [6, 7, 8, 9, 10]
     assert plan.slice_vector == pytest.approx((0, 0, -2.5))
+    assert not plan.ascending_along_normal
     assert not plan.tilted and plan.tilt_deg == pytest.approx(0, abs=1e-6)
     assert plan.slice_thickness_mm == pytest.approx(2.5)
     assert not plan.multi_frame
@@ -71,6 +72,16 @@ def test_real_ct2_with_gap_is_rejected_with_reason(sample_data):
     assert isinstance(result, Rejection)
     assert "gap" in result.reason
     assert "202.500 mm" in result.reason or "202.5" in result.reason
+
+
+def test_reversed_numbering_plans_ascending_along_the_normal(sample_data):
+    headers = _headers(sample_data.pydicom_ct5n)
+    for ds in headers:
+        ds.InstanceNumber = 20 - int(ds.InstanceNumber)
+    plan = _plan(headers)
+    assert isinstance(plan, SeriesPlan), plan
+    assert plan.slice_vector == pytest.approx((0, 0, 2.5))
+    assert plan.ascending_along_normal
 
 
 def test_real_20_slice_ct(sample_data):

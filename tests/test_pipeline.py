@@ -488,3 +488,29 @@ def test_model_pool_loads_each_slot_on_its_device():
     pool.release(a)
     pool.release(b)
     assert seen == ["cpu", "cpu"] and pool.acquire() in (a, b)
+
+
+def test_node_feeds_the_model_its_training_slice_order(sample_data):
+    """The real 20-slice CT is numbered head-down; the node must give the shipped model the same
+    ascending array that SimpleITK (``acvtt interpolate``/``acvtt eval``) reads, and return the
+    result in the source's order."""
+    from acvtt_core.infer import load_interpolator
+    from acvtt_core.volume_io import read_volume
+    from dicom_node.complete import SeriesPlan, plan_slices, slice_refs_from_file
+    from dicom_node.infer import interpolate_in_model_order
+    from dicom_node.load import load_series
+
+    files = sorted(Path(sample_data.ct_dicom_repaired).glob("*.dcm"))
+    plan = plan_slices("1.2.3", [r for f in files for r in slice_refs_from_file(f)])
+    assert isinstance(plan, SeriesPlan) and not plan.ascending_along_normal
+    node_order = load_series(plan).volume[:, 160:352, 160:352]
+    file_order = read_volume(sample_data.ct_dicom_repaired)[0][:, 160:352, 160:352]
+    np.testing.assert_array_equal(node_order[::-1], file_order)
+
+    interp = load_interpolator(device="cpu")
+    got = interpolate_in_model_order(interp, node_order, 2, ascending=False)
+    want = interp.interpolate(np.ascontiguousarray(file_order), 2)[::-1]
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    # The model is not symmetric in z, so the order it is fed matters.
+    as_numbered = interp.interpolate(np.ascontiguousarray(node_order), 2)
+    assert float(np.abs(as_numbered - got).max()) > 1.0
