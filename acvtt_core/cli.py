@@ -33,6 +33,12 @@ def interpolate(
     ),
     no_crop: bool = typer.Option(False, help="Do not crop to the body bounding box."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."),
+    flip_ensemble: bool = typer.Option(
+        False,
+        "--flip-ensemble",
+        help="Average 4 passes over in-plane flips (4x the time; +0.1 dB mean on the held-out "
+        "cases, docs/MODEL.md).",
+    ),
 ) -> None:
     """Interpolate IN by --factor and write OUT: (d-1)*R+1 slices, z spacing / R, int16 HU."""
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
@@ -49,6 +55,7 @@ def interpolate(
         allow_random_init=random_init,
         crop_body=not no_crop,
         autocast_bf16=_bf16(precision),
+        flip_ensemble=flip_ensemble,
     )
     console.print(
         f"{inp.name}: {vol.shape[::-1]} voxels, spacing "
@@ -261,6 +268,12 @@ def eval_cmd(
         help="decimate: LR = HR[::R] (the paper's protocol); slab: box-profile slab averages "
         "R thin slices thick (like a clinical thick reconstruction).",
     ),
+    flip_ensemble: bool = typer.Option(
+        False,
+        "--flip-ensemble",
+        help="Average 4 passes over in-plane flips (4x the time; +0.1 dB mean on the held-out "
+        "cases, docs/MODEL.md).",
+    ),
 ) -> None:
     """Paper protocol: LR = HR[::R]; ACVTT vs linear vs cubic; JSON + table."""
     from acvtt_core.evaluate import DEGRADATIONS, evaluate, table
@@ -274,6 +287,7 @@ def eval_cmd(
             preset=preset,
             allow_random_init=random_init,
             autocast_bf16=_bf16(precision),
+            flip_ensemble=flip_ensemble,
         )
     cases = {n: v for n, v, _ in _load_volumes(data)}
     if degradation not in DEGRADATIONS:
@@ -285,6 +299,7 @@ def eval_cmd(
             "version": interp.model_version,
             "device": interp.device,
             "precision": "bf16" if interp.autocast_bf16 else "fp32",
+            "flip_ensemble": interp.flip_ensemble,
             "factors_trained": interp.factors,
         }
     out.write_text(json.dumps(res, indent=2))

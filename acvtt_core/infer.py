@@ -33,6 +33,12 @@ DEFAULT_CHECKPOINT = WEIGHTS_DIR / "default.safetensors"
 
 Progress = Callable[[int, int], None]
 
+# In-plane flips of (D, H, W) averaged by `flip_ensemble`. No z flip: the model is not symmetric in
+# z (it learned the order it was trained in; docs/MODEL.md), and z-flipped passes lowered the
+# held-out chest CT.
+INPLANE_FLIPS: tuple[tuple[int, ...], ...] = ((), (2,), (1,), (1, 2))
+FLIP_ENSEMBLE_SUFFIX = "+flip4"
+
 
 def resolve_device(device: str = "auto") -> str:
     if device == "auto":
@@ -68,6 +74,7 @@ class Interpolator:
         max_chunk: int = 32,
         autocast_bf16: bool | None = None,
         keep_input_slices: bool = True,
+        flip_ensemble: bool = False,
     ):
         self.device = resolve_device(device)
         # channels_last roughly doubles CPU conv throughput at these small widths (measured,
@@ -77,7 +84,10 @@ class Interpolator:
         self.meta = meta
         self.cfg: ModelConfig = meta.model
         self.model_id = meta.model_id
-        self.model_version = model_version
+        # The ensemble changes the output, so it is part of the version (the node keys derived
+        # UIDs on it).
+        self.flip_ensemble = flip_ensemble
+        self.model_version = model_version + (FLIP_ENSEMBLE_SUFFIX if flip_ensemble else "")
         self.crop_body = crop_body
         self.body_threshold_hu = body_threshold_hu
         self.max_chunk = max_chunk
@@ -156,6 +166,38 @@ class Interpolator:
             tick(e - s)
         return out
 
+    def _run_crop(
+        self,
+        lr_c: np.ndarray,
+        up_c: np.ndarray,
+        flip_axes: tuple[int, ...],
+        factor: int,
+        tick: Callable[[int], None],
+        seconds: dict[str, float],
+    ) -> np.ndarray:
+        """One pass over the cropped normalised volume flipped along `flip_axes`: references,
+        coronal and sagittal stage 1, fusion. Returns the fused result in the flipped frame and
+        adds each stage's seconds to `seconds`."""
+        lr_c = np.ascontiguousarray(np.flip(lr_c, flip_axes))
+        up = np.ascontiguousarray(np.flip(up_c, flip_axes))
+        t0 = time.perf_counter()
+        cache = self.encode_references(lr_c)
+        t1 = time.perf_counter()
+        cor = self._stage1_view(up, 1, cache, factor, tick)
+        t2 = time.perf_counter()
+        sag = self._stage1_view(up, 2, cache, factor, tick)
+        t3 = time.perf_counter()
+        del cache, up
+        fused = self._fuse(cor, sag, tick)
+        t4 = time.perf_counter()
+        for key, secs in zip(
+            ("refs_s", "coronal_s", "sagittal_s", "fusion_s"),
+            (t1 - t0, t2 - t1, t3 - t2, t4 - t3),
+            strict=True,
+        ):
+            seconds[key] += secs
+        return fused
+
     # -- public ----------------------------------------------------------------------------------
     def bbox(self, volume_hu: np.ndarray) -> BBox:
         d, h, w = volume_hu.shape
@@ -194,7 +236,8 @@ class Interpolator:
         box = self.bbox(vol)
         ch, cw = box.shape
         dout = output_depth(d, factor)
-        total = ch + cw + dout
+        passes = INPLANE_FLIPS if self.flip_ensemble else ((),)
+        total = (ch + cw + dout) * len(passes)
         done = 0
 
         def tick(n: int) -> None:
@@ -207,24 +250,23 @@ class Interpolator:
             progress(0, total)
         lr = normalise_hu(vol)
         up_full = linear_upsample_z(lr, factor)
-        lr_c = np.ascontiguousarray(lr[:, box.y0 : box.y1, box.x0 : box.x1])
-        up = np.ascontiguousarray(up_full[:, box.y0 : box.y1, box.x0 : box.x1])
-        t0 = time.perf_counter()
-        cache = self.encode_references(lr_c)
-        t1 = time.perf_counter()
-        cor = self._stage1_view(up, 1, cache, factor, tick)
-        t2 = time.perf_counter()
-        sag = self._stage1_view(up, 2, cache, factor, tick)
-        t3 = time.perf_counter()
-        del cache, up
-        fused = self._fuse(cor, sag, tick)
-        t4 = time.perf_counter()
+        lr_c = lr[:, box.y0 : box.y1, box.x0 : box.x1]
+        up = up_full[:, box.y0 : box.y1, box.x0 : box.x1]
+        seconds = dict.fromkeys(("refs_s", "coronal_s", "sagittal_s", "fusion_s"), 0.0)
+        fused: np.ndarray | None = None
+        for axes in passes:
+            out_pass = np.flip(self._run_crop(lr_c, up, axes, factor, tick, seconds), axes)
+            if fused is None:
+                fused = np.ascontiguousarray(out_pass)
+            else:
+                fused += out_pass
+        assert fused is not None
+        if len(passes) > 1:
+            fused /= len(passes)
         self.last_run = {
             "bbox": [box.y0, box.y1, box.x0, box.x1],
-            "refs_s": t1 - t0,
-            "coronal_s": t2 - t1,
-            "sagittal_s": t3 - t2,
-            "fusion_s": t4 - t3,
+            "passes": len(passes),
+            **seconds,
         }
         up_full[:, box.y0 : box.y1, box.x0 : box.x1] = fused
         out = denormalise_hu(up_full)

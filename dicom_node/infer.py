@@ -74,13 +74,23 @@ def _load_interpolator(model: ModelSection):
     from acvtt_core.infer import load_interpolator
 
     try:
-        return load_interpolator(model.checkpoint, device=model.device, preset=model.preset), None
+        interp = load_interpolator(
+            model.checkpoint,
+            device=model.device,
+            preset=model.preset,
+            flip_ensemble=model.flip_ensemble,
+        )
+        return interp, None
     except FileNotFoundError:
         if model.checkpoint is not None:
             raise  # an explicitly configured checkpoint must exist
         log.warning("no default ACVTT weights: using an untrained model")
         interp = load_interpolator(
-            None, device=model.device, preset=model.preset, allow_random_init=True
+            None,
+            device=model.device,
+            preset=model.preset,
+            allow_random_init=True,
+            flip_ensemble=model.flip_ensemble,
         )
         return interp, UNTRAINED_NOTE
 

@@ -96,6 +96,23 @@ def test_interpolate_deterministic_chunking_and_progress():
     np.testing.assert_allclose(b.interpolate(vol.astype(np.int16), 3), out1, atol=1e-2)
 
 
+def test_flip_ensemble_is_the_mean_of_four_in_plane_flipped_passes():
+    vol = _phantom(d=5, h=24, w=29)
+    single = _random_interp()
+    ens = _random_interp(flip_ensemble=True)
+    assert ens.model_version == "test+flip4" and single.model_version == "test"
+    passes = [
+        np.flip(single.interpolate(np.ascontiguousarray(np.flip(vol, axes)), 3), axes)
+        for axes in ((), (1,), (2,), (1, 2))
+    ]
+    calls = []
+    out = ens.interpolate(vol, 3, progress=lambda d, t: calls.append((d, t)))
+    np.testing.assert_allclose(out, np.mean(passes, axis=0), atol=1e-3)
+    assert np.abs(out - passes[0]).max() > 0.1  # the passes differ: the model is not symmetric
+    np.testing.assert_array_equal(out[::3], vol)
+    assert ens.last_run["passes"] == 4 and calls[-1][0] == calls[-1][1]
+
+
 def test_interpolate_rejects_bad_input():
     interp = _random_interp()
     with pytest.raises(ValueError):

@@ -490,6 +490,18 @@ def test_model_pool_loads_each_slot_on_its_device():
     assert seen == ["cpu", "cpu"] and pool.acquire() in (a, b)
 
 
+def test_flip_ensemble_setting_reaches_the_model_and_its_version():
+    """``model.flip_ensemble`` changes the pixels, so it must change the model version that
+    derived UIDs and job keys are made from."""
+    from dicom_node.config import ModelSection
+
+    plain = ModelPool(ModelSection(device="cpu")).identity()
+    ensemble = ModelPool(ModelSection(device="cpu", flip_ensemble=True)).identity()
+    assert ensemble.model_id == plain.model_id
+    assert ensemble.model_version == plain.model_version + "+flip4"
+    assert parse_config({"model": {"flip_ensemble": True}}).model.flip_ensemble
+
+
 def test_node_feeds_the_model_its_training_slice_order(sample_data):
     """The real 20-slice CT is numbered head-down; the node must give the shipped model the same
     ascending array that SimpleITK (``acvtt interpolate``/``acvtt eval``) reads, and return the
