@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +19,7 @@ import pytest
 
 from tests.support.node import NodeProcess, send_with_storescu
 from tests.support.orthanc import OrthancServer
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -30,16 +30,6 @@ FACTOR = 2  # 2.0 mm source spacing, 1.0 mm target
 
 def _errors(output: str) -> list[str]:
     return [line for line in output.splitlines() if line.startswith("Error")]
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _job(node: NodeProcess, job_id: int | None = None) -> dict | None:
@@ -87,7 +77,7 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs):
 
         # The broken series ends rejected with a readable reason while the job runs.
         broken_uid = str(pydicom.dcmread(broken[0], stop_before_pixels=True).SeriesInstanceUID)
-        state = _wait(
+        state = wait_until(
             lambda: (
                 node.sqlite(
                     "select state, state_reason from series where series_uid = ?", broken_uid
@@ -102,7 +92,7 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs):
         )
         assert state[0] == "rejected" and "gap" in state[1], state
 
-        job = _wait(
+        job = wait_until(
             lambda: (j := _job(node)) and j["state"] in ("sent", "failed", "rejected") and j,
             240,
             "the job to be sent",
@@ -155,7 +145,7 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs):
         src_uid = str(source_ds.SeriesInstanceUID)
         rep = node.cli("reprocess", src_uid, "--force")
         assert rep.returncode == 0 and f"requeued job {job['id']}" in rep.stdout, rep
-        _wait(
+        wait_until(
             lambda: (
                 (j := _job(node, job["id"]))
                 and j["state"] == "written"
@@ -168,7 +158,7 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs):
         shown = node.cli("jobs", "show", str(job["id"]))
         assert "next send attempt" in shown.stdout and "preview:" in shown.stdout, shown.stdout
         pacs.start()
-        again = _wait(
+        again = wait_until(
             lambda: (j := _job(node, job["id"])) and j["state"] in ("sent", "failed") and j,
             120,
             "delivery after the PACS came back",

@@ -27,6 +27,7 @@ from tests.support import systemd as sd
 from tests.support.dcmtk import free_port
 from tests.support.node import echo, send_with_storescu
 from tests.support.orthanc import OrthancServer
+from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,16 +48,6 @@ def _skip_reason() -> str | None:
         capture_output=True,
     )
     return None if ok.returncode == 0 else f"{SYSTEM_PYTHON} lacks venv or is older than 3.11"
-
-
-def _wait(predicate, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _project_tar() -> bytes:
@@ -141,7 +132,7 @@ def test_unit_runs_hardened_as_a_service(tmp_path, sample_data):
             "model": {"device": "cpu"},
         }
         _install(ns, config)
-        _wait(lambda: "model loaded" in ns.journal(UNIT), 120, "the model to load")
+        wait_until(lambda: "model loaded" in ns.journal(UNIT), 120, "the model to load")
         main_pid = int(ns.unit_property(UNIT, "MainPID"))
         assert main_pid > 0
 
@@ -165,7 +156,7 @@ def test_unit_runs_hardened_as_a_service(tmp_path, sample_data):
         sent = send_with_storescu(sources, port)
         assert sent.returncode == 0 and len(sent.acknowledged) == len(sources), sent.output[-2000:]
         n_out = (len(sources) - 1) * FACTOR + 1
-        _wait(
+        wait_until(
             lambda: any(
                 len(pacs.get(f"/series/{s}")["Instances"]) == n_out for s in pacs.get("/series")
             ),
@@ -176,9 +167,9 @@ def test_unit_runs_hardened_as_a_service(tmp_path, sample_data):
 
         # SIGKILL: Restart=on-failure brings it back; nothing acknowledged is lost.
         ns.run("systemctl", "kill", "-s", "SIGKILL", UNIT)
-        _wait(lambda: ns.unit_property(UNIT, "NRestarts") == "1", 30, "the restart")
-        _wait(lambda: ns.unit_property(UNIT, "ActiveState") == "active", 30, "active again")
-        _wait(lambda: echo(port).returncode == 0, 30, "C-ECHO after the restart")
+        wait_until(lambda: ns.unit_property(UNIT, "NRestarts") == "1", 30, "the restart")
+        wait_until(lambda: ns.unit_property(UNIT, "ActiveState") == "active", 30, "active again")
+        wait_until(lambda: echo(port).returncode == 0, 30, "C-ECHO after the restart")
         assert _source_count(ns) >= len(sources)
 
         # SIGTERM stop: clean, quick, not "failed".
