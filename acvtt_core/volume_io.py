@@ -25,6 +25,20 @@ class Geometry:
         sx, sy, sz = self.spacing
         return Geometry((sx, sy, sz / factor), self.origin, self.direction)
 
+    @property
+    def slices_ascend_along_normal(self) -> bool:
+        """True when slice index k runs along the slice normal (row direction x column
+        direction), i.e. the direction matrix has a positive determinant."""
+        return float(np.linalg.det(np.asarray(self.direction, float).reshape(3, 3))) > 0
+
+    def slices_reversed(self, depth: int) -> Geometry:
+        """Geometry of the same voxels with the slice axis (of `depth` slices) reversed: the
+        origin moves to the last slice and the slice direction flips."""
+        d = np.asarray(self.direction, float).reshape(3, 3)
+        origin = np.asarray(self.origin, float) + d[:, 2] * self.spacing[2] * (depth - 1)
+        d[:, 2] *= -1
+        return Geometry(self.spacing, tuple(float(v) for v in origin), tuple(d.ravel().tolist()))
+
 
 def _sitk():
     import SimpleITK as sitk
@@ -34,7 +48,11 @@ def _sitk():
 
 def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     """Read a volume file or a DICOM series folder. Returns (array (D, H, W), geometry). For a
-    folder holding several series, the series with the most files is read."""
+    folder holding several series, the series with the most files is read.
+
+    Slices always come ascending along the slice normal, the order ACVTT models are trained in and
+    are not symmetric to (docs/MODEL.md, "Slice order"): a file stored the other way round is
+    returned reversed, with its geometry adjusted so that every voxel keeps its position."""
     sitk = _sitk()
     path = Path(path)
     if path.is_dir():
@@ -54,7 +72,10 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
     if img.GetNumberOfComponentsPerPixel() != 1:
         raise ValueError(f"{path}: expected a scalar volume")
     geom = Geometry(tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
-    return sitk.GetArrayFromImage(img), geom
+    vol = sitk.GetArrayFromImage(img)
+    if not geom.slices_ascend_along_normal:
+        return np.ascontiguousarray(vol[::-1]), geom.slices_reversed(vol.shape[0])
+    return vol, geom
 
 
 def to_int16_hu(vol: np.ndarray) -> np.ndarray:

@@ -208,3 +208,33 @@ def test_read_dicom_series_folder():
     assert vol.shape == (20, 512, 512)
     assert abs(geom.spacing[2] - 2.0) < 0.01
     assert geom.upsampled_z(4).spacing[2] == pytest.approx(geom.spacing[2] / 4)
+
+
+def test_read_volume_returns_slices_ascending_along_the_normal(tmp_path):
+    """A file stored feet-first along its normal reads as the same ascending array and geometry
+    as the head-first file of the same voxels."""
+    from acvtt_core.volume_io import read_volume
+
+    arr = np.random.default_rng(0).integers(-1000, 1000, (6, 5, 4)).astype(np.int16)
+    ascending = sitk.GetImageFromArray(arr)
+    ascending.SetSpacing((0.7, 0.8, 3.0))
+    ascending.SetOrigin((1.0, 2.0, 3.0))
+    descending = sitk.GetImageFromArray(np.ascontiguousarray(arr[::-1]))
+    descending.SetSpacing((0.7, 0.8, 3.0))
+    descending.SetOrigin((1.0, 2.0, 3.0 + 3.0 * 5))
+    descending.SetDirection((1, 0, 0, 0, 1, 0, 0, 0, -1))
+    for name, img in (("a.nii.gz", ascending), ("d.nrrd", descending)):
+        sitk.WriteImage(img, str(tmp_path / name))
+    # The two files hold the same voxel at the same place.
+    np.testing.assert_allclose(
+        ascending.TransformIndexToPhysicalPoint((1, 2, 0)),
+        descending.TransformIndexToPhysicalPoint((1, 2, 5)),
+    )
+    va, ga = read_volume(tmp_path / "a.nii.gz")
+    vd, gd = read_volume(tmp_path / "d.nrrd")
+    np.testing.assert_array_equal(va, arr)
+    np.testing.assert_array_equal(vd, arr)
+    assert ga.slices_ascend_along_normal and gd.slices_ascend_along_normal
+    np.testing.assert_allclose(gd.origin, ga.origin)
+    np.testing.assert_allclose(gd.direction, ga.direction, atol=1e-12)
+    np.testing.assert_allclose(gd.spacing, ga.spacing)
