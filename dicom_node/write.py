@@ -50,6 +50,10 @@ from dicom_node.uids import (
 __all__ = ["DerivedSeriesError", "derived_series_uid", "format_ds", "write_derived_series"]
 
 SOFTWARE_NAME = "ACVTT node"
+# Part of every derived UID. Bump it whenever the same source instances, model and factor would
+# give different pixels (DICOM forbids new content under an old UID). 2: the model gets head-down
+# stacks reversed (docs/MODEL.md, "Slice order").
+DERIVATION_REVISION = "2"
 DEFAULT_DESCRIPTION_TEMPLATE = "{source_description} ACVTT {spacing:g}mm"
 
 # Transfer syntaxes that are always lossy; for JPEG 2000 (.91) and others we trust the
@@ -250,6 +254,7 @@ def derived_series_uid(
     """The SeriesInstanceUID that :func:`write_derived_series` gives this input (deterministic)."""
     return deterministic_uid(
         "acvtt-derived-series",
+        DERIVATION_REVISION,
         source_series_uid,
         _sop_hash(source_sop_uids),
         model_id,
@@ -263,6 +268,7 @@ def _instance_uid(
 ) -> str:
     return deterministic_uid(
         "acvtt-derived-instance",
+        DERIVATION_REVISION,
         source_series_uid,
         sop_hash,
         model_id,
