@@ -478,8 +478,9 @@ def interpolate_in_model_order(
     """
     if ascending:
         return interp.interpolate(volume, factor, progress=progress)
-    out = interp.interpolate(np.ascontiguousarray(volume[::-1]), factor, progress=progress)
-    return np.ascontiguousarray(out[::-1])
+    # Reversed views, not copies: the interpolator normalises into a new array anyway, and the
+    # writer reads the result slice by slice.
+    return interp.interpolate(volume[::-1], factor, progress=progress)[::-1]
 
 
 def _progress_logger(job_id: int) -> Callable[[int, int], None]:
