@@ -18,6 +18,14 @@ def _root() -> None:
     """ACVTT CT slice interpolation (numpy + torch; no DICOM networking)."""
 
 
+FLIP_ENSEMBLE_OPTION = typer.Option(
+    False,
+    "--flip-ensemble",
+    help="Average 4 passes over in-plane flips (4x the time; +0.1 dB mean on the held-out "
+    "cases, docs/MODEL.md).",
+)
+
+
 @app.command()
 def interpolate(
     inp: Path = typer.Argument(..., help="Input volume (NIfTI/NRRD/MHA) or DICOM series folder."),
@@ -33,12 +41,7 @@ def interpolate(
     ),
     no_crop: bool = typer.Option(False, help="Do not crop to the body bounding box."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32 or bf16."),
-    flip_ensemble: bool = typer.Option(
-        False,
-        "--flip-ensemble",
-        help="Average 4 passes over in-plane flips (4x the time; +0.1 dB mean on the held-out "
-        "cases, docs/MODEL.md).",
-    ),
+    flip_ensemble: bool = FLIP_ENSEMBLE_OPTION,
 ) -> None:
     """Interpolate IN by --factor and write OUT: (d-1)*R+1 slices, z spacing / R, int16 HU."""
     from rich.progress import BarColumn, Progress, TimeElapsedColumn, TimeRemainingColumn
@@ -268,12 +271,7 @@ def eval_cmd(
         help="decimate: LR = HR[::R] (the paper's protocol); slab: box-profile slab averages "
         "R thin slices thick (like a clinical thick reconstruction).",
     ),
-    flip_ensemble: bool = typer.Option(
-        False,
-        "--flip-ensemble",
-        help="Average 4 passes over in-plane flips (4x the time; +0.1 dB mean on the held-out "
-        "cases, docs/MODEL.md).",
-    ),
+    flip_ensemble: bool = FLIP_ENSEMBLE_OPTION,
 ) -> None:
     """Paper protocol: LR = HR[::R]; ACVTT vs linear vs cubic; JSON + table."""
     from acvtt_core.evaluate import DEGRADATIONS, evaluate, table

@@ -73,26 +73,18 @@ def derived_root(config: NodeConfig) -> Path:
 def _load_interpolator(model: ModelSection):
     from acvtt_core.infer import load_interpolator
 
+    settings = {
+        "device": model.device,
+        "preset": model.preset,
+        "flip_ensemble": model.flip_ensemble,
+    }
     try:
-        interp = load_interpolator(
-            model.checkpoint,
-            device=model.device,
-            preset=model.preset,
-            flip_ensemble=model.flip_ensemble,
-        )
-        return interp, None
+        return load_interpolator(model.checkpoint, **settings), None
     except FileNotFoundError:
         if model.checkpoint is not None:
             raise  # an explicitly configured checkpoint must exist
         log.warning("no default ACVTT weights: using an untrained model")
-        interp = load_interpolator(
-            None,
-            device=model.device,
-            preset=model.preset,
-            allow_random_init=True,
-            flip_ensemble=model.flip_ensemble,
-        )
-        return interp, UNTRAINED_NOTE
+        return load_interpolator(None, allow_random_init=True, **settings), UNTRAINED_NOTE
 
 
 def cuda_device_count(device: str) -> int:
