@@ -23,6 +23,10 @@ FORMAT_VERSION = 1
 NORMALISATION = {"hu_min": HU_MIN, "hu_max": HU_MAX, "map": "clip then linear to [0, 1]"}
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file (weights or metadata) cannot be read."""
+
+
 class CheckpointMismatchError(ValueError):
     """The weights in a checkpoint do not fit the model its metadata (or the caller) asks for."""
 
@@ -150,14 +154,20 @@ def load_checkpoint(
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    meta = read_meta(path)
+    try:
+        meta = read_meta(path)
+    except Exception as exc:  # corrupt header or JSON: say which file, whatever the parser says
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     if expect is not None and expect != meta.model:
         raise CheckpointMismatchError(
             f"checkpoint {path} holds model config {meta.model.to_dict()}, "
             f"but {expect.to_dict()} was requested"
         )
     model = ACVTT(meta.model)
-    tensors = load_file(str(path))
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: {exc}") from exc
     check_state(model, tensors, str(path))
     model.load_state_dict(tensors, strict=True)
     model.eval()

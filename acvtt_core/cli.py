@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +30,12 @@ FLIP_ENSEMBLE_OPTION = typer.Option(
 
 @app.command()
 def interpolate(
-    inp: Path = typer.Argument(..., help="Input volume (NIfTI/NRRD/MHA) or DICOM series folder."),
-    out: Path = typer.Argument(..., help="Output volume path (format from the extension)."),
+    inp: Path = typer.Argument(
+        ..., metavar="IN", help="Input volume (NIfTI/NRRD/MHA) or DICOM series folder."
+    ),
+    out: Path = typer.Argument(
+        ..., metavar="OUT", help="Output volume path (format from the extension)."
+    ),
     factor: int = typer.Option(..., "--factor", "-r", min=2, help="Through-plane factor R."),
     checkpoint: Path | None = typer.Option(
         None, help="Checkpoint (.safetensors); default weights if omitted."
@@ -306,15 +312,45 @@ def eval_cmd(
     console.print(f"wrote {out}")
 
 
+def _parse_shape(shape: str) -> tuple[int, int, int]:
+    try:
+        d, h, w = (int(v) for v in shape.split(","))
+    except ValueError:
+        msg = f"{shape!r} is not D,H,W (three integers)"
+        raise typer.BadParameter(msg, param_hint="--shape") from None
+    if d < 2 or h < 1 or w < 1:
+        raise typer.BadParameter(f"{shape!r}: need D >= 2 and H, W >= 1", param_hint="--shape")
+    return d, h, w
+
+
+def _bench_interpolator(preset: str, checkpoint: Path | None, device: str, **kwargs):
+    """(interpolator, weights record) for `acvtt bench`: --checkpoint if given, else the shipped
+    weights of the preset, else random-initialised weights of the preset (timing does not depend
+    on the weights, so a preset without shipped weights can still be measured)."""
+    from acvtt_core.infer import load_interpolator, random_interpolator, shipped_checkpoint
+
+    path = checkpoint or shipped_checkpoint(preset)
+    if path is None:
+        interp = random_interpolator(preset, device=device, **kwargs)
+        note = f"random init (no checkpoint for preset {preset}; speed does not depend on weights)"
+        return interp, {"source": "random-init", "path": None, "note": note}
+    interp = load_interpolator(path, device=device, **kwargs)
+    source = "checkpoint" if checkpoint else "shipped"
+    note = f"{source} {path.name} (preset {interp.meta.preset}, version {interp.model_version})"
+    return interp, {"source": source, "path": str(path), "note": note}
+
+
 @app.command()
 def bench(
-    preset: str = typer.Option("compact"),
-    checkpoint: Path | None = typer.Option(None, help="Weights (speed does not depend on them)."),
+    preset: str = typer.Option("compact", help="Architecture (ignored with --checkpoint)."),
+    checkpoint: Path | None = typer.Option(
+        None, help="Weights (default: the preset's shipped weights, else random init)."
+    ),
     shape: str = typer.Option("16,128,128", help="D,H,W of a synthetic body phantom (HU)."),
     inp: Path | None = typer.Option(None, "--input", help="Benchmark on this volume instead."),
-    factor: int = typer.Option(5),
+    factor: int = typer.Option(5, min=2),
     device: str = typer.Option("auto"),
-    slow_samples: int = typer.Option(4, help="Images per pass timed in the authors' loop."),
+    slow_samples: int = typer.Option(4, min=1, help="Images per pass timed in the authors' loop."),
     skip_slow: bool = typer.Option(False, help="Skip the authors' loop."),
     no_crop: bool = typer.Option(False),
     precision: str = typer.Option("auto", help="auto, fp32 or bf16."),
@@ -325,31 +361,23 @@ def bench(
     import torch
 
     from acvtt_core.bench import format_report, phantom_ct, run_bench
-    from acvtt_core.infer import load_interpolator
 
     if threads:
         torch.set_num_threads(threads)
-
-    interp = load_interpolator(
-        checkpoint,
-        device=device,
-        preset=None if checkpoint else preset,
-        allow_random_init=checkpoint is None,
-        crop_body=not no_crop,
-        autocast_bf16=_bf16(precision),
-    )
-    if interp.meta.preset != preset and checkpoint is None:
-        raise typer.BadParameter("preset mismatch")
     if inp is not None:
         from acvtt_core.volume_io import read_volume
 
         vol = read_volume(inp)[0].astype("float32")
     else:
-        d, h, w = (int(v) for v in shape.split(","))
-        vol = phantom_ct(d, h, w)
+        vol = phantom_ct(*_parse_shape(shape))
+    interp, weights = _bench_interpolator(
+        preset, checkpoint, device, crop_body=not no_crop, autocast_bf16=_bf16(precision)
+    )
     res = run_bench(interp, vol, factor, slow_samples=slow_samples, skip_slow=skip_slow)
     res["input"] = str(inp) if inp else f"phantom {shape}"
+    res["weights"] = weights
     Console().print(format_report(res))
+    Console().print(f"weights: {weights['note']}", soft_wrap=True)
     if out:
         out.write_text(json.dumps(res, indent=2, default=float))
 
@@ -361,8 +389,36 @@ app.command("adapt")(adapt_command)
 app.command("train-selfsup")(train_selfsup_command)
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The `acvtt` entry point: every failure ends in one `error: ...` line on stderr and a
+    non-zero exit code (2 for usage errors, 130 when interrupted, 1 otherwise), never a
+    traceback. ACVTT_DEBUG=1 shows the traceback."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    try:
+        code = app(args=args or ["--help"], prog_name="acvtt", standalone_mode=False)
+    except KeyboardInterrupt:
+        code = _fail("interrupted", 130)
+    except Exception as exc:
+        if os.environ.get("ACVTT_DEBUG"):
+            raise
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click usage errors
+            code = _fail(exc.format_message(), exc.exit_code or 2)
+        else:
+            code = _fail(_describe(exc), 1)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for an exception; the type is named unless it is a plain user-facing error."""
+    msg = " ".join(str(exc).split())
+    if isinstance(exc, ValueError | OSError | RuntimeError) and msg:
+        return msg
+    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ batched chunks -> axial stage-2 fusion -> paste into the upsampled volume -> HU.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint
+from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint, read_meta
 from acvtt_core.config import ModelConfig, get_preset
 from acvtt_core.model import ACVTT, RefCache, pad_to_multiple
 from acvtt_core.volume import (
@@ -304,8 +305,30 @@ def load_interpolator(
                 "(acvtt train) and pass its checkpoint, or allow_random_init=True for tests"
             )
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    p = get_preset(preset or "compact")
+    return random_interpolator(preset or "compact", device=device, seed=seed, **kwargs)
+
+
+def random_interpolator(
+    preset: str = "compact", device: str = "auto", seed: int = 0, **kwargs
+) -> Interpolator:
+    """An untrained model of `preset` (seeded), model_version "untrained": for tests, demos and
+    timing (speed does not depend on the weights)."""
+    p = get_preset(preset)
     torch.manual_seed(seed)
     model = ACVTT(p.model)
     meta = CheckpointMeta(preset=p.name, model=p.model, factors=[], training_data="untrained")
     return Interpolator(model, meta, "untrained", device=device, **kwargs)
+
+
+def shipped_checkpoint(preset: str) -> Path | None:
+    """The shipped weights of `preset`: `weights/<preset>.safetensors`, else the default weights
+    when their architecture is that preset's (factor conditioning aside: it adds 16 parameters
+    and no time); None when nothing shipped fits."""
+    own = WEIGHTS_DIR / f"{preset}.safetensors"
+    if own.exists():
+        return own
+    if DEFAULT_CHECKPOINT.exists():
+        cfg = read_meta(DEFAULT_CHECKPOINT).model
+        if dataclasses.replace(cfg, factor_conditioning=False) == get_preset(preset).model:
+            return DEFAULT_CHECKPOINT
+    return None

@@ -238,3 +238,105 @@ def test_read_volume_returns_slices_ascending_along_the_normal(tmp_path):
     np.testing.assert_allclose(gd.origin, ga.origin)
     np.testing.assert_allclose(gd.direction, ga.direction, atol=1e-12)
     np.testing.assert_allclose(gd.spacing, ga.spacing)
+
+
+# -- issue 16: the documented bench commands, and one error line for every failure -------------
+DOCS = __import__("pathlib").Path(__file__).resolve().parents[1] / "docs" / "ACVTT.md"
+
+
+def _documented_bench_commands() -> list[list[str]]:
+    """The `acvtt bench` command lines of docs/ACVTT.md, as argument lists (usage synopses, which
+    have [optional] parts, left out)."""
+    import shlex
+
+    lines = [ln.strip() for ln in DOCS.read_text().splitlines()]
+    return [shlex.split(ln)[1:] for ln in lines if ln.startswith("acvtt bench ") and "[" not in ln]
+
+
+def _run_main(argv, capsys) -> tuple[int, str, str]:
+    """`acvtt ARGV` in this process: (exit code, stderr, stdout)."""
+    from acvtt_core.cli import main
+
+    with pytest.raises(SystemExit) as ex:
+        main([str(a) for a in argv])
+    cap = capsys.readouterr()
+    return ex.value.code, cap.err, cap.out
+
+
+def test_documented_bench_commands_run(thick_ct, tmp_path, capsys):
+    """Every bench command docs/ACVTT.md gives runs with the same flags (small shapes, and the
+    small real CT crop for --input). The paper preset has no shipped weights: it is timed with
+    random-initialised weights and says so (it used to fail on the default checkpoint)."""
+    src, _ = thick_ct
+    commands = _documented_bench_commands()
+    assert len(commands) >= 3 and any("paper" in c for c in commands)
+    for i, argv in enumerate(commands):
+        small = {"--shape": "3,24,24", "--input": str(src), "--device": "cpu"}
+        argv = [small.get(argv[j - 1], a) if j else a for j, a in enumerate(argv)]
+        if "--device" in argv and "cpu" not in argv:
+            continue  # the CUDA command (tests/test_acvtt_cuda.py and scripts/gpu_train.sh)
+        out = tmp_path / f"bench{i}.json"
+        code, err, stdout = _run_main(
+            [*argv, "--device", "cpu", "--threads", "1", "--out", out], capsys
+        )
+        assert code == 0, err
+        res = json.loads(out.read_text())
+        preset = argv[argv.index("--preset") + 1]
+        assert res["seconds"] > 0 and res["flops"]["total_paper"] > 0
+        assert res["model"]["width"] == {"paper": 64, "compact": 8}[preset]
+        if preset == "paper":
+            assert res["weights"]["source"] == "random-init"
+            assert "weights: random init" in stdout
+        if "--skip-slow" not in argv:
+            assert res["speedup_vs_authors_loop"] > 0
+
+
+def _assert_one_error_line(code: int, err: str, *needles: str) -> None:
+    assert code not in (0, None), err
+    assert "Traceback" not in err, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: "), err
+    for n in needles:
+        assert n in last, last
+
+
+def test_failures_end_in_one_error_line(thick_ct, tmp_path, capsys):
+    src, _ = thick_ct
+    bad_ckpt = tmp_path / "bad.safetensors"
+    bad_ckpt.write_bytes(b"not a safetensors file")
+    cases = [
+        (["interpolate", tmp_path / "missing.nii.gz", tmp_path / "o.nii.gz", "--factor", "2"],
+         ["missing.nii.gz"]),
+        (["interpolate", src, tmp_path / "o.nii.gz", "--factor", "2", "--checkpoint", bad_ckpt],
+         ["bad"]),
+        (["interpolate", src, tmp_path / "o.nii.gz", "--factor", "2", "--checkpoint",
+          tmp_path / "none.safetensors"], ["none.safetensors"]),
+        (["bench", "--shape", "12,160", "--skip-slow"], ["--shape", "12,160"]),
+        (["bench", "--shape", "a,b,c", "--skip-slow"], ["--shape"]),
+        (["bench", "--preset", "nope", "--skip-slow"], ["nope"]),
+        (["eval", "--data", tmp_path / "missing.nrrd", "--baselines-only"], ["missing.nrrd"]),
+        (["interpolate", src, tmp_path / "o.nii.gz"], ["--factor"]),
+        (["no-such-command"], ["no-such-command"]),
+    ]  # fmt: skip
+    for argv, needles in cases:
+        code, err, _ = _run_main(argv, capsys)
+        _assert_one_error_line(code, err, *needles)
+    assert not (tmp_path / "o.nii.gz").exists()
+
+
+def test_console_script_prints_no_traceback(tmp_path):
+    """The installed `acvtt` entry point itself (a real process): one line, exit 1."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    exe = Path(sys.executable).parent / "acvtt"
+    argv = [str(exe)] if exe.exists() else [sys.executable, "-m", "acvtt_core.cli"]
+    p = subprocess.run(
+        [*argv, "interpolate", str(tmp_path / "missing.nrrd"), str(tmp_path / "o.nrrd"), "-r", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    _assert_one_error_line(p.returncode, p.stderr, "missing.nrrd")
+    assert p.stderr.strip().count("\n") == 0
