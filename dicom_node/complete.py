@@ -43,11 +43,12 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, object_session
 
 from dicom_node import geometry
 from dicom_node.config import CompletionSection, NodeConfig
 from dicom_node.db import Instance, Series, SeriesState, utcnow
+from dicom_node.index import Refusal, refusals_for_series
 
 __all__ = [
     "Rejection",
@@ -56,9 +57,11 @@ __all__ = [
     "Tolerances",
     "due_series",
     "functional_group_item",
+    "outstanding_refusals",
     "plan_series",
     "plan_slices",
     "quiet_seconds_for",
+    "refused_reason",
     "slice_refs_from_dataset",
     "slice_refs_from_file",
     "slice_refs_from_instance",
@@ -597,8 +600,13 @@ def plan_series(
     """Plan an indexed series from its instance rows (multi-frame files are read for frames).
 
     ``only_sop_uids`` restricts the plan to that instance set (a queued job re-plans exactly the
-    instances it was keyed on, even if more arrived since).
+    instances it was keyed on, even if more arrived since). A series with an outstanding refused
+    instance (:func:`outstanding_refusals`) is rejected as a whole, naming the slice.
     """
+    session = object_session(series)
+    refused = outstanding_refusals(session, series) if session is not None else []
+    if refused:
+        return Rejection(series.series_uid, refused_reason(refused))
     instances = list(series.instances)
     if only_sop_uids is not None:
         wanted = set(only_sop_uids)
@@ -618,6 +626,44 @@ def plan_series(
                 f"cannot read instance …{inst.sop_instance_uid[-12:]}: {exc}",
             )
     return plan_slices(series.series_uid, refs, tol)
+
+
+def outstanding_refusals(session: Session, series: Series) -> list[Refusal]:
+    """Instances of ``series`` that the receiver refused and nothing has made up for since.
+
+    A refusal is made up for when an instance with the same SOP Instance UID is indexed in the
+    series (the sender fixed it, or the refused copy was a bad resend of a stored one), or when
+    an instance with the same InstanceNumber arrived after it (the sender replaced the slice
+    under a new UID). Without either, the series lacks a slice its sender meant it to have.
+    """
+    refusals = refusals_for_series(session, series.series_uid)
+    if not refusals:
+        return []
+    instances = list(series.instances)
+    indexed = {i.sop_instance_uid for i in instances}
+    return [
+        r
+        for r in refusals
+        if r.sop_instance_uid not in indexed
+        and not any(
+            r.instance_number is not None
+            and i.instance_number == r.instance_number
+            and i.received_at >= r.at
+            for i in instances
+        )
+    ]
+
+
+def refused_reason(refused: Sequence[Refusal]) -> str:
+    """One sentence for a series held back by refused instances: the first named, the rest
+    counted."""
+    first = refused[0]
+    code = f"0x{first.status:04X}: " if first.status is not None else ""
+    more = f" (and {len(refused) - 1} more refused instance(s))" if len(refused) > 1 else ""
+    return (
+        f"the whole series is rejected: {first.label} was refused at receive ({code}"
+        f"{first.reason}){more}; the series is incomplete until it is sent again, fixed"
+    )
 
 
 # --- completion -------------------------------------------------------------------------------

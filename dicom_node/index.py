@@ -8,7 +8,10 @@ transaction per instance, and keeps the audit trail of duplicates, replacements 
 Series bookkeeping promised to later stages: every new or changed instance increments
 ``Series.revision`` and sets ``last_received``; an instance that arrives or changes after the
 series left ``receiving`` (complete, processed, rejected, ignored) sets its state to ``changed``.
-An identical resend (same SOP Instance UID and SHA-256) changes nothing but an audit row.
+An identical resend (same SOP Instance UID and SHA-256) changes nothing but an audit row. The
+same SOP Instance UID in another series is refused (:class:`UidConflict`): an indexed instance
+never moves to another series. Refusals of instances of a known series are audited so that
+completion can read them back (:func:`refusals_for_series`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from io import BytesIO
 from typing import Any
 
@@ -41,6 +45,12 @@ STATUS_DATASET_MISMATCH = 0xA900  # data set does not match the SOP class/instan
 STATUS_UNDECODABLE = 0xC210  # the header could not be parsed
 STATUS_MISSING_UID = 0xC211  # a required UID is absent or empty
 STATUS_INVALID_UID = 0xC212  # a UID is not a valid DICOM UID (syntax, length)
+# The SOP Instance UID is already indexed in another series. PS3.4 B.2.3 gives C-STORE no status
+# for this (0x0111 Duplicate SOP Instance is N-CREATE's); 0xA7xx would invite retries that fail
+# the same way, and 0xA9xx says the data set does not fit its SOP class, which it does. Cxxx is
+# the failure "the SCP cannot process this data set", which senders do not retry; the low byte
+# continues our own C21x family.
+STATUS_UID_CONFLICT = 0xC213
 
 REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
@@ -53,6 +63,20 @@ class InvalidInstance(Exception):
         self.status = status
         self.reason = reason
         self.sop_instance_uid = sop_instance_uid
+
+
+class UidConflict(Exception):
+    """Raised by :meth:`Indexer.record`: the SOP Instance UID is already indexed in another
+    series. Nothing was recorded; the instance already indexed stays as it is."""
+
+    status = STATUS_UID_CONFLICT
+    reason = "SOP Instance UID already in another series"  # fits ErrorComment (LO, 64)
+
+    def __init__(self, header: Header, other_series_uid: str, other_instance_number: int | None):
+        super().__init__(self.reason)
+        self.header = header
+        self.other_series_uid = other_series_uid
+        self.other_instance_number = other_instance_number
 
 
 @dataclass(frozen=True)
@@ -323,16 +347,23 @@ _SELECT_SERIES = select(Series.id).where(Series.series_uid == bindparam("uid"))
 _SELECT_INSTANCE = select(Instance.id, Instance.sha256, Instance.series_id).where(
     Instance.sop_instance_uid == bindparam("uid")
 )
+_SELECT_OWNER = (
+    select(Series.series_uid, Instance.instance_number)
+    .join(Series, Series.id == Instance.series_id)
+    .where(Instance.id == bindparam("instance_id"))
+)
 _UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("instance_id"))
 _OPEN_STATES = (SeriesState.receiving.value, SeriesState.changed.value)
 # Every new or changed instance: revision + 1, last_received = now, and a series that had left
-# "receiving" becomes "changed".
+# "receiving" becomes "changed". A hold set by an aborted association or a restart ends: the
+# sender is back, and the quiet period (and a new hold, should this association abort) decides.
 _TOUCH_SERIES = (
     update(Series)
     .where(Series.id == bindparam("series_id"))
     .values(
         revision=Series.revision + 1,
         last_received=bindparam("now"),
+        hold_until=None,
         state=case(
             (Series.state.in_(_OPEN_STATES), Series.state),
             else_=literal(SeriesState.changed.value),
@@ -427,7 +458,9 @@ class Indexer:
         """Index a stored instance. Returns ``"new"``, ``"replaced"`` or ``"duplicate"``.
 
         ``"duplicate"`` (same SOP Instance UID and SHA-256 as indexed) changes nothing but an
-        audit row; ``"replaced"`` updates the row and counts as a change of its series.
+        audit row; ``"replaced"`` (same SOP Instance UID and series, other content) updates the
+        row and counts as a change of its series. Raises :class:`UidConflict`, recording
+        nothing, when the SOP Instance UID is indexed in another series.
         """
 
         def tx(conn: Connection) -> str:
@@ -441,6 +474,12 @@ class Indexer:
                 "peer": peer,
                 "status": STATUS_SUCCESS,
             }
+            if prev is not None and prev.series_id != series_id:
+                # The same SOP instance in another series is a sender error or a UID collision.
+                # Moving the row would silently take an acknowledged slice from its series, so
+                # the newcomer is refused and the indexed one stays (the caller audits both).
+                owner = conn.execute(_SELECT_OWNER, {"instance_id": prev.id}).one()
+                raise UidConflict(h, owner.series_uid, owner.instance_number)
             if prev is not None and prev.sha256 == sha256:
                 _audit(conn, "duplicate", now, **event)
                 return "duplicate"
@@ -466,17 +505,12 @@ class Indexer:
                 "calling_ae": calling_ae,
                 "received_at": now,
             }
-            touched = [series_id]
             if prev is None:
                 conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": h.sop_instance_uid, **values})
             else:
                 conn.execute(_UPDATE_INSTANCE, {"instance_id": prev.id, **values})
-                if prev.series_id != series_id:
-                    # The same SOP instance now claims another series: the old one changed too.
-                    touched.append(prev.series_id)
-            for sid in touched:
-                if conn.execute(_TOUCH_SERIES, {"series_id": sid, "now": now}).rowcount != 1:
-                    raise _StaleCache()  # a cached series id vanished (series removed)
+            if conn.execute(_TOUCH_SERIES, {"series_id": series_id, "now": now}).rowcount != 1:
+                raise _StaleCache()  # a cached series id vanished (series removed)
             self._series_ids[h.series_uid] = series_id
             if prev is not None:
                 _audit(conn, "replaced", now, **event)
@@ -492,6 +526,119 @@ class Indexer:
             self._retrying(lambda conn: _audit(conn, kind, utcnow(), **fields) or kind)
         except Exception as exc:
             log.error("cannot write audit event %s: %s", kind, type(exc).__name__)
+
+    def record_uid_conflict(
+        self, exc: UidConflict, calling_ae: str | None, peer: str | None = None
+    ) -> None:
+        """Audit a refused UID conflict on both series, in one transaction: the refused copy's
+        series (a :data:`REFUSAL_KINDS` event that completion reads) and the series that keeps
+        the indexed instance (so that ``series show`` of either tells). Never raises."""
+        h = exc.header
+        other = (
+            f"instance #{exc.other_instance_number}"
+            if exc.other_instance_number is not None
+            else "an instance"
+        )
+        common = {
+            "sop_instance_uid": h.sop_instance_uid,
+            "calling_ae": calling_ae,
+            "peer": peer,
+            "status": exc.status,
+        }
+        refused = refusal_detail(
+            h,
+            f"its SOP Instance UID already belongs to {other} of series {exc.other_series_uid}",
+            other_series_uid=exc.other_series_uid,
+        )
+        kept = {
+            "reason": f"{other} of this series was sent again in series {h.series_uid}; that "
+            f"copy was refused (0x{exc.status:04X}), this one is kept",
+            "instance_number": exc.other_instance_number,
+            "other_series_uid": h.series_uid,
+        }
+
+        def tx(conn: Connection) -> str:
+            now = utcnow()
+            _audit(conn, "uid_conflict_refused", now, series_uid=h.series_uid, detail=refused,
+                   **common)  # fmt: skip
+            _audit(conn, "uid_conflict_kept", now, series_uid=exc.other_series_uid, detail=kept,
+                   **common)  # fmt: skip
+            return "audited"
+
+        try:
+            self._retrying(tx)
+        except Exception as err:
+            log.error("cannot write audit events uid_conflict: %s", type(err).__name__)
+
+
+# -- refusals ----------------------------------------------------------------------------------
+
+# Audit kinds of an instance of a known series that the receiver refused: completion holds the
+# series back while one is outstanding (see complete.outstanding_refusals).
+REFUSAL_KINDS = ("uid_conflict_refused", "instance_rejected")
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """An instance the receiver refused, as its audit event records it (no patient data)."""
+
+    sop_instance_uid: str
+    instance_number: int | None
+    position: tuple[float, ...] | None
+    status: int | None
+    reason: str
+    at: datetime
+
+    @property
+    def label(self) -> str:
+        """The slice as a person finds it: instance number (else UID tail) and position."""
+        name = (
+            f"instance #{self.instance_number}"
+            if self.instance_number is not None
+            else f"instance …{self.sop_instance_uid[-12:]}"
+        )
+        if self.position is not None:
+            name += " at (" + ", ".join(f"{v:.1f}" for v in self.position) + ") mm"
+        return name
+
+
+def refusal_detail(h: Header, reason: str, **extra: object) -> dict[str, object]:
+    """The audit detail of a refused instance, as :func:`refusals_for_series` reads it back."""
+    return {
+        "reason": reason,
+        "instance_number": h.instance_number,
+        "position": h.image_position,
+        **extra,
+    }
+
+
+def refusals_for_series(session: Session, series_uid: str) -> list[Refusal]:
+    """Every refusal audited for ``series_uid``, oldest first."""
+    events = session.scalars(
+        select(AuditEvent)
+        .where(AuditEvent.series_uid == series_uid, AuditEvent.kind.in_(REFUSAL_KINDS))
+        .order_by(AuditEvent.at, AuditEvent.id)
+    ).all()
+    out = []
+    for e in events:
+        try:
+            detail = json.loads(e.detail or "")
+        except ValueError:
+            detail = None
+        if not isinstance(detail, dict):  # older events kept the reason as plain text
+            detail = {"reason": e.detail or ""}
+        position = detail.get("position")
+        out.append(
+            Refusal(
+                sop_instance_uid=e.sop_instance_uid or "",
+                instance_number=_int(detail.get("instance_number")),
+                position=tuple(position) if isinstance(position, list) else None,
+                status=e.status,
+                reason=str(detail.get("reason") or ""),
+                at=e.at,
+            )
+        )
+    return out
 
 
 def _audit(conn: Connection, kind: str, now, **fields: object) -> None:

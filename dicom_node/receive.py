@@ -53,6 +53,7 @@ from dicom_node.index import (
     STATUS_SUCCESS,
     Indexer,
     InvalidInstance,
+    UidConflict,
     read_header,
 )
 from dicom_node.spool import Spool, SpoolError, UnsafePathError
@@ -433,6 +434,9 @@ class Receiver:
                 elif previous is not None:  # the index still describes the old file: put it back
                     os.replace(previous, path)
                     previous = None
+            if isinstance(exc, UidConflict):  # refused for good: the sender must fix its UIDs
+                self.indexer.record_uid_conflict(exc, calling_ae, peer)
+                return exc.status, exc.reason, "refused"
             if isinstance(exc, SpoolError):
                 reason = str(exc.strerror)
             else:
