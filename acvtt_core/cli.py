@@ -56,7 +56,9 @@ def interpolate(
     from acvtt_core.volume_io import read_volume, to_int16_hu, write_volume
 
     t0 = time.perf_counter()
-    vol, geom = read_volume(inp)
+    # The output keeps the input's layout (array order, origin, direction); the model's slice
+    # order is handled inside `interpolate` (ascending=...).
+    vol, geom = read_volume(inp, as_stored=True)
     interp = load_interpolator(
         checkpoint,
         device=device,
@@ -83,7 +85,10 @@ def interpolate(
     ) as bar:
         task = bar.add_task("interpolating", total=None)
         result = interp.interpolate(
-            vol, factor, progress=lambda done, total: bar.update(task, completed=done, total=total)
+            vol,
+            factor,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+            ascending=geom.slices_ascend_along_normal,
         )
     write_volume(out, to_int16_hu(result), geom.upsampled_z(factor))
     console.print(f"wrote {out} {result.shape[::-1]} in {time.perf_counter() - t0:.1f} s")

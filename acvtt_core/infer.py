@@ -218,13 +218,22 @@ class Interpolator:
 
     @torch.inference_mode()
     def interpolate(
-        self, volume_hu: np.ndarray, factor: int, progress: Progress | None = None
+        self,
+        volume_hu: np.ndarray,
+        factor: int,
+        progress: Progress | None = None,
+        ascending: bool = True,
     ) -> np.ndarray:
         """Interpolate a (D, H, W) HU volume (axial slices on axis 0) by an integer factor >= 2.
 
         Returns float32 HU of shape ((D-1)*factor+1, H, W) with out[k*factor] at in[k]'s
         position. Any H, W; D >= 2. `progress(done, total)` is called as work units complete.
+        `ascending=False` says the slices run against the slice normal: the model then gets them
+        reversed (the order it was trained in) and the result comes back in the given order.
         """
+        if not ascending:
+            vol = np.asarray(volume_hu)[::-1]
+            return np.ascontiguousarray(self.interpolate(vol, factor, progress)[::-1])
         vol = np.asarray(volume_hu)
         if vol.ndim != 3:
             raise ValueError(f"volume must be (D, H, W), got shape {vol.shape}")

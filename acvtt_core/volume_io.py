@@ -46,13 +46,16 @@ def _sitk():
     return sitk
 
 
-def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
+def read_volume(path: str | Path, as_stored: bool = False) -> tuple[np.ndarray, Geometry]:
     """Read a volume file or a DICOM series folder. Returns (array (D, H, W), geometry). For a
-    folder holding several series, the series with the most files is read.
+    folder holding several series, the series with the most files is read (SimpleITK sorts its
+    slices along the normal).
 
-    Slices always come ascending along the slice normal, the order ACVTT models are trained in and
-    are not symmetric to (docs/MODEL.md, "Slice order"): a file stored the other way round is
-    returned reversed, with its geometry adjusted so that every voxel keeps its position."""
+    By default slices come ascending along the slice normal, the order ACVTT models are trained in
+    and are not symmetric to (docs/MODEL.md, "Slice order"): a file stored the other way round is
+    returned reversed, with its geometry adjusted so that every voxel keeps its position. With
+    `as_stored` the array and geometry are the file's own (for writing a result in the input's
+    layout; `Geometry.slices_ascend_along_normal` then says which order the model needs)."""
     sitk = _sitk()
     path = Path(path)
     if path.is_dir():
@@ -73,7 +76,7 @@ def read_volume(path: str | Path) -> tuple[np.ndarray, Geometry]:
         raise ValueError(f"{path}: expected a scalar volume")
     geom = Geometry(tuple(img.GetSpacing()), tuple(img.GetOrigin()), tuple(img.GetDirection()))
     vol = sitk.GetArrayFromImage(img)
-    if not geom.slices_ascend_along_normal:
+    if not as_stored and not geom.slices_ascend_along_normal:
         return np.ascontiguousarray(vol[::-1]), geom.slices_reversed(vol.shape[0])
     return vol, geom
 
