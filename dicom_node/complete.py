@@ -472,6 +472,37 @@ def _stacking_order(stack: list[SliceRef], normal: np.ndarray) -> list[SliceRef]
     return ordered
 
 
+def _unusable_slice(refs: Sequence[SliceRef]) -> str | None:
+    """Why the series cannot be planned because of one of its slices' values, or None.
+
+    One slice whose geometry is missing or makes no sense rejects the series: splitting it off
+    as another stack would hide a sender fault, and a derived series must never inherit such
+    values (a PixelSpacing of [0, 0] once reached PACS that way).
+    """
+    for what, attr in (
+        ("ImagePositionPatient", "position"),
+        ("ImageOrientationPatient", "orientation"),
+        ("PixelSpacing", "pixel_spacing"),
+        ("Rows/Columns", "rows"),
+    ):
+        missing = [r for r in refs if getattr(r, attr) is None]
+        if missing:
+            return f"{len(missing)} image(s) have no valid {what} (first: {missing[0].label})"
+    for r in refs:
+        problem = geometry.plane_problem(
+            f"slice {r.label}",
+            position=r.position,
+            orientation=r.orientation,
+            pixel_spacing=r.pixel_spacing,
+            slice_thickness=r.slice_thickness,
+        )
+        if problem is None and min(r.rows or 0, r.columns or 0) <= 0:
+            problem = f"Rows/Columns {r.rows}x{r.columns} of slice {r.label} is not positive"
+        if problem is not None:
+            return problem
+    return None
+
+
 def plan_slices(
     series_uid: str, refs: Iterable[SliceRef], tol: Tolerances | None = None
 ) -> PlanResult:
@@ -493,23 +524,9 @@ def plan_slices(
         if not refs:
             return Rejection(series_uid, "the series holds only LOCALIZER images")
 
-    for what, attr in (
-        ("ImagePositionPatient", "position"),
-        ("ImageOrientationPatient", "orientation"),
-        ("PixelSpacing", "pixel_spacing"),
-        ("Rows/Columns", "rows"),
-    ):
-        missing = [r for r in refs if getattr(r, attr) is None]
-        if missing:
-            return Rejection(
-                series_uid,
-                f"{len(missing)} image(s) have no valid {what} (first: {missing[0].label})",
-            )
-    for r in refs:
-        try:
-            geometry.slice_normal(r.orientation)  # type: ignore[arg-type]
-        except geometry.GeometryError as exc:
-            return Rejection(series_uid, f"{r.label}: {exc}")
+    problem = _unusable_slice(refs)
+    if problem is not None:
+        return Rejection(series_uid, problem)
 
     stacks = sorted(_split_stacks(refs, tol), key=len, reverse=True)
     if len(stacks) > 1:

@@ -38,7 +38,10 @@ __all__ = [
     "derived_positions",
     "detect_tilt",
     "find_duplicates",
+    "format_values",
+    "orientation_problem",
     "orientations_equal",
+    "plane_problem",
     "project_positions",
     "slice_normal",
     "sort_by_position",
@@ -74,20 +77,87 @@ def _row_col(iop: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
     return arr[:3], arr[3:]
 
 
+def format_values(values: Sequence[float] | float) -> str:
+    """DS-like values for a reason a person reads: ``[0, 0]``, ``[-249.5, nan, 1]``, ``-5``."""
+    if isinstance(values, int | float):
+        return f"{float(values):g}"
+    return "[" + ", ".join(f"{float(v):g}" for v in values) + "]"
+
+
+def orientation_problem(
+    iop: Sequence[float], *, name: str | None = None, tol: float = 1e-3
+) -> str | None:
+    """Why an ImageOrientationPatient cannot orient a plane (naming the value, and the plane
+    when ``name`` is given), or None.
+
+    Row and column cosines must be finite, each of unit length, and orthogonal, all within
+    ``tol`` (stored values are rounded to a few decimals).
+    """
+    arr = np.asarray(iop, dtype=np.float64)
+    shown = f"ImageOrientationPatient {format_values(arr.ravel())}"
+    if name:
+        shown += f" of {name}"
+    if arr.shape != (6,):
+        return f"{shown} is not 6 values"
+    if not np.all(np.isfinite(arr)):
+        return f"{shown} is not finite"
+    for name, vec in (("row", arr[:3]), ("column", arr[3:])):
+        length = float(np.linalg.norm(vec))
+        if abs(length - 1.0) > tol:
+            return f"{shown}: the {name} cosines have length {length:.4g}, not 1"
+    row, col = arr[:3] / np.linalg.norm(arr[:3]), arr[3:] / np.linalg.norm(arr[3:])
+    cos = float(row @ col)
+    if abs(cos) > tol:
+        angle = math.degrees(math.acos(max(-1.0, min(1.0, cos))))
+        return f"{shown}: row and column are not orthogonal ({angle:.2f} degrees apart)"
+    return None
+
+
+def plane_problem(
+    name: str,
+    *,
+    position: Sequence[float] | None = None,
+    orientation: Sequence[float] | None = None,
+    pixel_spacing: Sequence[float] | None = None,
+    slice_thickness: float | None = None,
+) -> str | None:
+    """Why one image plane's geometry makes no sense, or None. ``name`` names the plane in the
+    reason, e.g. "PixelSpacing [0, 0] of slice #3 is not positive". Absent values (None) are
+    not judged here: whether they are required is the caller's business.
+
+    Positions must be finite; PixelSpacing finite and positive (a zero or negative spacing
+    would be copied into a derived series that no viewer can measure in); SliceThickness, where
+    given, finite and not negative; the orientation as :func:`orientation_problem` says.
+    """
+    if position is not None and not np.all(np.isfinite(np.asarray(position, dtype=np.float64))):
+        return f"ImagePositionPatient {format_values(position)} of {name} is not finite"
+    if pixel_spacing is not None:
+        ps = np.asarray(pixel_spacing, dtype=np.float64)
+        if not np.all(np.isfinite(ps)):
+            return f"PixelSpacing {format_values(ps)} of {name} is not finite"
+        if np.any(ps <= 0):
+            return f"PixelSpacing {format_values(ps)} of {name} is not positive"
+    if slice_thickness is not None and not math.isfinite(slice_thickness):
+        return f"SliceThickness {format_values(slice_thickness)} of {name} is not finite"
+    if slice_thickness is not None and slice_thickness < 0:
+        return f"SliceThickness {format_values(slice_thickness)} of {name} is negative"
+    if orientation is not None:
+        return orientation_problem(orientation, name=name)
+    return None
+
+
 def slice_normal(iop: Sequence[float], *, tol: float = 1e-3) -> np.ndarray:
     """Unit slice normal ``n = row x col`` of an ImageOrientationPatient.
 
     Row and column cosines must each have unit length and be orthogonal within ``tol`` (stored
     values are rounded, so they are normalised before the cross product). Raises
-    :class:`GeometryError` otherwise.
+    :class:`GeometryError` otherwise, with :func:`orientation_problem`'s reason.
     """
+    problem = orientation_problem(iop, tol=tol)
+    if problem is not None:
+        raise GeometryError(problem)
     row, col = _row_col(iop)
-    nr, nc = np.linalg.norm(row), np.linalg.norm(col)
-    if abs(nr - 1.0) > tol or abs(nc - 1.0) > tol:
-        raise GeometryError(f"ImageOrientationPatient cosines are not unit vectors: {list(iop)!r}")
-    row, col = row / nr, col / nc
-    if abs(float(row @ col)) > tol:
-        raise GeometryError(f"ImageOrientationPatient row and column not orthogonal: {list(iop)!r}")
+    row, col = row / np.linalg.norm(row), col / np.linalg.norm(col)
     n = np.cross(row, col)
     return n / np.linalg.norm(n)
 
