@@ -56,13 +56,21 @@ REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesIns
 
 
 class InvalidInstance(Exception):
-    """The instance must not be stored; ``status`` is the C-STORE status to answer."""
+    """The instance must not be stored; ``status`` is the C-STORE status to answer. ``header``
+    is set when the header could be read (the refusal then names its series and slice)."""
 
-    def __init__(self, status: int, reason: str, sop_instance_uid: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        reason: str,
+        sop_instance_uid: str | None = None,
+        header: Header | None = None,
+    ):
         super().__init__(reason)
         self.status = status
         self.reason = reason
         self.sop_instance_uid = sop_instance_uid
+        self.header = header
 
 
 class UidConflict(Exception):
@@ -180,9 +188,20 @@ class _Truncated(Exception):
     pass
 
 
-def _walk(buf: bytes, pos: int, end: int, explicit: bool, stop: int | None) -> int:
+_PIXEL_DATA = 0x7FE00010
+
+
+def _walk(
+    buf: bytes,
+    pos: int,
+    end: int,
+    explicit: bool,
+    stop: int | None,
+    pixel: list[tuple[int, int]] | None = None,
+) -> int:
     """Walk data elements from ``pos``; return the offset after ``stop`` (a delimiter tag) or
-    ``end``. Raises :class:`_Truncated` when a length runs past the data."""
+    ``end``. Raises :class:`_Truncated` when a length runs past the data. ``pixel`` (top level
+    only) receives (value offset, length) of the PixelData element."""
     while pos < end:
         if pos + 8 > end:
             raise _Truncated(f"element header cut off at byte {pos}")
@@ -212,6 +231,8 @@ def _walk(buf: bytes, pos: int, end: int, explicit: bool, stop: int | None) -> i
         else:
             (length,) = struct.unpack_from("<I", buf, pos + 4)
             pos += 8
+        if tag == _PIXEL_DATA and pixel is not None:
+            pixel.append((pos, length))
         if length == _UNDEFINED:  # a sequence, or encapsulated pixel data: items follow
             pos = _walk(buf, pos, end, explicit, _SEQ_END)
         else:
@@ -221,21 +242,120 @@ def _walk(buf: bytes, pos: int, end: int, explicit: bool, stop: int | None) -> i
     return pos
 
 
-def check_encoding(dataset: bytes, transfer_syntax: str) -> str | None:
-    """Check that every element of ``dataset`` (pixel data included) fits in the bytes sent.
+@dataclass(frozen=True)
+class PixelDataExtent:
+    """What the bytes say of a PixelData value, without decoding it. ``length`` is a native
+    value's byte count; encapsulated data count ``fragments``, the non-empty items after the
+    basic offset table."""
+
+    length: int
+    encapsulated: bool
+    fragments: int = 0
+
+
+@dataclass(frozen=True)
+class EncodingScan:
+    """The result of :func:`scan_encoding`. ``checked`` is False for the transfer syntaxes not
+    walked (big endian, deflated); then ``pixel_data`` says nothing. Otherwise ``pixel_data`` is
+    None when the data set has no top-level PixelData."""
+
+    problem: str | None
+    checked: bool
+    pixel_data: PixelDataExtent | None = None
+
+
+def _fragments(buf: bytes, pos: int, end: int) -> int:
+    """Non-empty items after the basic offset table of encapsulated pixel data at ``pos``."""
+    count, first = 0, True
+    while pos + 8 <= end:
+        tag, length = struct.unpack_from("<II", buf, pos)
+        tag = (tag & 0xFFFF) << 16 | tag >> 16  # stored as group, element
+        pos += 8
+        if tag != _ITEM or length == _UNDEFINED:
+            break
+        count += 0 if first or length == 0 else 1
+        first = False
+        pos += length
+    return count
+
+
+def scan_encoding(dataset: bytes, transfer_syntax: str) -> EncodingScan:
+    """Check that every element of ``dataset`` (pixel data included) fits in the bytes sent,
+    and find the extent of its PixelData on the way.
 
     Catches truncated or garbled encodings that a header-only parse would accept. Only for the
-    little-endian, non-deflated transfer syntaxes (every common one); returns None when fine or
-    not checkable, else a reason.
+    little-endian, non-deflated transfer syntaxes (every common one).
     """
     if transfer_syntax in ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99",
                            "1.2.840.10008.1.2.4.95"):  # fmt: skip
-        return None  # big endian / deflated: pydicom's parse is the check
+        return EncodingScan(None, checked=False)  # big endian / deflated: pydicom's parse is it
     explicit = transfer_syntax != "1.2.840.10008.1.2"
+    pixel: list[tuple[int, int]] = []
     try:
-        _walk(dataset, 0, len(dataset), explicit, None)
+        _walk(dataset, 0, len(dataset), explicit, None, pixel)
     except (_Truncated, struct.error) as exc:
-        return str(exc) or "malformed encoding"
+        return EncodingScan(str(exc) or "malformed encoding", checked=True)
+    if not pixel:
+        return EncodingScan(None, checked=True)
+    pos, length = pixel[-1]
+    if length == _UNDEFINED:
+        extent = PixelDataExtent(0, True, _fragments(dataset, pos, len(dataset)))
+    else:
+        extent = PixelDataExtent(length, False)
+    return EncodingScan(None, checked=True, pixel_data=extent)
+
+
+def check_encoding(dataset: bytes, transfer_syntax: str) -> str | None:
+    """:func:`scan_encoding`'s verdict on the encoding alone: None when fine or not checkable,
+    else a reason."""
+    return scan_encoding(dataset, transfer_syntax).problem
+
+
+_BITS_ALLOCATED = (1, 8, 16, 32, 64)
+
+
+def pixel_problem(
+    ds: Dataset, extent: PixelDataExtent | None, *, check_pixel_data: bool = True
+) -> str | None:
+    """Why the Image Pixel description of ``ds`` cannot make an image, or None: a reason a
+    person reads that names the value and fits an Error Comment (64 characters).
+
+    Cheap checks only, nothing decoded: Rows and Columns present and positive, BitsAllocated 1
+    or a whole number of bytes up to 64, SamplesPerPixel and NumberOfFrames (where given)
+    positive; and with ``check_pixel_data``, PixelData present (``extent`` not None), not empty,
+    and for native (uncompressed) data at least Rows x Columns x SamplesPerPixel x frames x
+    BitsAllocated / 8 bytes long. Whether compressed data decode is left to the job.
+    """
+    dims: dict[str, int] = {}
+    for keyword in ("Rows", "Columns", "BitsAllocated"):
+        raw = _get(ds, keyword)
+        value = _int(raw)
+        if value is None:
+            return (
+                f"{keyword} is absent" if raw is None else f"{keyword} {raw!s:.20} is not a number"
+            )
+        if value <= 0:
+            return f"{keyword} is {value}; must be positive"
+        dims[keyword] = value
+    if dims["BitsAllocated"] not in _BITS_ALLOCATED:
+        return f"BitsAllocated {dims['BitsAllocated']} is not 1, 8, 16, 32 or 64"
+    for keyword in ("SamplesPerPixel", "NumberOfFrames"):
+        value = _int(_get(ds, keyword))
+        if value is not None and value <= 0:
+            return f"{keyword} is {value}; must be positive"
+        dims[keyword] = value or 1
+    if not check_pixel_data:
+        return None
+    if extent is None:
+        return "PixelData is absent"
+    if extent.encapsulated:
+        return None if extent.fragments else "PixelData (compressed) holds no fragment"
+    pixels = dims["Rows"] * dims["Columns"] * dims["SamplesPerPixel"] * dims["NumberOfFrames"]
+    needed = (pixels * dims["BitsAllocated"] + 7) // 8
+    if extent.length == 0:
+        return "PixelData is empty"
+    if extent.length < needed:
+        return f"PixelData is {extent.length} bytes; the image needs {needed}"
     return None
 
 
@@ -249,8 +369,10 @@ def read_header(
 
     Raises :class:`InvalidInstance` when the data cannot be parsed (0xC210), a required UID is
     missing (0xC211) or invalid (0xC212), or the data set's SOP Class/Instance UID differs from
-    the C-STORE command's (0xA900). With ``dataset_offset`` (where the data set starts in
-    ``data``) the whole data set's encoding is checked too (:func:`check_encoding`).
+    the C-STORE command's (0xA900), or its Image Pixel description cannot make an image
+    (0xA900, :func:`pixel_problem`). With ``dataset_offset`` (where the data set starts in
+    ``data``) the whole data set's encoding is checked too (:func:`scan_encoding`), and so is
+    the PixelData's length.
     """
     try:
         ds = pydicom.dcmread(BytesIO(data), stop_before_pixels=True)
@@ -262,11 +384,12 @@ def read_header(
             f"cannot decode data set header: {type(exc).__name__}",
             command_sop_instance,
         ) from None
+    scan = None
     if dataset_offset is not None:
-        problem = check_encoding(data[dataset_offset:], ts)
-        if problem:
+        scan = scan_encoding(data[dataset_offset:], ts)
+        if scan.problem:
             raise InvalidInstance(
-                STATUS_UNDECODABLE, f"cannot decode data set: {problem}", command_sop_instance
+                STATUS_UNDECODABLE, f"cannot decode data set: {scan.problem}", command_sop_instance
             )
 
     missing = [k for k, v in uids.items() if not v]
@@ -310,7 +433,7 @@ def read_header(
         image_type = [str(image_type)] if is_str else [str(v) for v in image_type]
     frame_uid = _uid(ds, "FrameOfReferenceUID")
 
-    return Header(
+    header = Header(
         sop_class_uid=uids["SOPClassUID"],
         sop_instance_uid=uids["SOPInstanceUID"],
         study_uid=uids["StudyInstanceUID"],
@@ -333,6 +456,16 @@ def read_header(
         number_of_frames=_int(_get(ds, "NumberOfFrames")),
         images_in_acquisition=_int(_get(ds, "ImagesInAcquisition")),
     )
+    # An instance that cannot make an image would be acknowledged and fail at job time; it is
+    # refused now, with the header, so that its series can name it (complete.py).
+    problem = pixel_problem(
+        ds,
+        scan.pixel_data if scan is not None else None,
+        check_pixel_data=scan is not None and scan.checked,
+    )
+    if problem:
+        raise InvalidInstance(STATUS_DATASET_MISMATCH, problem, command_sop_instance, header)
+    return header
 
 
 # -- recording ---------------------------------------------------------------------------------
@@ -524,6 +657,28 @@ class Indexer:
             self._retrying(lambda conn: _audit(conn, kind, utcnow(), **fields) or kind)
         except Exception as exc:
             log.error("cannot write audit event %s: %s", kind, type(exc).__name__)
+
+    def record_refusal(
+        self,
+        status: int,
+        reason: str,
+        sop_instance_uid: str,
+        calling_ae: str | None,
+        peer: str | None,
+        header: Header | None = None,
+    ) -> None:
+        """Audit an instance refused at receive (``instance_rejected``). With its ``header``, the
+        event names its series and slice (a :data:`REFUSAL_KINDS` event that completion reads).
+        Never raises."""
+        self.record_event(
+            "instance_rejected",
+            series_uid=header.series_uid if header is not None else None,
+            sop_instance_uid=sop_instance_uid[:64],
+            calling_ae=calling_ae,
+            peer=peer,
+            status=status,
+            detail=refusal_detail(header, reason) if header is not None else reason,
+        )
 
     def record_uid_conflict(
         self, exc: UidConflict, calling_ae: str | None, peer: str | None = None

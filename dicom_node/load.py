@@ -19,12 +19,19 @@ import pydicom
 from pydicom.dataset import Dataset
 
 from dicom_node.complete import SeriesPlan, SliceRef, functional_group_item
+from dicom_node.index import PixelDataExtent, pixel_problem
 
 __all__ = ["LoadError", "LoadedSeries", "load_series", "rescale_for"]
 
 
 class LoadError(RuntimeError):
-    """A source file could not be read or decoded; the message names the slice."""
+    """A source file could not be read or decoded. The message is a sentence a person reads:
+    it says that the whole series is rejected, names the slice by instance number and position
+    (never patient data), and why."""
+
+
+class _Unusable(Exception):
+    """Internal: one file cannot give an image; the message is the readable why."""
 
 
 @dataclass
@@ -50,12 +57,62 @@ def rescale_for(ds: Dataset, frame: int | None) -> tuple[float, float]:
     )
 
 
+def _extent(ds: Dataset) -> PixelDataExtent | None:
+    if "PixelData" not in ds:
+        return None
+    value = ds.PixelData or b""  # a zero-length value reads as None
+    encapsulated = ds.file_meta.TransferSyntaxUID.is_encapsulated
+    return PixelDataExtent(len(value), encapsulated, fragments=1 if value else 0)
+
+
+def _decoder_says(exc: Exception) -> str:
+    """The first readable line of a decoder failure (pydicom lists one line per plugin)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    if len(lines) > 1 and lines[0].endswith(":"):
+        return lines[1][:200]
+    return (lines[0] if lines else type(exc).__name__)[:200]
+
+
 def _read(path: str) -> tuple[Dataset, np.ndarray]:
-    ds = pydicom.dcmread(path)
-    arr = ds.pixel_array
-    if "PixelData" in ds:
-        del ds.PixelData
+    """Decode one file; raises :class:`_Unusable` with a readable reason."""
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:
+        raise _Unusable(f"its file cannot be read ({_decoder_says(exc)})") from exc
+    # The receiver refuses these already; files indexed before it did, or sent in a transfer
+    # syntax it does not walk (big endian, deflated), are caught here before the decoder fails
+    # with something like "object of type 'NoneType' has no len()".
+    problem = pixel_problem(ds, _extent(ds))
+    if problem:
+        raise _Unusable(problem)
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # decoder errors come in many types
+        ts = ds.file_meta.TransferSyntaxUID
+        raise _Unusable(
+            f"its {ts.name} pixel data cannot be decoded ({_decoder_says(exc)})"
+        ) from exc
+    del ds.PixelData
     return ds, arr
+
+
+def _slice_name(ref: SliceRef) -> str:
+    """Instance number (or UID tail) and position: enough to find the slice, no patient data."""
+    name = f"slice {ref.label}"
+    if ref.position is not None:
+        name += " at (" + ", ".join(f"{v:.1f}" for v in ref.position) + ") mm"
+    return name
+
+
+def _unusable_error(failed: dict[str, str], plan: SeriesPlan) -> LoadError:
+    by_path = {}
+    for ref in plan.slices:
+        by_path.setdefault(ref.file_path, ref)
+    path, why = next(iter(failed.items()))
+    more = f" (and {len(failed) - 1} more file(s) that cannot be used)" if len(failed) > 1 else ""
+    return LoadError(
+        f"the whole series is rejected: {_slice_name(by_path[path])} cannot be used: {why}{more}"
+    )
 
 
 def load_series(
@@ -69,19 +126,24 @@ def load_series(
     paths = list(dict.fromkeys(s.file_path for s in plan.slices))
     workers = workers or min(len(paths), os.cpu_count() or 1, 8) or 1
     decoded: dict[str, tuple[Dataset, np.ndarray]] = {}
+    failed: dict[str, str] = {}  # path -> why, in plan order
 
-    def one(path: str) -> tuple[str, Dataset, np.ndarray]:
+    def one(path: str) -> tuple[str, tuple[Dataset, np.ndarray] | str]:
         try:
-            ds, arr = _read(path)
-        except Exception as exc:  # decoder errors come in many types
-            raise LoadError(f"cannot decode {os.path.basename(path)}: {exc}") from exc
-        return path, ds, arr
+            return path, _read(path)
+        except _Unusable as exc:
+            return path, str(exc)
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for i, (path, ds, arr) in enumerate(pool.map(one, paths), 1):
-            decoded[path] = (ds, arr)
+        for i, (path, result) in enumerate(pool.map(one, paths), 1):
+            if isinstance(result, str):
+                failed[path] = result
+            else:
+                decoded[path] = result
             if progress is not None:
                 progress(i, len(paths))
+    if failed:  # one broken slice rejects the whole series: the first named, the rest counted
+        raise _unusable_error(failed, plan)
 
     volume = np.empty((plan.n_slices, plan.rows, plan.columns), dtype=np.float32)
     headers: list[Dataset] = []
@@ -96,8 +158,9 @@ def _slice_hu(ref: SliceRef, ds: Dataset, arr: np.ndarray, plan: SeriesPlan) -> 
     img = arr[ref.frame] if ref.frame is not None and arr.ndim == 3 else arr
     if img.ndim != 2 or img.shape != (plan.rows, plan.columns):
         raise LoadError(
-            f"slice {ref.label}: pixel array of shape {img.shape}, expected "
-            f"({plan.rows}, {plan.columns}) (colour or inconsistent image?)"
+            f"the whole series is rejected: {_slice_name(ref)} cannot be used: its pixel array "
+            f"has shape {img.shape}, expected ({plan.rows}, {plan.columns}) (colour or "
+            f"inconsistent image?)"
         )
     slope, intercept = rescale_for(ds, ref.frame)
     return img.astype(np.float32) * np.float32(slope) + np.float32(intercept)

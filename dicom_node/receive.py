@@ -394,13 +394,13 @@ class Receiver:
             self._discard(tmp_written)
             code = exc.status if isinstance(exc, InvalidInstance) else STATUS_INVALID_UID
             reason = exc.reason if isinstance(exc, InvalidInstance) else str(exc)
-            self.indexer.record_event(
-                "instance_rejected",
-                sop_instance_uid=sop_uid[:64],
-                calling_ae=calling_ae,
-                peer=peer,
-                status=code,
-                detail=reason,
+            self.indexer.record_refusal(
+                code,
+                reason,
+                sop_uid,
+                calling_ae,
+                peer,
+                header=exc.header if isinstance(exc, InvalidInstance) else None,
             )
             return code, reason, "rejected"
 
