@@ -15,7 +15,6 @@ end; every job made that way says so in ``job.summary["model_note"]``.
 
 from __future__ import annotations
 
-import copy
 import importlib
 import logging
 import queue
@@ -27,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
-from pydicom.sequence import Sequence as DicomSequence
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.complete import Rejection, SeriesPlan, plan_series, tolerances_from_config
@@ -35,7 +33,7 @@ from dicom_node.config import ModelSection, NodeConfig, RuleAction
 from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
 from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
-from dicom_node.uids import deterministic_uid
+from dicom_node.write import SourceImage, write_derived_series
 
 __all__ = [
     "ModelIdentity",
@@ -353,10 +351,7 @@ class Worker:
         action,
         out_dir: Path,
     ) -> tuple[str, list[str]]:
-        from dicom_node.write import write_derived_series
-
         model_id, model_version = model
-        sources, frame_map = _single_frame_sources(plan, headers)
         template = (
             action.series_description
             if action
@@ -365,8 +360,8 @@ class Worker:
         if out_dir.exists():
             for old in out_dir.glob("*.dcm"):  # a reprocess rewrites the same UIDs
                 old.unlink()
-        datasets = write_derived_series(
-            sources,
+        derived = write_derived_series(
+            [SourceImage(ds, ref.frame) for ref, ds in zip(plan.slices, headers, strict=True)],
             volume,
             factor=factor,
             model_id=model_id,
@@ -374,11 +369,11 @@ class Worker:
             series_number_offset=action.series_number_offset if action else 1000,
             description_template=template,
             out_dir=out_dir,
+            slice_vector=plan.slice_vector,
+            spacing_mm=plan.spacing_mm,
         )
-        if frame_map:
-            _point_references_at_frames(datasets, frame_map)
-        files = [Path(ds.filename).name for ds in datasets]
-        return str(datasets[0].SeriesInstanceUID), files
+        files = [Path(ds.filename).name for ds in derived.datasets]
+        return derived.series_uid, files
 
     def _preview(
         self, thick: np.ndarray, thin: np.ndarray, plan: SeriesPlan, factor: int, out_dir: Path
@@ -485,78 +480,6 @@ def _progress_logger(job_id: int) -> Callable[[int, int], None]:
             log.info("inference progress job_id=%s %d/%d", job_id, done, total)
 
     return cb
-
-
-# --- multi-frame input ------------------------------------------------------------------------
-
-
-def _single_frame_sources(
-    plan: SeriesPlan, headers: list[Dataset]
-) -> tuple[list[Dataset], dict[str, tuple[str, str, int]]]:
-    """The writer takes single-frame CT headers. For multi-frame input, build one flat header per
-    frame (its functional groups copied to the top level) under a deterministic stand-in UID;
-    ``frame_map`` maps stand-in -> (SOP class, real SOP instance, 1-based frame number)."""
-    if not plan.multi_frame:
-        return headers, {}
-    from dicom_node.complete import functional_group_item
-
-    out: list[Dataset] = []
-    frame_map: dict[str, tuple[str, str, int]] = {}
-    for ref, ds in zip(plan.slices, headers, strict=True):
-        flat = Dataset()
-        for elem in ds:
-            if elem.keyword not in (
-                "PerFrameFunctionalGroupsSequence",
-                "SharedFunctionalGroupsSequence",
-                "NumberOfFrames",
-                "PixelData",
-            ):
-                flat.add(copy.deepcopy(elem))  # elements are mutable: never share them
-        frame = ref.frame or 0
-        for seq in (
-            "PlanePositionSequence",
-            "PlaneOrientationSequence",
-            "PixelMeasuresSequence",
-            "PixelValueTransformationSequence",
-            "FrameVOILUTSequence",
-        ):
-            item = functional_group_item(ds, frame, seq)
-            if item is not None:
-                for elem in item:
-                    flat[elem.tag] = copy.deepcopy(elem)
-        stand_in = deterministic_uid("acvtt-frame", str(ds.SOPInstanceUID), str(frame))
-        frame_map[stand_in] = (str(ds.SOPClassUID), str(ds.SOPInstanceUID), frame + 1)
-        flat.SOPInstanceUID = stand_in
-        flat.SOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
-        flat.ImageType = list(ds.get("ImageType", ["ORIGINAL", "PRIMARY", "AXIAL"]))[:4]
-        out.append(flat)
-    return out, frame_map
-
-
-def _point_references_at_frames(
-    datasets: list[Dataset], frame_map: dict[str, tuple[str, str, int]]
-) -> None:
-    """Rewrite the writer's references to stand-in UIDs as references to the real multi-frame
-    instance and frame, and save the files again."""
-    import pydicom
-
-    for ds in datasets:
-        for item in ds.get("SourceImageSequence", []):
-            cls, uid, frame = frame_map[str(item.ReferencedSOPInstanceUID)]
-            item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID = cls, uid
-            item.ReferencedFrameNumber = frame
-        for ser in ds.get("ReferencedSeriesSequence", []):
-            seen: dict[str, Dataset] = {}
-            for item in ser.get("ReferencedInstanceSequence", []):
-                cls, uid, _ = frame_map.get(
-                    str(item.ReferencedSOPInstanceUID),
-                    (item.ReferencedSOPClassUID, item.ReferencedSOPInstanceUID, 0),
-                )
-                ref = Dataset()
-                ref.ReferencedSOPClassUID, ref.ReferencedSOPInstanceUID = cls, uid
-                seen.setdefault(uid, ref)
-            ser.ReferencedInstanceSequence = DicomSequence(list(seen.values()))
-        pydicom.dcmwrite(ds.filename, ds, enforce_file_format=True)
 
 
 def record_untrained(session: Session, job: Job, note: str | None) -> None:

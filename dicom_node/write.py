@@ -1,8 +1,9 @@
 """Write the derived thin-slice series: single-frame CT Image Storage instances that pass dciodvfy.
 
-One entry point, :func:`write_derived_series`. It takes the source instances (sorted in stacking
-order) and the interpolated HU volume, and returns the new datasets (also written to disk when an
-output folder is given). What it promises:
+One entry point, :func:`write_derived_series`. It takes the source images (sorted in stacking
+order: single-frame datasets, or :class:`SourceImage` frames of Enhanced CT datasets) and the
+interpolated HU volume, and returns a :class:`DerivedSeries` (its datasets also written to disk
+when an output folder is given). What it promises:
 
 * Identity: CT Image Storage, Explicit VR Little Endian, our ImplementationClassUID. The series and
   SOP Instance UIDs depend only on (source series UID, sorted source SOP Instance UIDs, model id,
@@ -10,16 +11,20 @@ output folder is given). What it promises:
   to a PACS.
 * Copied from the source, as elements (character set kept): patient, study, frame of reference,
   General Series (Modality, PatientPosition, Laterality even when empty, BodyPartExamined),
-  equipment, acquisition, contrast, pixel description, rescale and VOI window. Acquisition and
-  window attributes come from the nearest source slice. Never copied: private tags,
-  Smallest/LargestImagePixelValue, pixel padding, and anything not on the allow-lists below.
+  equipment, acquisition, contrast, pixel description, rescale and VOI window; the lists are in
+  ``write_attributes.py``. Acquisition and window attributes come from the nearest source slice.
+  Never copied: private tags, Smallest/LargestImagePixelValue, pixel padding, and anything not on
+  the allow-lists.
 * Derivation: ImageType DERIVED\\SECONDARY\\AXIAL, DerivationDescription, DerivationCodeSequence
-  (113085, DCM, "Spatial resampling"), SourceImageSequence (the one or two bracketing source slices,
-  purpose 121322), ReferencedSeriesSequence and ContributingEquipmentSequence (109102).
+  (113085, DCM, "Spatial resampling"), SourceImageSequence (the one or two source slices the
+  derived slice lies on or between, purpose 121322, with the frame number for a multi-frame
+  source), ReferencedSeriesSequence (the source series and all its instances, a multi-frame
+  instance once) and ContributingEquipmentSequence (109102).
 * Geometry: ``IPP_k = IPP_0 + k * (step / factor)`` where ``step`` is the real mean slice-to-slice
-  vector of the sources (the normal times the spacing, or the sheared vector under gantry tilt).
-  SliceThickness and SpacingBetweenSlices are the new plane spacing; SliceLocation is interpolated
-  from the sources' when they all have one, omitted otherwise; InstanceNumber runs 1..N.
+  vector of the sources (the normal times the spacing, or the sheared vector under gantry tilt),
+  the plan's when the caller has one. SliceThickness and SpacingBetweenSlices are the new plane
+  spacing; SliceLocation is interpolated from the sources' when they all have one, omitted
+  otherwise; InstanceNumber runs 1..N. ImageOrientationPatient is the source's.
 * Pixels: stored = round((HU - intercept) / slope) with the source's rescale, clipped to the range
   of the source's BitsStored and PixelRepresentation, as uint16 or int16.
 * Every DS value is formatted to at most 16 characters here (pydicom would write longer ones).
@@ -27,27 +32,49 @@ output folder is given). What it promises:
 
 from __future__ import annotations
 
+import copy
 import hashlib
-import math
 from collections.abc import Sequence
-from copy import deepcopy
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom import config
+from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from dicom_node.geometry import check_spacing, derived_positions, orientations_equal, slice_normal
+from dicom_node.complete import functional_group_item
+from dicom_node.geometry import check_spacing, orientations_equal, slice_normal
 from dicom_node.uids import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     deterministic_uid,
 )
+from dicom_node.write_attributes import (
+    IMAGE_CONSTANT,
+    IMAGE_NEAREST,
+    PATIENT,
+    SERIES,
+    STUDY,
+    TYPE2_NEAREST,
+    TYPE2_SERIES,
+    copy_elements,
+    format_ds,
+)
 
-__all__ = ["DerivedSeriesError", "derived_series_uid", "format_ds", "write_derived_series"]
+__all__ = [
+    "DerivedSeries",
+    "DerivedSeriesError",
+    "SourceImage",
+    "derived_series_uid",
+    "format_ds",
+    "write_derived_series",
+]
 
 SOFTWARE_NAME = "ACVTT node"
 # Part of every derived UID. Bump it whenever the same source instances, model and factor would
@@ -63,180 +90,79 @@ _LOSSY_TS_METHOD = {
     "1.2.840.10008.1.2.4.51": "ISO_10918_1",
     "1.2.840.10008.1.2.4.81": "ISO_14495_1",
 }
-
-# --- what is copied -------------------------------------------------------------------------------
-# Series, study and patient level attributes come from the first source, so they are identical on
-# every derived instance (dcentvfy checks that).
-_PATIENT = (
-    "PatientName",
-    "PatientID",
-    "IssuerOfPatientID",
-    "IssuerOfPatientIDQualifiersSequence",
-    "TypeOfPatientID",
-    "PatientBirthDate",
-    "PatientBirthTime",
-    "PatientSex",
-    "OtherPatientIDsSequence",
-    "OtherPatientNames",
-    "PatientComments",
-    "PatientSpeciesDescription",
-    "PatientSpeciesCodeSequence",
-    "PatientBreedDescription",
-    "PatientBreedCodeSequence",
-    "BreedRegistrationSequence",
-    "ResponsiblePerson",
-    "ResponsiblePersonRole",
-    "ResponsibleOrganization",
-    "PatientIdentityRemoved",
-    "DeidentificationMethod",
-    "DeidentificationMethodCodeSequence",
-    "EthnicGroup",
-    "QualityControlSubject",
+# Frame-level attributes of a multi-frame source live in these functional groups.
+_FRAME_GROUPS = (
+    "PlanePositionSequence",
+    "PlaneOrientationSequence",
+    "PixelMeasuresSequence",
+    "PixelValueTransformationSequence",
+    "FrameVOILUTSequence",
 )
-_STUDY = (
-    "StudyInstanceUID",
-    "StudyDate",
-    "StudyTime",
-    "ReferringPhysicianName",
-    "ReferringPhysicianIdentificationSequence",
-    "StudyID",
-    "AccessionNumber",
-    "IssuerOfAccessionNumberSequence",
-    "StudyDescription",
-    "PhysiciansOfRecord",
-    "NameOfPhysiciansReadingStudy",
-    "ProcedureCodeSequence",
-    "ReasonForPerformedProcedureCodeSequence",
-    "RequestingService",
-    # Patient Study module
-    "AdmittingDiagnosesDescription",
-    "PatientAge",
-    "PatientSize",
-    "PatientWeight",
-    "Occupation",
-    "AdditionalPatientHistory",
-    "PregnancyStatus",
-    "SmokingStatus",
-    "PatientSexNeutered",
-    "MedicalAlerts",
-    "Allergies",
-)
-_SERIES = (
-    "Modality",
-    "PatientPosition",
-    "Laterality",
-    "BodyPartExamined",
-    "ProtocolName",
-    "RequestAttributesSequence",
-    "FrameOfReferenceUID",
-    "PositionReferenceIndicator",
-    # General Equipment (series level): the scanner stays the equipment; we are contributing
-    "Manufacturer",
-    "InstitutionName",
-    "InstitutionAddress",
-    "StationName",
-    "InstitutionalDepartmentName",
-    "ManufacturerModelName",
-    "DeviceSerialNumber",
-    "SoftwareVersions",
-    "SpatialResolution",
-    "DateOfLastCalibration",
-    "TimeOfLastCalibration",
-    "GantryID",
-    # SOP Common
-    "TimezoneOffsetFromUTC",
-)
-# Same on every derived image: pixel description, rescale, contrast.
-_IMAGE_CONSTANT = (
-    "SamplesPerPixel",
-    "PhotometricInterpretation",
-    "Rows",
-    "Columns",
-    "PixelRepresentation",
-    "PixelSpacing",
-    "ImageOrientationPatient",
-    "RescaleIntercept",
-    "RescaleSlope",
-    "RescaleType",
-    "ContrastBolusAgent",
-    "ContrastBolusAgentSequence",
-    "ContrastBolusRoute",
-    "ContrastBolusAdministrationRouteSequence",
-    "ContrastBolusVolume",
-    "ContrastBolusStartTime",
-    "ContrastBolusStopTime",
-    "ContrastBolusTotalDose",
-    "ContrastFlowRate",
-    "ContrastFlowDuration",
-    "ContrastBolusIngredient",
-    "ContrastBolusIngredientConcentration",
-)
-# Per derived image, from the nearest source slice: acquisition, CT image and VOI attributes.
-# Position-valued ones (DataCollectionCenterPatient, ReconstructionTargetCenterPatient) are left
-# out on purpose: they would be wrong for an interpolated plane.
-_IMAGE_NEAREST = (
-    "AcquisitionNumber",
-    "AcquisitionDate",
-    "AcquisitionTime",
-    "AcquisitionDateTime",
-    "IrradiationEventUID",
-    "KVP",
-    "ScanOptions",
-    "DataCollectionDiameter",
-    "ReconstructionDiameter",
-    "DistanceSourceToDetector",
-    "DistanceSourceToPatient",
-    "GantryDetectorTilt",
-    "TableHeight",
-    "RotationDirection",
-    "ExposureTime",
-    "XRayTubeCurrent",
-    "Exposure",
-    "ExposureInuAs",
-    "FilterType",
-    "GeneratorPower",
-    "FocalSpots",
-    "ConvolutionKernel",
-    "RevolutionTime",
-    "SingleCollimationWidth",
-    "TotalCollimationWidth",
-    "TableSpeed",
-    "TableFeedPerRotation",
-    "SpiralPitchFactor",
-    "ExposureModulationType",
-    "CTDIvol",
-    "CTDIPhantomTypeCodeSequence",
-    "WaterEquivalentDiameter",
-    "WaterEquivalentDiameterCalculationMethodCodeSequence",
-    "WindowCenter",
-    "WindowWidth",
-    "WindowCenterWidthExplanation",
-    "VOILUTFunction",
-)
+_SOURCE_PURPOSE = ("121322", "DCM", "Source image for image processing operation")
 
 
 class DerivedSeriesError(ValueError):
     """The sources and volume cannot make a consistent derived series; the message says why."""
 
 
-def format_ds(value: float) -> str:
-    """Format a number as a DICOM DS string of at most 16 characters (PS3.5 6.2).
+@dataclass(frozen=True)
+class SourceImage:
+    """One source plane: a single-frame dataset (``frame`` None), or frame ``frame`` (0-based) of
+    a multi-frame dataset, whose functional groups then give its position, orientation, pixel
+    spacing, rescale and window."""
 
-    Uses the most significant digits that fit, in fixed or exponent notation.
-    """
-    v = float(value)
-    if not math.isfinite(v):
-        raise DerivedSeriesError(f"DS value must be finite, got {value!r}")
-    if v == 0.0:
-        return "0"
-    for digits in range(16, 0, -1):
-        s = f"{v:.{digits}g}"
-        if "e" in s:
-            mant, exp = s.split("e")
-            s = f"{mant}e{int(exp)}"
-        if len(s) <= 16:
-            return s
-    raise AssertionError("unreachable: 1 significant digit always fits")  # pragma: no cover
+    dataset: Dataset
+    frame: int | None = None
+
+
+@dataclass(frozen=True)
+class DerivedSeries:
+    """What :func:`write_derived_series` made: the datasets in slice order (each with
+    ``filename`` when written)."""
+
+    series_uid: str
+    datasets: list[Dataset]
+
+
+class _Source:
+    """A source plane as the writer reads it: frame-level attributes first, then the dataset's."""
+
+    def __init__(self, image: SourceImage | Dataset):
+        image = image if isinstance(image, SourceImage) else SourceImage(image)
+        self.ds, self.frame = image.dataset, image.frame
+        self.frame_level = Dataset()
+        if self.frame is not None:
+            for group in _FRAME_GROUPS:
+                item = functional_group_item(self.ds, self.frame, group)
+                for elem in item or ():
+                    self.frame_level.add(elem)
+
+    def element(self, keyword: str) -> DataElement | None:
+        if keyword in self.frame_level:
+            return self.frame_level[keyword]
+        # Not ds.get(keyword): that returns the value, and the copy needs the element (its VR).
+        return self.ds[keyword] if keyword in self.ds else None  # noqa: SIM401
+
+    def get(self, keyword: str, default: object = None) -> object:
+        elem = self.element(keyword)
+        return default if elem is None else elem.value
+
+    @property
+    def identity(self) -> str:
+        """What the derived UIDs hash: the SOP Instance UID, or for a frame the stand-in UID that
+        earlier versions gave it (so the derived UIDs of multi-frame input did not change)."""
+        if self.frame is None:
+            return str(self.ds.SOPInstanceUID)
+        return deterministic_uid("acvtt-frame", str(self.ds.SOPInstanceUID), str(self.frame))
+
+    def reference(self) -> Dataset:
+        """An Image SOP Instance Reference item to this plane (with a frame's number)."""
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = self.ds.SOPClassUID
+        ref.ReferencedSOPInstanceUID = self.ds.SOPInstanceUID
+        if self.frame is not None:
+            ref.ReferencedFrameNumber = self.frame + 1
+        return ref
 
 
 def _sop_hash(sop_uids: Sequence[str]) -> str:
@@ -286,33 +212,17 @@ def _code(value: str, scheme: str, meaning: str) -> Dataset:
     return item
 
 
-def _copy(dst: Dataset, src: Dataset, keywords: Sequence[str]) -> None:
-    for kw in keywords:
-        if kw in src:
-            dst[kw] = deepcopy(src[kw])
-
-
 def _ds_list(values: Sequence[float]) -> list[str]:
     return [format_ds(v) for v in values]
 
 
-def _fix_long_ds(ds: Dataset) -> None:
-    """Reformat any DS value longer than 16 characters (copied from a non-conformant source)."""
-    for elem in ds.iterall():
-        if elem.VR != "DS" or elem.value is None or elem.VM == 0:
-            continue
-        values = list(elem.value) if elem.VM > 1 else [elem.value]
-        if any(len(str(v)) > 16 for v in values):
-            fixed = [format_ds(float(v)) for v in values]
-            elem.value = fixed if elem.VM > 1 else fixed[0]
-
-
-def _lossy_attributes(sources: Sequence[Dataset]) -> tuple[str | None, list[str], list[str]]:
+def _lossy_attributes(sources: Sequence[_Source]) -> tuple[str | None, list[str], list[str]]:
     """LossyImageCompression value to propagate, with its methods and ratios."""
     methods: list[str] = []
     ratios: list[str] = []
     flag: str | None = None
-    for src in sources:
+    datasets = list({id(s.ds): s.ds for s in sources}.values())  # frames share their dataset
+    for src in datasets:
         value = str(src.get("LossyImageCompression", "") or "")
         ts = str(getattr(getattr(src, "file_meta", None), "TransferSyntaxUID", "") or "")
         if value == "01" or ts in _LOSSY_TS_METHOD:
@@ -330,12 +240,11 @@ def _lossy_attributes(sources: Sequence[Dataset]) -> tuple[str | None, list[str]
     return flag, methods, ratios
 
 
-def _check_inputs(sources: Sequence[Dataset], volume_hu: np.ndarray, factor: int) -> None:
+def _check_inputs(sources: Sequence[_Source], volume_hu: np.ndarray, factor: int) -> None:
     if not isinstance(factor, int) or factor < 1:
         raise DerivedSeriesError(f"factor must be a positive integer, got {factor!r}")
     if len(sources) < 2:
         raise DerivedSeriesError(f"need at least two source slices, got {len(sources)}")
-    first = sources[0]
     for kw in (
         "SeriesInstanceUID",
         "StudyInstanceUID",
@@ -352,18 +261,24 @@ def _check_inputs(sources: Sequence[Dataset], volume_hu: np.ndarray, factor: int
         missing = [i for i, s in enumerate(sources) if s.get(kw) in (None, "")]
         if missing:
             raise DerivedSeriesError(f"source slice {missing[0]} has no {kw}")
-    if int(first.get("NumberOfFrames", 1) or 1) != 1:
-        raise DerivedSeriesError("sources must be single-frame images")
+    first = sources[0]
     for i, s in enumerate(sources):
-        if s.SeriesInstanceUID != first.SeriesInstanceUID:
+        if s.frame is None and int(s.ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise DerivedSeriesError(
+                f"source slice {i} is a multi-frame image: pass SourceImage(dataset, frame)"
+            )
+        if s.get("SeriesInstanceUID") != first.get("SeriesInstanceUID"):
             raise DerivedSeriesError(f"source slice {i} belongs to another series")
-        if (s.Rows, s.Columns) != (first.Rows, first.Columns):
+        if (s.get("Rows"), s.get("Columns")) != (first.get("Rows"), first.get("Columns")):
             raise DerivedSeriesError(f"source slice {i} has a different matrix size")
-        if not orientations_equal(s.ImageOrientationPatient, first.ImageOrientationPatient):
+        if not orientations_equal(
+            s.get("ImageOrientationPatient"),  # type: ignore[arg-type]
+            first.get("ImageOrientationPatient"),  # type: ignore[arg-type]
+        ):
             raise DerivedSeriesError(f"source slice {i} has a different orientation")
-    if len({s.SOPInstanceUID for s in sources}) != len(sources):
+    if len({s.identity for s in sources}) != len(sources):
         raise DerivedSeriesError("duplicate SOPInstanceUID among the sources")
-    expected = ((len(sources) - 1) * factor + 1, int(first.Rows), int(first.Columns))
+    expected = ((len(sources) - 1) * factor + 1, int(first.get("Rows")), int(first.get("Columns")))  # type: ignore[arg-type]
     if volume_hu.shape != expected:
         raise DerivedSeriesError(
             f"volume shape {volume_hu.shape} does not match {len(sources)} sources at factor "
@@ -373,8 +288,275 @@ def _check_inputs(sources: Sequence[Dataset], volume_hu: np.ndarray, factor: int
         raise DerivedSeriesError("volume contains NaN or infinite values")
 
 
+# --- geometry ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    """Where the derived slices lie: ``positions[k]`` and the spacings between planes."""
+
+    positions: np.ndarray  # (n_out, 3)
+    source_spacing: float
+    new_spacing: float
+    slice_locations: list[float] | None
+
+
+def _source_step(ipp: np.ndarray, normal: np.ndarray, rel_tol: float) -> tuple[np.ndarray, float]:
+    """The mean slice-to-slice vector of sources in stacking order, and the plane spacing;
+    raises unless they are evenly spaced in one direction."""
+    dist = ipp @ normal
+    sign = 1.0 if dist[-1] >= dist[0] else -1.0
+    if np.any(np.diff(sign * dist) < 0):
+        raise DerivedSeriesError("sources are not an evenly spaced stack in the given order")
+    report = check_spacing(sign * dist, rel_tol=rel_tol, abs_tol_mm=0.01)
+    if not report.uniform or report.spacing is None:
+        raise DerivedSeriesError(
+            f"sources are not an evenly spaced stack in the given order: {report.reason}"
+        )
+    step = (ipp[-1] - ipp[0]) / (len(ipp) - 1)
+    return step, abs(float(step @ normal))
+
+
+def _geometry(
+    sources: Sequence[_Source],
+    factor: int,
+    n_out: int,
+    plan_step: tuple[Sequence[float], float] | None,
+    rel_tol: float,
+) -> _Geometry:
+    normal = slice_normal([float(v) for v in sources[0].get("ImageOrientationPatient")])  # type: ignore[union-attr]
+    ipp = np.array([[float(v) for v in s.get("ImagePositionPatient")] for s in sources])  # type: ignore[union-attr]
+    if plan_step is None:
+        step, source_spacing = _source_step(ipp, normal, rel_tol)
+    else:
+        step, source_spacing = np.asarray(plan_step[0], dtype=np.float64), float(plan_step[1])
+        # The plan was made from these sources; a mismatch means the caller mixed two inputs.
+        miss = float(np.linalg.norm(ipp[0] + (len(ipp) - 1) * step - ipp[-1]))
+        if miss > max(0.1, rel_tol * source_spacing):
+            raise DerivedSeriesError(
+                f"the given slice vector misses the last source slice by {miss:.3f} mm"
+            )
+    if not np.all(np.isfinite(ipp)) or not np.all(np.isfinite(step)) or source_spacing <= 0:
+        raise DerivedSeriesError("source positions or slice vector are not finite and distinct")
+    positions = ipp[0] + np.arange(n_out, dtype=np.float64)[:, None] * (step / factor)
+    slice_locations: list[float] | None = None
+    if all(s.get("SliceLocation") not in (None, "") for s in sources):
+        sl0, sl1 = float(sources[0].get("SliceLocation")), float(sources[-1].get("SliceLocation"))  # type: ignore[arg-type]
+        slice_locations = [sl0 + (sl1 - sl0) * k / (n_out - 1) for k in range(n_out)]
+    return _Geometry(positions, source_spacing, source_spacing / factor, slice_locations)
+
+
+# --- pixels -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _PixelEncoding:
+    """How HU become stored values: the first source's rescale, bit depth and sign."""
+
+    bits_stored: int
+    signed: bool
+    slope: float
+    intercept: float
+
+    @classmethod
+    def of(cls, src: _Source) -> _PixelEncoding:
+        bits_stored = int(src.get("BitsStored"))  # type: ignore[arg-type]
+        if not 1 <= bits_stored <= 16:
+            raise DerivedSeriesError(f"unsupported BitsStored {bits_stored}")
+        return cls(
+            bits_stored=bits_stored,
+            signed=int(src.get("PixelRepresentation")) == 1,  # type: ignore[arg-type]
+            slope=float(src.get("RescaleSlope", 1) or 1),  # type: ignore[arg-type]
+            intercept=float(src.get("RescaleIntercept", 0) or 0),  # type: ignore[arg-type]
+        )
+
+    def describe(self, ds: Dataset) -> None:
+        ds.BitsAllocated = 16
+        ds.BitsStored = self.bits_stored
+        ds.HighBit = self.bits_stored - 1
+        ds.PixelRepresentation = 1 if self.signed else 0
+
+    def encode(self, hu: np.ndarray) -> bytes:
+        b = self.bits_stored
+        lo, hi = (-(2 ** (b - 1)), 2 ** (b - 1) - 1) if self.signed else (0, 2**b - 1)
+        stored = np.clip(np.rint((hu.astype(np.float64) - self.intercept) / self.slope), lo, hi)
+        return stored.astype("<i2" if self.signed else "<u2").tobytes()
+
+
+# --- series-level attributes ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Naming:
+    """What the caller chose for the derived series' identity and description."""
+
+    model_id: str
+    model_version: str
+    factor: int
+    series_number_offset: int
+    description_template: str
+    software_version: str
+    created: datetime
+
+
+def _series_attributes(sources: Sequence[_Source], geo: _Geometry, naming: _Naming) -> Dataset:
+    """Everything that is the same on every derived instance, built and validated once."""
+    first = sources[0]
+    ds = Dataset()
+    if "SpecificCharacterSet" in first.ds:
+        ds.SpecificCharacterSet = copy.deepcopy(first.ds.SpecificCharacterSet)
+    copy_elements(ds, (first.element(kw) for kw in PATIENT + STUDY + SERIES + IMAGE_CONSTANT))
+    for kw in TYPE2_SERIES:
+        if kw not in ds:
+            setattr(ds, kw, None)
+
+    date, time = naming.created.strftime("%Y%m%d"), naming.created.strftime("%H%M%S")
+    ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+    ds.InstanceCreationDate, ds.InstanceCreationTime = date, time
+    ds.SeriesDate, ds.SeriesTime = date, time
+    ds.ContentDate, ds.ContentTime = date, time
+    ds.SOPClassUID = CTImageStorage
+    ds.SeriesInstanceUID = derived_series_uid(
+        str(first.get("SeriesInstanceUID")),
+        [s.identity for s in sources],
+        model_id=naming.model_id,
+        model_version=naming.model_version,
+        factor=naming.factor,
+    )
+    src_number = first.get("SeriesNumber")
+    ds.SeriesNumber = (
+        int(src_number) if src_number not in (None, "") else 0  # type: ignore[call-overload]
+    ) + naming.series_number_offset
+    ds.SeriesDescription = naming.description_template.format(
+        source_description=str(first.get("SeriesDescription", "") or "").strip(),
+        spacing=round(geo.new_spacing, 4),
+        source_spacing=round(geo.source_spacing, 4),
+        factor=naming.factor,
+        model_id=naming.model_id,
+        model_version=naming.model_version,
+    ).strip()[:64]
+    derivation = (
+        f"Thin-slice interpolation by {naming.model_id} {naming.model_version}: slice spacing "
+        f"{geo.source_spacing:.4g} mm -> {geo.new_spacing:.4g} mm (factor {naming.factor})"
+    )
+    ds.DerivationDescription = derivation
+    ds.DerivationCodeSequence = DicomSequence([_code("113085", "DCM", "Spatial resampling")])
+    ds.ContributingEquipmentSequence = DicomSequence([_equipment(naming, derivation)])
+    ds.BurnedInAnnotation = "NO"
+    lossy, lossy_methods, lossy_ratios = _lossy_attributes(sources)
+    if lossy is not None:
+        ds.LossyImageCompression = lossy
+        if lossy == "01" and lossy_methods:
+            ds.LossyImageCompressionMethod = lossy_methods
+            if lossy_ratios and len(lossy_ratios) == len(lossy_methods):
+                ds.LossyImageCompressionRatio = lossy_ratios
+    ds.SliceThickness = format_ds(geo.new_spacing)
+    ds.SpacingBetweenSlices = format_ds(geo.new_spacing)
+    ds.ReferencedSeriesSequence = DicomSequence([_referenced_series(sources)])
+    return ds
+
+
+def _referenced_series(sources: Sequence[_Source]) -> Dataset:
+    """The source series and every instance in it (a multi-frame instance once)."""
+    instances: dict[str, Dataset] = {}
+    for src in sources:
+        item = Dataset()
+        item.ReferencedSOPClassUID = src.ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = src.ds.SOPInstanceUID
+        instances.setdefault(str(src.ds.SOPInstanceUID), item)
+    series = Dataset()
+    series.SeriesInstanceUID = sources[0].get("SeriesInstanceUID")
+    series.ReferencedInstanceSequence = DicomSequence(list(instances.values()))
+    return series
+
+
+def _equipment(naming: _Naming, derivation: str) -> Dataset:
+    equipment = Dataset()
+    equipment.Manufacturer = SOFTWARE_NAME
+    equipment.ManufacturerModelName = naming.model_id[:64]
+    equipment.SoftwareVersions = [naming.software_version[:64], naming.model_version[:64]]
+    equipment.ContributionDateTime = naming.created.strftime("%Y%m%d%H%M%S")
+    equipment.ContributionDescription = derivation[:1024]
+    equipment.PurposeOfReferenceCodeSequence = DicomSequence(
+        [_code("109102", "DCM", "Processing Equipment")]
+    )
+    return equipment
+
+
+def _nearest_attributes(src: _Source) -> Dataset:
+    """Acquisition, CT image and window attributes of one source slice."""
+    ds = Dataset()
+    copy_elements(ds, (src.element(kw) for kw in IMAGE_NEAREST))
+    for kw in TYPE2_NEAREST:
+        if kw not in ds:
+            setattr(ds, kw, None)
+    return ds
+
+
+def _fresh(template: Dataset, into: Dataset) -> Dataset:
+    """Add copies of ``template``'s elements to ``into`` that share no mutable value with it.
+    Much cheaper than deepcopy, which dominated the per-file cost: strings, numbers and person
+    names are immutable and stay shared, and the values are already converted and valid."""
+    for elem in template:
+        value, converted = elem.value, True
+        if isinstance(value, DicomSequence):
+            value = DicomSequence([_fresh(item, Dataset()) for item in value])
+        elif isinstance(value, MultiValue):
+            value, converted = list(value), False  # pydicom makes a new MultiValue of it
+        into.add(
+            DataElement(
+                elem.tag, elem.VR, value, already_converted=converted, validation_mode=config.IGNORE
+            )
+        )
+    return into
+
+
+# --- one derived instance ---------------------------------------------------------------------
+
+
+def _references(ds: Dataset, contributing: Sequence[_Source]) -> None:
+    """SourceImageSequence: the contributing source planes."""
+    ds.SourceImageSequence = DicomSequence()
+    for src in contributing:
+        ref = src.reference()
+        ref.PurposeOfReferenceCodeSequence = DicomSequence([_code(*_SOURCE_PURPOSE)])
+        ds.SourceImageSequence.append(ref)
+
+
+def _file_meta(sop_uid: str) -> FileMetaDataset:
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = sop_uid
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+    return meta
+
+
+def _instance(
+    k: int,
+    series: Dataset,
+    nearest: Dataset,
+    contributing: Sequence[_Source],
+    geo: _Geometry,
+    sop_uid: str,
+    pixels: bytes,
+) -> Dataset:
+    """Derived slice ``k``: the series attributes, its nearest source's, its place and pixels."""
+    ds = _fresh(nearest, _fresh(series, Dataset()))
+    ds.SOPInstanceUID = sop_uid
+    ds.InstanceNumber = k + 1
+    _references(ds, contributing)
+    ds.ImagePositionPatient = _ds_list(geo.positions[k])
+    if geo.slice_locations is not None:
+        ds.SliceLocation = format_ds(geo.slice_locations[k])
+    ds.PixelData = pixels
+    ds.file_meta = _file_meta(sop_uid)
+    return ds
+
+
 def write_derived_series(
-    sources: Sequence[Dataset],
+    sources: Sequence[Dataset | SourceImage],
     volume_hu: np.ndarray,
     *,
     factor: int,
@@ -386,12 +568,19 @@ def write_derived_series(
     created: datetime | None = None,
     out_dir: Path | str | None = None,
     spacing_rel_tol: float = 0.05,
-) -> list[Dataset]:
+    slice_vector: Sequence[float] | None = None,
+    spacing_mm: float | None = None,
+) -> DerivedSeries:
     """Build (and optionally write) the derived thin-slice CT series.
 
-    ``sources`` are the source single-frame CT datasets in stacking order (headers suffice: read
+    ``sources`` are the source planes in stacking order: single-frame CT datasets, or
+    :class:`SourceImage` (dataset, frame) for frames of multi-frame images. Headers suffice (read
     with ``stop_before_pixels=True`` is fine). ``volume_hu`` is float HU of shape
     ``((n - 1) * factor + 1, Rows, Columns)`` with ``volume_hu[k * factor]`` at source ``k``.
+
+    ``slice_vector`` and ``spacing_mm`` (both or neither) are the plan's mean slice-to-slice
+    vector and plane spacing; without them they are measured from the sources, which must then be
+    evenly spaced in one direction (within ``spacing_rel_tol``).
 
     ``description_template`` is formatted with ``source_description``, ``spacing`` (new, mm),
     ``source_spacing``, ``factor``, ``model_id`` and ``model_version``; keep PHI out of it. The
@@ -400,194 +589,49 @@ def write_derived_series(
     ``<SOPInstanceUID>.dcm`` (Explicit VR Little Endian) and ``ds.filename`` is set.
 
     Raises :class:`DerivedSeriesError` for inconsistent input: fewer than two sources, mixed
-    series, orientation or matrix, a volume of the wrong shape, or slices that are not evenly
-    spaced in one direction (within ``spacing_rel_tol``).
+    series, orientation or matrix, a volume of the wrong shape, or uneven spacing.
     """
     volume_hu = np.asarray(volume_hu)
-    _check_inputs(sources, volume_hu, factor)
-    first = sources[0]
-    n_src = len(sources)
+    srcs = [_Source(s) for s in sources]
+    _check_inputs(srcs, volume_hu, factor)
+    if (slice_vector is None) != (spacing_mm is None):
+        raise DerivedSeriesError("give both slice_vector and spacing_mm, or neither")
     n_out = volume_hu.shape[0]
-
-    # Geometry: the real mean slice-to-slice vector, in the given stacking order.
-    normal = slice_normal([float(v) for v in first.ImageOrientationPatient])
-    ipp = np.array([[float(v) for v in s.ImagePositionPatient] for s in sources])
-    dist = ipp @ normal
-    sign = 1.0 if dist[-1] >= dist[0] else -1.0
-    if np.any(np.diff(sign * dist) < 0):
-        raise DerivedSeriesError("sources are not an evenly spaced stack in the given order")
-    report = check_spacing(sign * dist, rel_tol=spacing_rel_tol, abs_tol_mm=0.01)
-    if not report.uniform or report.spacing is None:
-        raise DerivedSeriesError(
-            f"sources are not an evenly spaced stack in the given order: {report.reason}"
-        )
-    step = (ipp[-1] - ipp[0]) / (n_src - 1)
-    source_spacing = abs(float(step @ normal))
-    new_spacing = source_spacing / factor
-    positions = derived_positions(ipp[0], step, float(np.linalg.norm(step)) / factor, n_out)
-
-    slice_locations: list[float] | None = None
-    if all("SliceLocation" in s and s.SliceLocation is not None for s in sources):
-        sl0, sl1 = float(first.SliceLocation), float(sources[-1].SliceLocation)
-        slice_locations = [sl0 + (sl1 - sl0) * k / (n_out - 1) for k in range(n_out)]
-
-    # Pixel encoding from the first source (rescale is series-constant in what we write).
-    bits_stored = int(first.BitsStored)
-    if not 1 <= bits_stored <= 16:
-        raise DerivedSeriesError(f"unsupported BitsStored {bits_stored}")
-    signed = int(first.PixelRepresentation) == 1
-    lo, hi = (
-        (-(2 ** (bits_stored - 1)), 2 ** (bits_stored - 1) - 1)
-        if signed
-        else (
-            0,
-            2**bits_stored - 1,
-        )
+    plan_step = None if slice_vector is None else (slice_vector, float(spacing_mm))  # type: ignore[arg-type]
+    geo = _geometry(srcs, factor, n_out, plan_step, spacing_rel_tol)
+    naming = _Naming(
+        model_id,
+        model_version,
+        factor,
+        series_number_offset,
+        description_template,
+        software_version,
+        created or datetime.now(),
     )
-    slope = float(first.get("RescaleSlope", 1) or 1)
-    intercept = float(first.get("RescaleIntercept", 0) or 0)
-    dtype = np.dtype("<i2" if signed else "<u2")
-
-    # Identity.
-    sop_uids = [str(s.SOPInstanceUID) for s in sources]
-    sop_hash = _sop_hash(sop_uids)
-    src_series_uid = str(first.SeriesInstanceUID)
-    series_uid = derived_series_uid(
-        src_series_uid, sop_uids, model_id=model_id, model_version=model_version, factor=factor
-    )
-    created = created or datetime.now()
-    date, time = created.strftime("%Y%m%d"), created.strftime("%H%M%S")
-    src_number = first.get("SeriesNumber")
-    series_number = (int(src_number) if src_number not in (None, "") else 0) + series_number_offset
-    description = description_template.format(
-        source_description=str(first.get("SeriesDescription", "") or "").strip(),
-        spacing=round(new_spacing, 4),
-        source_spacing=round(source_spacing, 4),
-        factor=factor,
-        model_id=model_id,
-        model_version=model_version,
-    ).strip()[:64]
-    derivation = (
-        f"Thin-slice interpolation by {model_id} {model_version}: slice spacing "
-        f"{source_spacing:.4g} mm -> {new_spacing:.4g} mm (factor {factor})"
-    )
-    lossy, lossy_methods, lossy_ratios = _lossy_attributes(sources)
-
-    referenced_series = Dataset()
-    referenced_series.SeriesInstanceUID = src_series_uid
-    referenced_series.ReferencedInstanceSequence = DicomSequence()
-    for s in sources:
-        ref = Dataset()
-        ref.ReferencedSOPClassUID = s.SOPClassUID
-        ref.ReferencedSOPInstanceUID = s.SOPInstanceUID
-        referenced_series.ReferencedInstanceSequence.append(ref)
-
-    equipment = Dataset()
-    equipment.Manufacturer = SOFTWARE_NAME
-    equipment.ManufacturerModelName = model_id[:64]
-    equipment.SoftwareVersions = [software_version[:64], model_version[:64]]
-    equipment.ContributionDateTime = created.strftime("%Y%m%d%H%M%S")
-    equipment.ContributionDescription = derivation[:1024]
-    equipment.PurposeOfReferenceCodeSequence = DicomSequence(
-        [_code("109102", "DCM", "Processing Equipment")]
-    )
+    series = _series_attributes(srcs, geo, naming)
+    encoding = _PixelEncoding.of(srcs[0])
+    encoding.describe(series)
+    sop_hash = _sop_hash([s.identity for s in srcs])
+    src_series_uid = str(srcs[0].get("SeriesInstanceUID"))
+    nearest_cache: dict[int, Dataset] = {}
 
     out_path = Path(out_dir) if out_dir is not None else None
     if out_path is not None:
         out_path.mkdir(parents=True, exist_ok=True)
-
     results: list[Dataset] = []
     for k in range(n_out):
         i, r = divmod(k, factor)
-        nearest = sources[min(n_src - 1, int(round(k / factor)))]
+        j = min(len(srcs) - 1, int(round(k / factor)))
+        if j not in nearest_cache:
+            nearest_cache[j] = _nearest_attributes(srcs[j])
         sop_uid = _instance_uid(src_series_uid, sop_hash, model_id, model_version, factor, k)
-
-        ds = Dataset()
-        if "SpecificCharacterSet" in first:
-            ds.SpecificCharacterSet = deepcopy(first.SpecificCharacterSet)
-        ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
-        ds.InstanceCreationDate = date
-        ds.InstanceCreationTime = time
-        ds.SOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = sop_uid
-        ds.SeriesDate = date
-        ds.SeriesTime = time
-        ds.ContentDate = date
-        ds.ContentTime = time
-        _copy(ds, first, _PATIENT + _STUDY + _SERIES + _IMAGE_CONSTANT)
-        _copy(ds, nearest, _IMAGE_NEAREST)
-        # Type 2 attributes that must be present even when the source lacks them.
-        for kw in (
-            "PatientName",
-            "PatientID",
-            "PatientBirthDate",
-            "PatientSex",
-            "StudyDate",
-            "StudyTime",
-            "ReferringPhysicianName",
-            "StudyID",
-            "AccessionNumber",
-            "Laterality",
-            "PatientPosition",
-            "PositionReferenceIndicator",
-            "Manufacturer",
-            "KVP",
-            "AcquisitionNumber",
-        ):
-            if kw not in ds:
-                setattr(ds, kw, None)
-        ds.SeriesInstanceUID = series_uid
-        ds.SeriesNumber = series_number
-        ds.SeriesDescription = description
-        ds.InstanceNumber = k + 1
-        ds.DerivationDescription = derivation
-        ds.DerivationCodeSequence = DicomSequence([_code("113085", "DCM", "Spatial resampling")])
-        ds.SourceImageSequence = DicomSequence()
-        for j in (i,) if r == 0 else (i, i + 1):
-            ref = Dataset()
-            ref.ReferencedSOPClassUID = sources[j].SOPClassUID
-            ref.ReferencedSOPInstanceUID = sources[j].SOPInstanceUID
-            ref.PurposeOfReferenceCodeSequence = DicomSequence(
-                [_code("121322", "DCM", "Source image for image processing operation")]
-            )
-            ds.SourceImageSequence.append(ref)
-        ds.ReferencedSeriesSequence = DicomSequence([deepcopy(referenced_series)])
-        ds.ContributingEquipmentSequence = DicomSequence([deepcopy(equipment)])
-        ds.BurnedInAnnotation = "NO"
-        if lossy is not None:
-            ds.LossyImageCompression = lossy
-            if lossy == "01" and lossy_methods:
-                ds.LossyImageCompressionMethod = lossy_methods
-                if lossy_ratios and len(lossy_ratios) == len(lossy_methods):
-                    ds.LossyImageCompressionRatio = lossy_ratios
-
-        ds.ImagePositionPatient = _ds_list(positions[k])
-        ds.SliceThickness = format_ds(new_spacing)
-        ds.SpacingBetweenSlices = format_ds(new_spacing)
-        if slice_locations is not None:
-            ds.SliceLocation = format_ds(slice_locations[k])
-
-        stored = np.clip(np.rint((volume_hu[k].astype(np.float64) - intercept) / slope), lo, hi)
-        ds.BitsAllocated = 16
-        ds.BitsStored = bits_stored
-        ds.HighBit = bits_stored - 1
-        ds.PixelRepresentation = 1 if signed else 0
-        ds.PixelData = stored.astype(dtype).tobytes()
-
-        ds.remove_private_tags()
-        _fix_long_ds(ds)
-
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = CTImageStorage
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        ds.file_meta = meta
-
+        contributing = [srcs[i]] if r == 0 else [srcs[i], srcs[i + 1]]
+        ds = _instance(
+            k, series, nearest_cache[j], contributing, geo, sop_uid, encoding.encode(volume_hu[k])
+        )
         if out_path is not None:
             target = out_path / f"{sop_uid}.dcm"
             pydicom.dcmwrite(target, ds, enforce_file_format=True)
             ds.filename = str(target)
         results.append(ds)
-    return results
+    return DerivedSeries(str(series.SeriesInstanceUID), results)

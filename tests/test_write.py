@@ -72,7 +72,7 @@ def test_real_series_passes_dicom3tools(real_series, tmp_path, factor):
     thin = linear_thin(hu, factor)
     out = write_derived_series(
         headers, thin, factor=factor, out_dir=tmp_path, created=CREATED, **MODEL
-    )
+    ).datasets
     n_out = 19 * factor + 1
     assert len(out) == n_out
     written = sorted(tmp_path.glob("*.dcm"))
@@ -149,15 +149,15 @@ def test_uids_are_deterministic(real_series):
     tiny = [deepcopy(h) for h in headers]
     for h in tiny:
         h.Rows, h.Columns = 8, 8
-    a = write_derived_series(tiny, linear_thin(small, 2), factor=2, **MODEL)
-    b = write_derived_series(tiny, linear_thin(small, 2), factor=2, **MODEL)
+    a = write_derived_series(tiny, linear_thin(small, 2), factor=2, **MODEL).datasets
+    b = write_derived_series(tiny, linear_thin(small, 2), factor=2, **MODEL).datasets
     shuffled = write_derived_series(
         tiny, linear_thin(small, 2), factor=2, created=datetime(2030, 1, 1), **MODEL
-    )
-    c = write_derived_series(tiny, linear_thin(small, 3), factor=3, **MODEL)
+    ).datasets
+    c = write_derived_series(tiny, linear_thin(small, 3), factor=3, **MODEL).datasets
     d = write_derived_series(
         tiny, linear_thin(small, 2), factor=2, model_id="acvtt-test", model_version="9"
-    )
+    ).datasets
     uids = [x.SOPInstanceUID for x in a]
     assert uids == [x.SOPInstanceUID for x in b] == [x.SOPInstanceUID for x in shuffled]
     assert len(set(uids)) == len(uids)
@@ -213,7 +213,7 @@ def test_character_set_signed_pixels_and_clipping(tmp_path):
     thick = np.zeros((4, 4, 6), np.float32)
     thick[:, 0, 0] = [-40000, -1000.4, 200.6, 40000]  # out of int16 range at both ends
     thin = linear_thin(thick, 5)
-    out = write_derived_series(sources, thin, factor=5, out_dir=tmp_path, **MODEL)
+    out = write_derived_series(sources, thin, factor=5, out_dir=tmp_path, **MODEL).datasets
     assert len(out) == 16
     d = pydicom.dcmread(tmp_path / f"{out[0].SOPInstanceUID}.dcm")
     assert d.SpecificCharacterSet == "ISO_IR 100"
@@ -237,7 +237,7 @@ def test_gantry_tilt_follows_real_slice_vector(tmp_path):
     sources = _synthetic_sources(shear_y=dy)
     out = write_derived_series(
         sources, np.zeros((7, 4, 6), np.float32), factor=2, out_dir=tmp_path, **MODEL
-    )
+    ).datasets
     for k, src in enumerate(sources):
         np.testing.assert_allclose(
             [float(v) for v in out[2 * k].ImagePositionPatient],
