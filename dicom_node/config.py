@@ -3,6 +3,8 @@
 Every other module takes a :class:`NodeConfig` (or a part of it); nothing reads YAML elsewhere.
 :func:`load_config` raises :class:`ConfigError` whose ``errors`` list holds one
 ``(key.path, message)`` pair per problem, so ``dicom-node config check`` can print them all.
+:func:`check_environment` checks what the values name on this machine (directories, files,
+certificates); ``config check`` and ``serve`` run both and exit 2 on any problem.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import ssl
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -22,6 +26,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 DEFAULT_CONFIG_PATH = Path("config/node.yaml")
 CONFIG_ENV = "DICOM_NODE_CONFIG"
@@ -126,6 +132,19 @@ class DatabaseSection(_Strict):
     url: str = "sqlite:///var/node.db"
     busy_timeout_ms: int = Field(30_000, ge=0)
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        # Parsed here, not at the first connection, so that a typo is a config error with its
+        # key path instead of a failure deep inside start-up.
+        try:
+            make_url(v).get_dialect()
+        except NoSuchModuleError as exc:  # a subclass of ArgumentError: first
+            raise ValueError(f"unknown database kind in {v!r}: {exc}") from None
+        except ArgumentError:
+            raise ValueError(f"cannot parse {v!r} as a database URL (sqlite:///PATH)") from None
+        return v
+
 
 class CompletionSection(_Strict):
     quiet_seconds: float = Field(30, ge=0)
@@ -156,7 +175,21 @@ class RuleMatch(_Strict):
     @classmethod
     def _regex(cls, v: str | None) -> str | None:
         if v is not None:
-            re.compile(v)
+            try:
+                re.compile(v)
+            except re.error as exc:  # not a ValueError: pydantic would let it escape
+                raise ValueError(f"invalid regular expression: {exc}") from None
+        return v
+
+    @field_validator("spacing_mm", "thickness_mm")
+    @classmethod
+    def _range(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None:
+            low, high = v
+            if low < 0:
+                raise ValueError(f"[min, max] in mm: min {low:g} is negative")
+            if low > high:
+                raise ValueError(f"[min, max] in mm: min {low:g} is greater than max {high:g}")
         return v
 
 
@@ -205,6 +238,22 @@ class NodeConfig(_Strict):
     send: SendSection = SendSection()
     rules: list[Rule] = []
     model: ModelSection = ModelSection()
+
+    @field_validator("allowed_callers")
+    @classmethod
+    def _unique_callers(cls, v: list[AllowedCaller]) -> list[AllowedCaller]:
+        # A repeated entry is harmless to matching but means an edit went wrong (a copy that
+        # was meant to name another AE title or host).
+        seen: dict[tuple[str, object], int] = {}
+        for i, c in enumerate(v):
+            key = (c.ae_title, ipaddress.ip_network(c.host, strict=False))
+            if key in seen:
+                raise ValueError(
+                    f"entries {seen[key]} and {i} are the same caller "
+                    f"(ae_title {c.ae_title}, host {c.host})"
+                )
+            seen[key] = i
+        return v
 
     @model_validator(mode="after")
     def _references(self) -> NodeConfig:
@@ -270,7 +319,131 @@ def load_config(path: Path | str | None = None) -> NodeConfig:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise ConfigError(str(p), [("", f"invalid YAML: {where}{exc}")]) from None
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
+        raise ConfigError(str(p), [("", f"invalid YAML: {where}{problem}")]) from None
+    if data is None or data == {}:
+        # The defaults alone accept no caller and process nothing: an empty file is a mistake
+        # (a truncated copy, the wrong path), not a configuration.
+        raise ConfigError(
+            str(p), [("", "the file has no settings: start from config/node.example.yaml")]
+        )
     # Relative paths in the file are relative to the working directory (systemd units set
     # WorkingDirectory; the demo runs from the repository root).
     return parse_config(data, str(p))
+
+
+# -- what the config names must exist and be usable ---------------------------------------------
+#
+# The schema above checks values; these check the machine. They run in `config check` and at
+# the start of `serve`, so that a missing directory or certificate is reported with its key
+# path, not as whatever the first system call that trips on it happens to say.
+#
+# Directories: the node creates the spool directory and the SQLite file when they are missing,
+# but never a missing parent directory. A typo in a path (or a relative path run from the wrong
+# working directory) is then an error, not a new directory tree somewhere, created as root.
+
+
+def check_environment(config: NodeConfig, create: bool = False) -> list[tuple[str, str]]:
+    """Problems with the directories, files and callers ``config`` names, as (key, message).
+
+    ``create``: make the spool directory when only it is missing (``serve`` does; ``config
+    check`` changes nothing).
+    """
+    problems = _check_spool(Path(config.storage.spool_dir), create)
+    problems += check_database_path(config.database.url)
+    problems += _check_tls("node.tls", config.node.tls, server=True)
+    for i, dest in enumerate(config.destinations):
+        problems += _check_tls(f"destinations.{i}.tls", dest.tls, server=False)
+    if not config.allowed_callers:
+        problems.append(("allowed_callers", "empty: every association would be rejected"))
+    return problems
+
+
+def config_warnings(config: NodeConfig) -> list[str]:
+    """Settings that work but are probably not what was meant."""
+    if not config.rules:
+        return ["rules: none: received series are kept but never processed"]
+    return []
+
+
+def _check_spool(spool: Path, create: bool) -> list[tuple[str, str]]:
+    key = "storage.spool_dir"
+    if not spool.exists():
+        parent = spool.absolute().parent
+        if not parent.is_dir():
+            return [(key, f"{spool}: its parent directory {parent} does not exist")]
+        if not create:
+            if not os.access(parent, os.W_OK | os.X_OK):
+                return [(key, f"{spool} does not exist and {parent} is not writable")]
+            return []  # serve creates it
+        try:
+            spool.mkdir()
+        except OSError as exc:
+            return [(key, f"cannot create {spool}: {exc.strerror or exc}")]
+    if not spool.is_dir():
+        return [(key, f"{spool} is not a directory")]
+    # A real write, not os.access: that ignores read-only mounts for root (and systemd's
+    # ProtectSystem), and says yes to root whatever the permissions.
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=spool)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        return [(key, f"cannot write in {spool}: {exc.strerror or exc}")]
+    return []
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL; None for another database or an in-memory one."""
+    u = make_url(url)
+    if u.get_backend_name() != "sqlite" or u.database in (None, "", ":memory:"):
+        return None
+    if u.query.get("uri") in ("true", "1") or u.database.startswith("file:"):
+        return None  # a URI filename: sqlite reads it, we do not
+    return Path(u.database)
+
+
+def check_database_path(url: str) -> list[tuple[str, str]]:
+    """For SQLite: the file's directory exists and both are writable. (Whether the database
+    itself takes a write is tried at start-up, see :mod:`dicom_node.node`.)"""
+    key = "database.url"
+    path = sqlite_path(url)
+    if path is None:
+        return []
+    directory = path.absolute().parent
+    if not directory.is_dir():
+        return [(key, f"directory {directory} of the SQLite file does not exist")]
+    # SQLite in WAL mode creates <db>-wal and <db>-shm next to the file at every start.
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return [(key, f"directory {directory} of the SQLite file is not writable")]
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return [(key, f"SQLite file {path} is not writable")]
+    return []
+
+
+def _check_tls(key: str, tls: TLSConfig | None, server: bool) -> list[tuple[str, str]]:
+    if tls is None:
+        return []
+    problems = []
+    for name in ("cert_file", "key_file", "ca_file"):
+        path = getattr(tls, name)
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            problems.append((f"{key}.{name}", f"{path}: {exc.strerror or exc}"))
+    if problems:
+        return problems
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER if server else ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        return [(f"{key}.cert_file", f"cannot load with key_file {tls.key_file}: {exc}")]
+    if tls.ca_file is not None:
+        try:
+            ctx.load_verify_locations(str(tls.ca_file))
+        except (ssl.SSLError, OSError) as exc:
+            return [(f"{key}.ca_file", f"cannot load {tls.ca_file}: {exc}")]
+    return []

@@ -225,12 +225,10 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercise
 
 
 def make_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
-    """Create an engine; for SQLite: WAL, busy timeout, parent directory created."""
+    """Create an engine; for SQLite: WAL and busy timeout. No directory is created: a missing
+    one is a configuration error (:func:`dicom_node.config.check_database_path`)."""
     kwargs: dict = {"future": True}
     if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
         kwargs["connect_args"] = {
             "timeout": busy_timeout_ms / 1000,
             "check_same_thread": False,
@@ -258,10 +256,6 @@ def upgrade(url: str) -> None:
     """Bring the database at ``url`` to the newest schema (idempotent)."""
     from alembic import command
 
-    if url.startswith("sqlite"):
-        path = url.split("///", 1)[-1]
-        if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
     command.upgrade(alembic_config(url), "head")
 
 

@@ -160,6 +160,7 @@ def test_serve_reports_busy_port_in_one_line(tmp_path, node):
         yaml.safe_dump(
             {
                 "node": {"port": node.port},
+                "allowed_callers": [{"ae_title": "STORESCU", "host": "127.0.0.1"}],
                 "database": {"url": f"sqlite:///{tmp_path}/n.db"},
                 "storage": {"spool_dir": str(tmp_path / "spool")},
             }

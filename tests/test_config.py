@@ -99,3 +99,54 @@ def test_config_path_resolution(monkeypatch, tmp_path):
 )
 def test_allowed_caller_matches(entry, ae, ip, ok):
     assert AllowedCaller(ae_title=entry[0], host=entry[1]).matches(ae, ip) is ok
+
+
+@pytest.mark.parametrize(
+    ("match", "key", "text"),
+    [
+        ({"spacing_mm": [10, 1.5]}, "rules.0.match.spacing_mm", "greater than max"),
+        ({"thickness_mm": [-1, 5]}, "rules.0.match.thickness_mm", "negative"),
+        ({"series_description_regex": "[ax"}, "rules.0.match.series_description_regex", "regular"),
+    ],
+)
+def test_rule_match_values_are_checked(match, key, text):
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"rules": [{"name": "r", "match": match, "action": {"factor": 2}}]})
+    assert [(k, text in m) for k, m in exc.value.errors] == [(key, True)]
+
+
+def test_duplicate_callers_and_database_url():
+    with pytest.raises(ConfigError) as exc:
+        parse_config(
+            {
+                "allowed_callers": [
+                    {"ae_title": "A", "host": "10.0.0.0/8"},
+                    {"ae_title": "A", "host": "10.0.0.1/8"},  # the same network
+                ],
+                "database": {"url": "not a url"},
+            }
+        )
+    errors = dict(exc.value.errors)
+    assert "entries 0 and 1" in errors["allowed_callers"]
+    assert "cannot parse" in errors["database.url"]
+    # Another caller on the same host, or the same caller on another host, is no duplicate.
+    parse_config(
+        {
+            "allowed_callers": [
+                {"ae_title": "A", "host": "10.0.0.1"},
+                {"ae_title": "B", "host": "10.0.0.1"},
+                {"ae_title": "A", "host": "10.0.0.2"},
+            ]
+        }
+    )
+
+
+def test_empty_file_is_an_error(tmp_path):
+    for text in ("", "# comments only\n", "{}\n"):
+        empty = tmp_path / "empty.yaml"
+        empty.write_text(text)
+        with pytest.raises(ConfigError) as exc:
+            load_config(empty)
+        assert exc.value.errors == [
+            ("", "the file has no settings: start from config/node.example.yaml")
+        ]

@@ -34,7 +34,14 @@ from dicom_node.cli.app import (
     sessions_for,
     styled,
 )
-from dicom_node.config import ConfigError, load_config, resolve_config_path
+from dicom_node.config import (
+    ConfigError,
+    check_database_path,
+    check_environment,
+    config_warnings,
+    load_config,
+    resolve_config_path,
+)
 
 series_app = typer.Typer(help="Inspect received series.", no_args_is_help=True)
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
@@ -57,6 +64,9 @@ def serve(
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         fail(f"unknown log level {log_level!r}", EXIT_CONFIG)
+    # The same checks as `config check`, before anything listens or writes: a missing
+    # directory or certificate is named by its key, not reported as "cannot listen".
+    _exit_on_problems(resolve_config_path(config_path), check_environment(config, create=True))
     logging.basicConfig(
         level=level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -74,6 +84,8 @@ def serve(
     # pydicom's warnings about invalid values quote the value, which may be a patient's name:
     # the node reads leniently and never logs them.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+    for warning in config_warnings(config):
+        logging.getLogger("dicom_node").warning("config: %s", warning)
     try:
         Node(config).run_forever()
     except OSError as exc:
@@ -340,6 +352,7 @@ def config_check(config_path: Path | None = ConfigOption) -> None:
     except ConfigError as exc:
         print_config_errors(exc)
         raise typer.Exit(EXIT_CONFIG) from None
+    _exit_on_problems(path, check_environment(config))
     from dicom_node.infer import ModelPool, ModelUnavailable
 
     try:
@@ -349,6 +362,8 @@ def config_check(config_path: Path | None = ConfigOption) -> None:
         raise typer.Exit(EXIT_CONFIG) from None
     if ident.note:
         err_console.print(styled(("warning:", "yellow"), f" {ident.note}"), highlight=False)
+    for warning in config_warnings(config):
+        err_console.print(styled(("warning:", "yellow"), f" {path}: {warning}"), highlight=False)
     console.print(
         f"{path}: ok (model {ident.model_id} {ident.model_version}; "
         f"AE {config.node.ae_title} on {config.node.bind_address}:"
@@ -404,12 +419,20 @@ def echo(
 def db_upgrade(config_path: Path | None = ConfigOption) -> None:
     """Create or upgrade the database schema to the newest revision."""
     config = get_config(config_path)
+    _exit_on_problems(resolve_config_path(config_path), check_database_path(config.database.url))
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         db.upgrade(config.database.url)
     except Exception as exc:
         fail(f"database upgrade failed: {str(exc).splitlines()[0][:200]}", EXIT_FAILED)
     console.print(f"database at newest schema: {config.database.url}", highlight=False)
+
+
+def _exit_on_problems(path: Path, problems: list[tuple[str, str]]) -> None:
+    """Print each problem as ``error: FILE: key.path: reason`` and exit 2, if there is any."""
+    if problems:
+        print_config_errors(ConfigError(str(path), problems))
+        raise typer.Exit(EXIT_CONFIG)
 
 
 __all__ = ["app", "EXIT_FAILED"]
