@@ -18,8 +18,8 @@ when an output folder is given). What it promises:
 * Derivation: ImageType DERIVED\\SECONDARY\\AXIAL, DerivationDescription, DerivationCodeSequence
   (113085, DCM, "Spatial resampling"), SourceImageSequence (the one or two source slices the
   derived slice lies on or between, purpose 121322, with the frame number for a multi-frame
-  source), ReferencedSeriesSequence (the source series and all its instances, a multi-frame
-  instance once) and ContributingEquipmentSequence (109102).
+  source), ReferencedSeriesSequence (the source series and those same instances: each file costs
+  the same whatever the length of the series) and ContributingEquipmentSequence (109102).
 * Geometry: ``IPP_k = IPP_0 + k * (step / factor)`` where ``step`` is the real mean slice-to-slice
   vector of the sources (the normal times the spacing, or the sheared vector under gantry tilt),
   the plan's when the caller has one. SliceThickness and SpacingBetweenSlices are the new plane
@@ -452,22 +452,7 @@ def _series_attributes(sources: Sequence[_Source], geo: _Geometry, naming: _Nami
                 ds.LossyImageCompressionRatio = lossy_ratios
     ds.SliceThickness = format_ds(geo.new_spacing)
     ds.SpacingBetweenSlices = format_ds(geo.new_spacing)
-    ds.ReferencedSeriesSequence = DicomSequence([_referenced_series(sources)])
     return ds
-
-
-def _referenced_series(sources: Sequence[_Source]) -> Dataset:
-    """The source series and every instance in it (a multi-frame instance once)."""
-    instances: dict[str, Dataset] = {}
-    for src in sources:
-        item = Dataset()
-        item.ReferencedSOPClassUID = src.ds.SOPClassUID
-        item.ReferencedSOPInstanceUID = src.ds.SOPInstanceUID
-        instances.setdefault(str(src.ds.SOPInstanceUID), item)
-    series = Dataset()
-    series.SeriesInstanceUID = sources[0].get("SeriesInstanceUID")
-    series.ReferencedInstanceSequence = DicomSequence(list(instances.values()))
-    return series
 
 
 def _equipment(naming: _Naming, derivation: str) -> Dataset:
@@ -514,13 +499,23 @@ def _fresh(template: Dataset, into: Dataset) -> Dataset:
 # --- one derived instance ---------------------------------------------------------------------
 
 
-def _references(ds: Dataset, contributing: Sequence[_Source]) -> None:
-    """SourceImageSequence: the contributing source planes."""
+def _references(ds: Dataset, contributing: Sequence[_Source], series_uid: str) -> None:
+    """SourceImageSequence: the contributing source planes; ReferencedSeriesSequence: their
+    series and instances (a multi-frame instance once)."""
     ds.SourceImageSequence = DicomSequence()
+    instances: dict[str, Dataset] = {}
     for src in contributing:
         ref = src.reference()
         ref.PurposeOfReferenceCodeSequence = DicomSequence([_code(*_SOURCE_PURPOSE)])
         ds.SourceImageSequence.append(ref)
+        item = Dataset()
+        item.ReferencedSOPClassUID = src.ds.SOPClassUID
+        item.ReferencedSOPInstanceUID = src.ds.SOPInstanceUID
+        instances.setdefault(str(src.ds.SOPInstanceUID), item)
+    series = Dataset()
+    series.SeriesInstanceUID = series_uid
+    series.ReferencedInstanceSequence = DicomSequence(list(instances.values()))
+    ds.ReferencedSeriesSequence = DicomSequence([series])
 
 
 def _file_meta(sop_uid: str) -> FileMetaDataset:
@@ -546,7 +541,7 @@ def _instance(
     ds = _fresh(nearest, _fresh(series, Dataset()))
     ds.SOPInstanceUID = sop_uid
     ds.InstanceNumber = k + 1
-    _references(ds, contributing)
+    _references(ds, contributing, str(contributing[0].get("SeriesInstanceUID")))
     ds.ImagePositionPatient = _ds_list(geo.positions[k])
     if geo.slice_locations is not None:
         ds.SliceLocation = format_ds(geo.slice_locations[k])
