@@ -42,12 +42,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import Session, object_session
 
 from dicom_node import geometry
 from dicom_node.config import CompletionSection, NodeConfig
-from dicom_node.db import Instance, Series, SeriesState, utcnow
+from dicom_node.db import Instance, Series, SeriesState, audit, utcnow
 from dicom_node.index import Refusal, refusals_for_series
 
 __all__ = [
@@ -706,10 +706,49 @@ def due_series(session: Session, config: NodeConfig, now: datetime | None = None
     )
     rows = session.scalars(
         select(Series)
-        .where(Series.state.in_([SeriesState.receiving, SeriesState.changed]))
+        .where(Series.state.in_(_OPEN))
         .where(Series.last_received <= now - timedelta(seconds=min_quiet))
+        .where(or_(Series.hold_until.is_(None), Series.hold_until <= now))
         .order_by(Series.last_received)
     ).all()
     return [
         s for s in rows if s.last_received <= now - timedelta(seconds=quiet_seconds_for(s, config))
     ]
+
+
+_OPEN = (SeriesState.receiving, SeriesState.changed)
+
+
+def hold_series(session: Session, series_uids: Iterable[str], until: datetime, reason: str) -> int:
+    """Keep open series from completing before ``until`` (an association that stored into them
+    ended without a release: the rest may follow). Returns how many were held; the caller
+    commits."""
+    uids = list(series_uids)
+    if not uids:
+        return 0
+    rows = session.scalars(
+        select(Series).where(Series.series_uid.in_(uids), Series.state.in_(_OPEN))
+    ).all()
+    return _hold(session, rows, until, reason)
+
+
+def hold_unfinished_series(session: Session, until: datetime, reason: str | None) -> int:
+    """At start-up: hold every series that was still open when the node stopped. Without a
+    ``reason`` (a routine restart) the hold is silent: no reason shown, no audit event."""
+    rows = session.scalars(select(Series).where(Series.state.in_(_OPEN))).all()
+    return _hold(session, rows, until, reason)
+
+
+def _hold(session: Session, rows: Sequence[Series], until: datetime, reason: str | None) -> int:
+    for ser in rows:
+        ser.hold_until = max(until, ser.hold_until or until)
+        if reason is None:
+            continue
+        ser.state_reason = f"waiting until {ser.hold_until:%Y-%m-%d %H:%M:%S} UTC: {reason}"
+        audit(
+            session,
+            "series_held",
+            series_uid=ser.series_uid,
+            detail={"until": ser.hold_until.isoformat(timespec="seconds"), "reason": reason},
+        )
+    return len(rows)

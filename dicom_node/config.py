@@ -68,6 +68,9 @@ class NodeSection(_Strict):
     network_timeout_s: float = Field(60, gt=0)
     max_pdu: int = Field(0, ge=0, description="0 = unlimited")
     tls: TLSConfig | None = None
+    # A loop (completion, dispatch, send, a worker) failing or silent for this long makes the
+    # node unhealthy in `dicom-node status` and `dicom-node health`.
+    health_stall_after_s: float = Field(60, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae)
 
@@ -127,6 +130,11 @@ class StorageSection(_Strict):
     retention_days: float = Field(7, ge=0, description="keep source/derived files this long")
     fsync: bool = Field(True, description="fsync files and directories before acknowledging")
 
+    @property
+    def spool_root(self) -> Path:
+        """The spool directory as an absolute path (index rows hold paths relative to it)."""
+        return self.spool_dir.resolve()
+
 
 class DatabaseSection(_Strict):
     url: str = "sqlite:///var/node.db"
@@ -148,6 +156,10 @@ class DatabaseSection(_Strict):
 
 class CompletionSection(_Strict):
     quiet_seconds: float = Field(30, ge=0)
+    # A series whose association ended without a release (sender killed, network cut), or that
+    # was still arriving when the node stopped, waits this long for the rest before it counts
+    # as complete.
+    interrupted_hold_s: float = Field(600, ge=0)
     check_interval_s: float = Field(2, gt=0)
     spacing_rel_tol: float = Field(0.02, ge=0, le=0.5, description="allowed slice step error")
     spacing_abs_tol_mm: float = Field(0.05, ge=0)
@@ -155,9 +167,18 @@ class CompletionSection(_Strict):
 
 
 class SendSection(_Strict):
-    max_attempts: int = Field(8, ge=1, le=100)
+    # Transient failures are retried for a window of time, not a number of attempts: a PACS
+    # down for hours of maintenance must not turn jobs into dead letters.
+    retry_window_s: float = Field(
+        8 * 3600, gt=0, description="give up after transient failures lasting this long"
+    )
+    max_attempts: int | None = Field(None, ge=1, description="optional cap on attempts too")
     base_delay_s: float = Field(2, gt=0)
     max_delay_s: float = Field(300, gt=0)
+    # Acknowledgements are committed in batches while the association runs: after a crash at
+    # most this many (or this many seconds' worth) are sent again.
+    ack_batch: int = Field(32, ge=1, le=10_000)
+    ack_flush_s: float = Field(1.0, gt=0, le=60)
 
 
 class RuleMatch(_Strict):

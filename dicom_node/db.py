@@ -96,6 +96,10 @@ class Series(Base):
     last_received: Mapped[datetime] = mapped_column(DateTime, default=utcnow, index=True)
     # Incremented on every new or changed instance: completion compares it to detect late ones.
     revision: Mapped[int] = mapped_column(Integer, default=0)
+    # Not complete before this time, whatever the quiet period says: set when an association
+    # that stored into the series ended without a release, and at start-up for series that
+    # were still arriving when the node stopped (a partial series must not look complete).
+    hold_until: Mapped[datetime | None] = mapped_column(DateTime)
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(
@@ -161,6 +165,14 @@ class Job(Base):
     preview_path: Mapped[str | None] = mapped_column(Text)
     supersedes_job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"))
     stage_seconds: Mapped[dict[str, float]] = mapped_column(JSON, default=dict)
+    # The typed hand-offs between stages: what the job reads (the exact source instances,
+    # written by completion) and what it wrote (file names inside ``derived_dir``, read by
+    # delivery). ``summary`` is for display only.
+    source_sop_uids: Mapped[list[str]] = mapped_column(JSON, default=list)
+    derived_files: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # When the current run of transient send failures began (None while sends succeed): the
+    # retry budget counts time, not attempts.
+    send_failing_since: Mapped[datetime | None] = mapped_column(DateTime)
     summary: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -488,13 +488,15 @@ _SELECT_OWNER = (
 _UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("instance_id"))
 _OPEN_STATES = (SeriesState.receiving.value, SeriesState.changed.value)
 # Every new or changed instance: revision + 1, last_received = now, and a series that had left
-# "receiving" becomes "changed".
+# "receiving" becomes "changed". A hold set by an aborted association or a restart ends: the
+# sender is back, and the quiet period (and a new hold, should this association abort) decides.
 _TOUCH_SERIES = (
     update(Series)
     .where(Series.id == bindparam("series_id"))
     .values(
         revision=Series.revision + 1,
         last_received=bindparam("now"),
+        hold_until=None,
         state=case(
             (Series.state.in_(_OPEN_STATES), Series.state),
             else_=literal(SeriesState.changed.value),

@@ -12,10 +12,17 @@ States::
     queued/running -> rejected (input unusable, reason kept)
 
 ``running`` jobs found at start-up were interrupted by a crash and go back to ``queued``
-(:func:`recover_interrupted`). A job for a new instance set of a series that already had a job
-*supersedes* the latest earlier one (``supersedes_job_id``). Send bookkeeping is per destination
-and SOP instance (:class:`~dicom_node.db.SentInstance`), so a resend only sends what no
-destination has acknowledged yet.
+(:func:`recover_interrupted`). ``job.reason`` is the reason for the *current* state (cleared on
+every transition that gives none); every earlier reason stays in the audit trail.
+
+A job for a new instance set of a series that already had a job *supersedes* the latest earlier
+one (``supersedes_job_id``). Send bookkeeping is per destination
+and SOP instance (:class:`~dicom_node.db.SentInstance`), recorded as acknowledgements arrive
+(:func:`record_acks`), so a resend only sends what that destination has not acknowledged yet.
+
+The stages hand each other typed columns, not dict keys: completion writes
+``job.source_sop_uids`` (the exact input), the worker writes ``job.derived_files`` (names in
+``job.derived_dir``, read by delivery and the CLI). ``job.summary`` is for display only.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 
 from sqlalchemy import delete, select, update
 from sqlalchemy.exc import IntegrityError
@@ -35,15 +43,19 @@ from dicom_node.db import Job, JobState, SentInstance, Series, audit, utcnow
 __all__ = [
     "InvalidTransition",
     "JobKey",
+    "NotPossible",
     "acknowledged",
     "claim",
     "instances_hash",
     "job_key",
-    "pending_instances",
+    "derived_paths",
     "queue_job",
     "record_ack",
+    "record_acks",
     "recover_interrupted",
+    "missing_derived",
     "requeue",
+    "resend",
     "schedule_send_retry",
     "transition",
 ]
@@ -135,7 +147,9 @@ def queue_job(
         state=JobState.queued,
         supersedes_job_id=previous.id if previous is not None else None,
         stage_seconds={},
-        summary={**(summary or {}), "source_sop_uids": sop_uids},
+        source_sop_uids=sop_uids,
+        derived_files=[],
+        summary=dict(summary or {}),
     )
     try:
         with session.begin_nested():
@@ -180,8 +194,9 @@ def transition(
         raise InvalidTransition(f"job {job.id}: {job.state.value} -> {new.value} is not allowed")
     old = job.state
     job.state = new
-    if reason is not None or new in (JobState.queued, JobState.running):
-        job.reason = reason
+    # The reason describes the current state only; the history is in the audit trail (a job
+    # that was finally sent must not still show the reason of its last failed attempt).
+    job.reason = reason
     for k, v in fields.items():
         setattr(job, k, v)
     job.updated_at = utcnow()
@@ -230,7 +245,15 @@ def requeue(session: Session, job: Job, reason: str, *, forget_sent: bool = Fals
     so that every derived instance is sent again (same UIDs, so PACS replaces, never duplicates)."""
     if forget_sent:
         session.execute(delete(SentInstance).where(SentInstance.job_id == job.id))
-    return transition(session, job, JobState.queued, reason, next_send_at=None, send_attempts=0)
+    return transition(
+        session,
+        job,
+        JobState.queued,
+        reason,
+        next_send_at=None,
+        send_attempts=0,
+        send_failing_since=None,
+    )
 
 
 # --- send bookkeeping -------------------------------------------------------------------------
@@ -247,37 +270,93 @@ def acknowledged(session: Session, job: Job, destination: str) -> set[str]:
     )
 
 
-def pending_instances(
-    session: Session, job: Job, destination: str, all_uids: Iterable[str]
-) -> list[str]:
-    """The UIDs (in the given order) that ``destination`` has not acknowledged yet."""
-    done = acknowledged(session, job, destination)
-    return [u for u in all_uids if u not in done]
-
-
 def record_ack(session: Session, job: Job, destination: str, sop_uid: str, status: int) -> None:
     """Remember that ``destination`` acknowledged ``sop_uid`` (idempotent). The caller commits."""
-    exists = session.scalars(
-        select(SentInstance.id).where(
-            SentInstance.job_id == job.id,
-            SentInstance.destination == destination,
-            SentInstance.sop_instance_uid == sop_uid,
-        )
-    ).first()
-    if exists is None:
-        session.add(
-            SentInstance(
-                job_id=job.id, destination=destination, sop_instance_uid=sop_uid, status=status
+    record_acks(session, job.id, destination, [(sop_uid, status)])
+
+
+def record_acks(
+    session: Session, job_id: int, destination: str, acks: Iterable[tuple[str, int]]
+) -> int:
+    """Remember a batch of (SOP Instance UID, status) acknowledgements by ``destination``;
+    ones already recorded are skipped (idempotent). Returns how many were new. The caller
+    commits."""
+    acks = dict(acks)
+    if not acks:
+        return 0
+    known = set(
+        session.scalars(
+            select(SentInstance.sop_instance_uid).where(
+                SentInstance.job_id == job_id,
+                SentInstance.destination == destination,
+                SentInstance.sop_instance_uid.in_(list(acks)),
             )
         )
+    )
+    new = [
+        SentInstance(job_id=job_id, destination=destination, sop_instance_uid=u, status=st)
+        for u, st in acks.items()
+        if u not in known
+    ]
+    session.add_all(new)
+    return len(new)
+
+
+class NotPossible(ValueError):
+    """An operator's request that the job's state does not allow (the message says why)."""
+
+
+def missing_derived(job: Job) -> str | None:
+    """Why the job's derived series cannot be sent (None when every file is there)."""
+    files = derived_paths(job)
+    if not files:
+        return f"job {job.id} has no derived series; reprocess the series"
+    missing = [f for f in files if not f.exists()]
+    if missing:
+        return (
+            f"{len(missing)} of job {job.id}'s {len(files)} derived files are gone "
+            "(retention?); reprocess the series"
+        )
+    return None
+
+
+def resend(session: Session, job: Job, *, all_instances: bool = False) -> Job:
+    """Send a job's derived series again: only what each destination has not acknowledged, or
+    everything with ``all_instances`` (same UIDs: a PACS replaces, never duplicates). Raises
+    :class:`NotPossible` when there is nothing to send. The caller commits."""
+    if job.state not in (JobState.written, JobState.sent, JobState.failed):
+        raise NotPossible(f"job {job.id} is {job.state.value}: nothing to resend yet")
+    why = missing_derived(job)
+    if why:
+        raise NotPossible(why)
+    if all_instances:
+        session.execute(delete(SentInstance).where(SentInstance.job_id == job.id))
+    return transition(
+        session,
+        job,
+        JobState.written,
+        None,
+        next_send_at=None,
+        send_attempts=0,
+        send_failing_since=None,
+    )
+
+
+def derived_paths(job: Job) -> list[Path]:
+    """The job's derived files (empty until the worker wrote them)."""
+    if not job.derived_dir:
+        return []
+    return [Path(job.derived_dir) / name for name in job.derived_files or []]
 
 
 def schedule_send_retry(
     session: Session, job: Job, delay_s: float, reason: str, now: datetime | None = None
 ) -> None:
     """Record a transient send failure; the send loop tries again after ``delay_s``."""
-    job.next_send_at = (now or utcnow()) + timedelta(seconds=delay_s)
-    job.reason = reason
+    now = now or utcnow()
+    job.next_send_at = now + timedelta(seconds=delay_s)
+    job.send_failing_since = job.send_failing_since or now
+    job.reason = f"retrying: {reason}"
     audit(
         session,
         "send_retry_scheduled",

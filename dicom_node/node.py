@@ -1,19 +1,21 @@
-"""The running node: database, receiver and (when installed) the processing pipeline.
+"""The running node: database, receiver and the processing pipeline.
 
 ``Node(config).run_forever()`` is what ``dicom-node serve`` runs. Start order: upgrade the
-database, start the receiver, then start :class:`dicom_node.scheduler.Pipeline` if that module
-exists. SIGTERM/SIGINT stop it in the reverse order: the pipeline first, then the receiver
-(which lets open associations finish for a few seconds).
+database, start the receiver, then start :class:`dicom_node.scheduler.Pipeline`. SIGTERM/SIGINT
+stop it in the reverse order: the pipeline first, then the receiver (which lets open
+associations finish for a few seconds).
 
 While it runs, the node keeps a small JSON status file (:func:`status_file_path`) up to date,
 rewritten atomically on every association change and every few seconds, so that
-``dicom-node status`` (another process) can show the open associations.
+``dicom-node status`` and ``dicom-node health`` (other processes) can show the open associations
+and the health of every loop. A status file left behind at start-up means the previous run did
+not stop cleanly (a crash or ``kill -9``): the pipeline then holds back series that were still
+arriving (see scheduler.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -25,7 +27,9 @@ from pathlib import Path
 
 from dicom_node import db
 from dicom_node.config import NodeConfig
+from dicom_node.health import Health
 from dicom_node.receive import Receiver
+from dicom_node.scheduler import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +40,26 @@ HEARTBEAT_S = 5.0
 def status_file_path(config: NodeConfig) -> Path:
     """Where the running node publishes its status (inside the spool, which is writable)."""
     return Path(config.storage.spool_dir) / STATUS_FILE
+
+
+def status_problem(config: NodeConfig) -> str:
+    """Why :func:`read_status` found no running node, in words for a health check."""
+    path = status_file_path(config)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "node is not running (no status file)"
+    try:
+        os.kill(int(data.get("pid")), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return "node is not running (it stopped without cleaning up: a crash?)"
+    except PermissionError:
+        pass
+    age = time.time() - float(data.get("updated_unix", 0))
+    return (
+        f"node process {data.get('pid')} is alive but has not updated its status for "
+        f"{age:.0f} s (is the spool's disk full, or the process hung?)"
+    )
 
 
 def read_status(config: NodeConfig) -> dict | None:
@@ -68,7 +92,8 @@ class Node:
         self.engine = None
         self.session_factory = None
         self.receiver: Receiver | None = None
-        self.pipeline = None
+        self.pipeline: Pipeline | None = None
+        self.health = Health(stall_after_s=config.node.health_stall_after_s)
         self.started = datetime.now(UTC)
         self._stop = threading.Event()
         self._status_dirty = threading.Event()
@@ -79,15 +104,14 @@ class Node:
         db.upgrade(cfg.database.url)
         self.engine = db.make_engine(cfg.database.url, cfg.database.busy_timeout_ms)
         self.session_factory = db.make_session_factory(self.engine)
+        # Read before this run writes its own: a file left behind means the last run crashed.
+        crashed = status_file_path(cfg).exists()
         self.receiver = Receiver(cfg, self.session_factory, on_change=self._status_dirty.set)
         self.receiver.start()
-        pipeline_cls = _optional_pipeline()
-        if pipeline_cls is not None:
-            self.pipeline = pipeline_cls(cfg, self.session_factory)
-            self.pipeline.start()
-            log.info("pipeline started")
-        else:
-            log.info("no dicom_node.scheduler module: receiving only")
+        self.pipeline = Pipeline(
+            cfg, self.session_factory, previous_run_crashed=crashed, health=self.health
+        )
+        self.pipeline.start()
         self._write_status()
         self._status_thread = threading.Thread(
             target=self._status_loop, name="node-status", daemon=True
@@ -139,6 +163,7 @@ class Node:
             "started": self.started.isoformat(timespec="seconds"),
             "updated_unix": time.time(),
             "pipeline": self.pipeline is not None,
+            "health": self.health.snapshot(),
             "associations": [a.as_dict() for a in assocs],
         }
 
@@ -159,13 +184,3 @@ class Node:
                 break
             self._write_status()
             time.sleep(0.2)  # coalesce bursts of association changes
-
-
-def _optional_pipeline():
-    try:
-        module = importlib.import_module("dicom_node.scheduler")
-    except ModuleNotFoundError as exc:
-        if exc.name == "dicom_node.scheduler":
-            return None
-        raise
-    return getattr(module, "Pipeline", None)

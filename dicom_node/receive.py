@@ -33,7 +33,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -46,7 +46,9 @@ from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
+from dicom_node.complete import hold_series
 from dicom_node.config import NodeConfig
+from dicom_node.db import utcnow
 from dicom_node.index import (
     STATUS_INVALID_UID,
     STATUS_OUT_OF_RESOURCES,
@@ -88,6 +90,8 @@ class AssociationInfo:
     stored: int = 0
     failed: int = 0
     _t0: float = field(default_factory=time.monotonic, repr=False)
+    # Series this association stored into: held back if it ends without a release.
+    series_uids: set[str] = field(default_factory=set, repr=False)
 
     def as_dict(self) -> dict:
         return {
@@ -124,6 +128,7 @@ class Receiver:
         self.config = config
         self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
         self.indexer = Indexer(session_factory)
+        self.sessions = session_factory
         self.on_change = on_change
         self.ae_title = config.node.ae_title
         self._server = None
@@ -176,9 +181,9 @@ class Receiver:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
-            (evt.EVT_CONN_CLOSE, self._on_closed),
+            (evt.EVT_RELEASED, self._on_released),
+            (evt.EVT_ABORTED, self._on_interrupted),
+            (evt.EVT_CONN_CLOSE, self._on_interrupted),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
@@ -287,20 +292,53 @@ class Receiver:
         log.info("association established calling_ae=%s peer=%s", info.calling_ae, info.peer)
         self._changed()
 
-    def _on_closed(self, event) -> None:
+    def _on_released(self, event) -> None:
+        self._closed(event, released=True)
+
+    def _on_interrupted(self, event) -> None:
+        # Whichever of A-ABORT and the closed connection comes first ends the association;
+        # after a release, both find nothing left to do.
+        self._closed(event, released=False)
+
+    def _closed(self, event, released: bool) -> None:
         with self._lock:
             info = self._assocs.pop(id(event.assoc), None)
         if info is None:
             return
         log.info(
-            "association closed calling_ae=%s peer=%s stored=%d failed=%d duration_s=%.2f",
+            "association %s calling_ae=%s peer=%s stored=%d failed=%d duration_s=%.2f",
+            "released" if released else "aborted",
             info.calling_ae,
             info.peer,
             info.stored,
             info.failed,
             time.monotonic() - info._t0,
         )
+        if not released and info.series_uids:
+            self._hold_interrupted(info)
         self._changed()
+
+    def _hold_interrupted(self, info: AssociationInfo) -> None:
+        """The sender stopped mid-association (killed, network cut, aborted): what it stored
+        may be part of a series. Hold those series for ``completion.interrupted_hold_s`` so
+        that the rest can come (a resend ends the hold) before anything counts as complete."""
+        hold_s = self.config.completion.interrupted_hold_s
+        until = utcnow() + timedelta(seconds=hold_s)
+        why = f"the association from {info.calling_ae} ended without a release"
+        try:
+            with self.sessions() as s:
+                held = hold_series(s, info.series_uids, until, why)
+                s.commit()
+        except Exception:  # the series then completes after the quiet period, as before
+            log.exception("cannot hold series of an aborted association")
+            return
+        log.warning(
+            "association aborted: %d series held for %.0f s calling_ae=%s peer=%s",
+            held,
+            hold_s,
+            info.calling_ae,
+            info.peer,
+        )
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -456,6 +494,9 @@ class Receiver:
             if previous is not None:
                 with contextlib.suppress(OSError):
                     previous.unlink()
+        info = self._assocs.get(id(event.assoc))
+        if info is not None:
+            info.series_uids.add(header.series_uid)
         return STATUS_SUCCESS, None, outcome
 
     @staticmethod

@@ -2,7 +2,8 @@
 
 :class:`Pipeline` (started by :class:`dicom_node.node.Node` next to the receiver) runs four
 periodic tasks on a ``BackgroundScheduler``; each keeps its state in the database, so the node can
-stop at any moment and pick up where it left off:
+stop at any moment and pick up where it left off. This module only schedules: a send attempt is
+deliver.py's, clean-up is retention.py's, a job run is infer.py's.
 
 * **completion** (every ``completion.check_interval_s``): quiet series -> plan (complete.py) ->
   rule (rules.py) -> job (jobs.py). Unusable series become ``rejected`` and series that no rule
@@ -12,15 +13,19 @@ stop at any moment and pick up where it left off:
 * **dispatch** (every second, and at once after a job is queued): claims queued jobs, highest
   priority first, while fewer than ``model.concurrency`` run, and hands them to worker threads
   (infer.py), which keep their models loaded between jobs.
-* **send** (every second, and at once after a job is written): sends each written job to its
-  destinations over one association each (send.py). Only instances a destination has not
-  acknowledged go out. A transient failure schedules a retry after ``next_retry_delay``
-  (exponential backoff with jitter) until ``send_max_attempts``; a permanent one fails the job at
-  once (a dead letter, visible in ``jobs list --state failed``).
-* **clean-up** (hourly): source and derived files older than ``storage.retention_days`` are
-  removed once their jobs are finished (0 keeps everything).
+* **send** (every second, and at once after a job is written): one delivery attempt per due job
+  (deliver.py: only unacknowledged instances go out, acknowledgements are recorded as they arrive,
+  transient failures are retried with backoff for ``send.retry_window_s``).
+* **clean-up** (hourly): retention.py.
 
-At start-up, jobs left ``running`` by a crash go back to ``queued``.
+Every loop survives any exception: it logs it, records the reason on the job or series where
+there is one, reports to :class:`~dicom_node.health.Health` (a loop failing for a minute makes
+the node unhealthy in ``dicom-node status`` and ``dicom-node health``) and runs again.
+
+At start-up, jobs left ``running`` by a crash go back to ``queued``, and series that were still
+arriving are held back (the quiet period starts again; after a crash they wait
+``completion.interrupted_hold_s``), so that a series cut off by the crash is not processed as if
+it were complete.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-import shutil
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -39,9 +44,18 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import jobs as jobs_mod
-from dicom_node.complete import Rejection, due_series, plan_series, tolerances_from_config
+from dicom_node import retention
+from dicom_node.complete import (
+    Rejection,
+    due_series,
+    hold_unfinished_series,
+    plan_series,
+    tolerances_from_config,
+)
 from dicom_node.config import NodeConfig
-from dicom_node.db import Instance, Job, JobState, Series, SeriesState, audit, utcnow
+from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
+from dicom_node.deliver import RetryPolicy, deliver_job
+from dicom_node.health import Health
 from dicom_node.infer import (
     ModelPool,
     ModelUnavailable,
@@ -84,11 +98,7 @@ def plan_and_queue(
 ) -> QueueOutcome:
     """Plan ``series`` (geometry), pick its rule and factor, and queue its job (idempotent: the
     same instance set, model and factor give the same job). Does not commit."""
-    plan = plan_series(
-        series,
-        Path(config.storage.spool_dir).resolve(),
-        tolerances_from_config(config.completion),
-    )
+    plan = plan_series(series, config.storage.spool_root, tolerances_from_config(config.completion))
     if isinstance(plan, Rejection):
         return QueueOutcome(SeriesState.rejected, plan.reason)
     missing = [r.label for r in plan.slices if not Path(r.file_path).exists()]
@@ -169,22 +179,30 @@ class Pipeline:
         session_factory: sessionmaker[Session],
         *,
         models: ModelPool | None = None,
-        send_max_attempts: int | None = None,
         send_base_delay_s: float | None = None,
-        send_max_delay_s: float | None = None,
         dispatch_interval_s: float = 1.0,
         send_interval_s: float = 1.0,
         cleanup_interval_s: float = 3600.0,
+        previous_run_crashed: bool = False,
+        health: Health | None = None,
     ):
         self.config = config
         self.session_factory = session_factory
         self.concurrency = resolve_concurrency(config.model)
         self.models = models or ModelPool(config.model, size=self.concurrency)
-        self.worker = Worker(config, session_factory, self.models)
-        # Keyword overrides exist for tests; the config's ``send`` section is the normal source.
-        self.send_max_attempts = send_max_attempts or config.send.max_attempts
-        self.send_base_delay_s = send_base_delay_s or config.send.base_delay_s
-        self.send_max_delay_s = send_max_delay_s or config.send.max_delay_s
+        self.health = health or Health()
+        self._stop = threading.Event()
+        self.worker = Worker(
+            config, session_factory, self.models, health=self.health, stop=self._stop
+        )
+        # The keyword override exists for tests; the config's ``send`` section is the source.
+        policy = RetryPolicy.from_config(config.send)
+        if send_base_delay_s is not None:
+            policy = RetryPolicy(
+                send_base_delay_s, policy.max_delay_s, policy.retry_window_s, policy.max_attempts
+            )
+        self.retry_policy = policy
+        self.previous_run_crashed = previous_run_crashed
         self._intervals = (dispatch_interval_s, send_interval_s, cleanup_interval_s)
         self._scheduler = BackgroundScheduler(
             job_defaults={"coalesce": True, "max_instances": 1, "misfire_grace_time": None}
@@ -193,39 +211,60 @@ class Pipeline:
         self._threads: list[threading.Thread] = []
         self._running: set[int] = set()
         self._lock = threading.Lock()
-        self._stop = threading.Event()
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
         # APScheduler logs every run at INFO: several lines a second, drowning our own events.
         # Skipped overlapping runs are expected (a long completion check): not worth a warning.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
-        with self.session_factory() as s:
-            recovered = jobs_mod.recover_interrupted(s)
-            s.commit()
-        if recovered:
-            log.warning("requeued interrupted jobs %s", recovered)
+        self._recover()
         # Load the model now, not when the first series completes (saves seconds of latency).
         threading.Thread(target=self._preload, name="acvtt-preload", daemon=True).start()
         for i in range(self.concurrency):
-            t = threading.Thread(target=self._worker_loop, name=f"acvtt-worker-{i}", daemon=True)
-            t.start()
-            self._threads.append(t)
+            self._threads.append(self._start_worker_thread(i))
         dispatch_s, send_s, cleanup_s = self._intervals
+        tasks: list[tuple[str, Callable[[], object], float]] = [
+            ("completion", self.check_completion, self.config.completion.check_interval_s),
+            ("dispatch", self.dispatch, dispatch_s),
+            ("send", self.send_due, send_s),
+            ("cleanup", self.clean_up, cleanup_s),
+        ]
         now = datetime.now()
-        sch = self._scheduler
-        sch.add_job(
-            self.check_completion,
-            "interval",
-            seconds=self.config.completion.check_interval_s,
-            id="completion",
-            next_run_time=now,
-        )
-        sch.add_job(self.dispatch, "interval", seconds=dispatch_s, id="dispatch", next_run_time=now)
-        sch.add_job(self.send_due, "interval", seconds=send_s, id="send", next_run_time=now)
-        sch.add_job(self.clean_up, "interval", seconds=cleanup_s, id="cleanup", next_run_time=now)
-        sch.start()
+        for name, fn, interval in tasks:
+            self.health.register(name, interval)
+            self._scheduler.add_job(
+                self._guarded(name, fn), "interval", seconds=interval, id=name, next_run_time=now
+            )
+        self._scheduler.start()
         log.info("pipeline started workers=%d", self.concurrency)
+
+    def _recover(self) -> None:
+        """Requeue jobs a crash left running; hold back series that were still arriving."""
+        completion = self.config.completion
+        wait, why = (
+            (completion.interrupted_hold_s, "the node stopped while the series was arriving")
+            if self.previous_run_crashed
+            else (completion.quiet_seconds, None)  # routine restart: the quiet period restarts
+        )
+        try:
+            with self.session_factory() as s:
+                recovered = jobs_mod.recover_interrupted(s)
+                held = hold_unfinished_series(s, utcnow() + timedelta(seconds=wait), why)
+                s.commit()
+        except Exception as exc:
+            # The loops retry against the database; the health report shows why.
+            log.exception("start-up recovery failed")
+            self.health.failed("startup", f"recovery failed: {type(exc).__name__}: {exc}")
+            return
+        if recovered:
+            log.warning("requeued interrupted jobs %s", recovered)
+        if held:
+            log.warning("held %d unfinished series for %.0f s: %s", held, wait, why or "restart")
+
+    def _start_worker_thread(self, i: int) -> threading.Thread:
+        t = threading.Thread(target=self._worker_loop, name=f"acvtt-worker-{i}", daemon=True)
+        t.start()
+        return t
 
     def _preload(self) -> None:
         try:
@@ -249,59 +288,115 @@ class Pipeline:
         with contextlib.suppress(Exception):  # the job may be gone during shutdown
             self._scheduler.modify_job(job_id, next_run_time=datetime.now())
 
+    def _guarded(self, name: str, fn: Callable[[], object]) -> Callable[[], None]:
+        """``fn`` as a scheduler task that never raises and reports every pass to health."""
+
+        def run() -> None:
+            try:
+                fn()
+            except Exception as exc:
+                log.exception("%s loop failed", name)
+                self.health.failed(name, f"{type(exc).__name__}: {exc}")
+            else:
+                self.health.ok(name)
+
+        return run
+
     # -- completion --------------------------------------------------------------------------
     def check_completion(self) -> None:
-        try:
-            with self.session_factory() as s:
-                queued = False
-                for series in due_series(s, self.config):
-                    if self._stop.is_set():
-                        return
-                    try:
-                        _, _, job = evaluate_series(s, self.config, series, self.models)
-                    except ModelUnavailable as exc:
-                        # Not the series' fault: it waits (and is re-checked) until the model
-                        # config is fixed; the reason is shown in `series list` and audited once.
-                        s.rollback()
-                        self._model_unavailable(s, series, str(exc))
-                        continue
-                    except Exception:
-                        s.rollback()
-                        log.exception("completion check failed series_uid=%s", series.series_uid)
-                        continue
-                    queued = queued or job is not None
-            if queued:
-                self._wake("dispatch")
-        except Exception:
-            log.exception("completion check failed")
+        """Evaluate every quiet series; a series whose check fails keeps the reason and waits.
+        Raises only when the database cannot be read at all (the loop reports it)."""
+        failed: list[str] = []
+        queued = False
+        with self.session_factory() as s:
+            for series in due_series(s, self.config):
+                if self._stop.is_set():
+                    return
+                try:
+                    _, _, job = evaluate_series(s, self.config, series, self.models)
+                except ModelUnavailable as exc:
+                    # Not the series' fault: it waits (and is re-checked) until the model
+                    # config is fixed; the reason is shown in `series list` and audited once.
+                    s.rollback()
+                    self._series_waits(s, series, f"model unavailable ({exc})", "model_unavailable")
+                    continue
+                except Exception as exc:
+                    s.rollback()
+                    log.exception("completion check failed series_uid=%s", series.series_uid)
+                    failed.append(series.series_uid)
+                    self._series_waits(
+                        s, series, f"completion check failed ({type(exc).__name__}: {exc})"
+                    )
+                    continue
+                queued = queued or job is not None
+        if queued:
+            self._wake("dispatch")
+        if failed:
+            raise RuntimeError(f"completion check failed for {len(failed)} series")
 
-    def _model_unavailable(self, session: Session, series: Series, error: str) -> None:
-        reason = f"waiting: model unavailable ({error})"[:1000]
+    def _series_waits(
+        self, session: Session, series: Series, why: str, audit_kind: str = "completion_failed"
+    ) -> None:
+        """Show why a series waits (``series list``), audited once per distinct reason."""
+        reason = f"waiting: {why}"[:1000]
         if series.state_reason == reason:
             return
-        series.state_reason = reason
-        audit(session, "model_unavailable", series_uid=series.series_uid, detail=error)
-        session.commit()
-        log.error(
-            "model unavailable, series waits series_uid=%s error=%s", series.series_uid, error
-        )
+        try:
+            series.state_reason = reason
+            audit(session, audit_kind, series_uid=series.series_uid, detail=why[:1000])
+            session.commit()
+        except Exception:
+            session.rollback()
+            log.exception("cannot record why series waits series_uid=%s", series.series_uid)
+        log.error("series waits series_uid=%s reason=%s", series.series_uid, why)
 
     # -- dispatch ----------------------------------------------------------------------------
     def dispatch(self) -> None:
-        try:
-            with self._lock:
-                free = self.concurrency - len(self._running)
-            if free <= 0:
-                return
-            with self.session_factory() as s:
-                for job in jobs_mod.next_queued(s, free):
-                    if jobs_mod.claim(s, job.id):
+        self._revive_workers()
+        self._requeue_orphans()
+        with self._lock:
+            free = self.concurrency - len(self._running)
+        if free <= 0:
+            return
+        with self.session_factory() as s:
+            for job in jobs_mod.next_queued(s, free):
+                if jobs_mod.claim(s, job.id):
+                    with self._lock:
+                        self._running.add(job.id)
+                    try:
                         s.commit()
+                    except Exception:
                         with self._lock:
-                            self._running.add(job.id)
-                        self._work.put(job.id)
-        except Exception:
-            log.exception("dispatch failed")
+                            self._running.discard(job.id)
+                        raise
+                    self._work.put(job.id)
+
+    def _revive_workers(self) -> None:
+        """A worker thread must never end while the pipeline runs; if one did, say so and
+        start another, so that one bad job cannot stop the pipeline."""
+        for i, t in enumerate(self._threads):
+            if not t.is_alive() and not self._stop.is_set():
+                log.error("worker thread %s had stopped; starting a new one", t.name)
+                self.health.failed(t.name, "worker thread had stopped; restarted")
+                self._threads[i] = self._start_worker_thread(i)
+
+    def _requeue_orphans(self, grace_s: float = 60.0) -> None:
+        """Jobs ``running`` in the database that no worker of this node holds (their worker
+        died mid-job) go back to the queue, so that none sits in ``running`` forever."""
+        cutoff = utcnow() - timedelta(seconds=grace_s)
+        with self.session_factory() as s:
+            stale = s.scalars(
+                select(Job).where(Job.state == JobState.running, Job.updated_at < cutoff)
+            ).all()
+            with self._lock:
+                orphans = [j for j in stale if j.id not in self._running]
+            for job in orphans:
+                jobs_mod.transition(
+                    s, job, JobState.queued, "requeued: no worker was running it any more"
+                )
+            if orphans:
+                s.commit()
+                log.warning("requeued orphaned jobs %s", [j.id for j in orphans])
 
     def _worker_loop(self) -> None:
         while True:
@@ -310,6 +405,14 @@ class Pipeline:
                 return
             try:
                 state = self.worker.run(job_id)
+            except BaseException as exc:  # Worker.run records its own failures; belt and braces
+                log.exception("worker failed job_id=%s", job_id)
+                self.health.failed(
+                    threading.current_thread().name, f"job {job_id}: {type(exc).__name__}: {exc}"
+                )
+                state = None
+                if not isinstance(exc, Exception):
+                    raise
             finally:
                 with self._lock:
                     self._running.discard(job_id)
@@ -319,164 +422,41 @@ class Pipeline:
 
     # -- sending -----------------------------------------------------------------------------
     def send_due(self) -> None:
-        try:
-            now = utcnow()
-            with self.session_factory() as s:
-                due = s.scalars(
-                    select(Job.id)
-                    .where(Job.state == JobState.written)
-                    .where((Job.next_send_at.is_(None)) | (Job.next_send_at <= now))
-                    .order_by(Job.priority.desc(), Job.id)
-                ).all()
-            for job_id in due:
-                if self._stop.is_set():
-                    return
-                self.send_job(job_id)
-        except Exception:
-            log.exception("send loop failed")
-
-    def send_job(self, job_id: int) -> JobState:
-        """One send attempt of a written job to all its destinations; returns the new state."""
-        from dicom_node.send import (
-            FailureKind,
-            destination_from_config,
-            next_retry_delay,
-            send_instances,
-        )
-
-        node = self.config.node
+        now = utcnow()
         with self.session_factory() as s:
-            job = s.get(Job, job_id)
-            if job is None or job.state is not JobState.written:
-                return job.state if job else JobState.failed
-            files = [
-                Path(job.derived_dir or "") / f
-                for f in (job.summary or {}).get("derived_files", [])
-            ]
-            missing = [f for f in files if not f.exists()]
-            if not files or missing:
-                jobs_mod.transition(
-                    s, job, JobState.failed, f"derived files missing ({len(missing)}); reprocess"
-                )
-                s.commit()
-                return JobState.failed
-            failure_kind, reasons, elapsed = None, [], 0.0
-            for name in job.destinations or []:
-                try:
-                    dcfg = self.config.destination(name)
-                except KeyError:
-                    failure_kind = FailureKind.PERMANENT
-                    reasons.append(f"{name}: destination is no longer configured")
-                    continue
-                dest = destination_from_config(dcfg)
-                acked = jobs_mod.acknowledged(s, job, name)
-                res = send_instances(
-                    dest,
-                    files,
-                    calling_ae_title=node.ae_title,
-                    already_acknowledged=acked,
-                    acse_timeout=node.acse_timeout_s,
-                    dimse_timeout=node.dimse_timeout_s,
-                    network_timeout=node.network_timeout_s,
-                )
-                elapsed += res.elapsed_s
-                for o in res.outcomes:
-                    if o.sent_now and o.acknowledged:
-                        jobs_mod.record_ack(s, job, name, o.sop_instance_uid, o.status or 0)
-                audit(
-                    s,
-                    "send_attempt",
-                    series_uid=job.source_series_uid,
-                    job_id=job.id,
-                    peer=str(dest),
-                    detail={
-                        "sent_now": len(res.sent_now),
-                        "acknowledged": len(res.acknowledged),
-                        "of": len(files),
-                        "failure": res.failure.reason if res.failure else None,
-                        "seconds": round(res.elapsed_s, 3),
-                    },
-                )
-                if not res.ok:
-                    kind = res.failure.kind if res.failure else FailureKind.TRANSIENT
-                    if failure_kind is not FailureKind.PERMANENT:
-                        failure_kind = kind
-                    reasons.append(
-                        f"{name}: {res.failure.reason if res.failure else 'not all acknowledged'}"
-                    )
-            stages = dict(job.stage_seconds or {})
-            stages["send"] = round(stages.get("send", 0.0) + elapsed, 3)
-            job.stage_seconds = stages
-            job.send_attempts = (job.send_attempts or 0) + 1
-            reason = "; ".join(reasons)
-            if failure_kind is None:
-                note = None if job.destinations else "no destinations: kept locally"
-                jobs_mod.transition(s, job, JobState.sent, note, next_send_at=None)
-                ser = s.get(Series, job.series_id)
-                if ser is not None and ser.state is SeriesState.complete:
-                    ser.state = SeriesState.processed
-                new = JobState.sent
-            elif failure_kind is FailureKind.PERMANENT:
-                jobs_mod.transition(s, job, JobState.failed, f"send failed permanently: {reason}")
-                new = JobState.failed
-            elif job.send_attempts >= self.send_max_attempts:
-                jobs_mod.transition(
-                    s,
-                    job,
-                    JobState.failed,
-                    f"send gave up after {job.send_attempts} attempts: {reason}",
-                )
-                new = JobState.failed
-            else:
-                delay = next_retry_delay(
-                    job.send_attempts - 1, self.send_base_delay_s, self.send_max_delay_s
-                )
-                jobs_mod.schedule_send_retry(s, job, delay, reason)
-                new = JobState.written
-            s.commit()
-        log.info("send job_id=%s state=%s reason=%s", job_id, new.value, reason or None)
-        return new
+            due = s.scalars(
+                select(Job.id)
+                .where(Job.state == JobState.written)
+                .where((Job.next_send_at.is_(None)) | (Job.next_send_at <= now))
+                .order_by(Job.priority.desc(), Job.id)
+            ).all()
+        errors = 0
+        for job_id in due:
+            if self._stop.is_set():
+                return
+            try:
+                deliver_job(self.config, self.session_factory, job_id, policy=self.retry_policy)
+            except Exception as exc:
+                log.exception("delivery failed job_id=%s", job_id)
+                errors += 1
+                self._delivery_error(job_id, exc)
+        if errors:
+            raise RuntimeError(f"{errors} delivery attempt(s) failed; reasons are on the jobs")
+
+    def _delivery_error(self, job_id: int, exc: Exception) -> None:
+        """An attempt that broke (not a peer's answer): retry later, with the reason on the job."""
+        reason = f"delivery attempt failed: {type(exc).__name__}: {exc}"[:1000]
+        try:
+            with self.session_factory() as s:
+                job = s.get(Job, job_id)
+                if job is not None and job.state is JobState.written:
+                    job.send_attempts = (job.send_attempts or 0) + 1
+                    delay = min(self.retry_policy.max_delay_s, 30.0)
+                    jobs_mod.schedule_send_retry(s, job, delay, reason)
+                    s.commit()
+        except Exception:
+            log.exception("cannot record the delivery failure job_id=%s", job_id)
 
     # -- clean-up ----------------------------------------------------------------------------
     def clean_up(self, now: datetime | None = None) -> int:
-        """Remove files older than the retention period whose jobs are finished; returns the
-        number of files removed. Index and job rows stay (history)."""
-        days = self.config.storage.retention_days
-        if days <= 0:
-            return 0
-        cutoff = (now or utcnow()) - timedelta(days=days)
-        spool_root = Path(self.config.storage.spool_dir).resolve()
-        busy = (JobState.queued, JobState.running, JobState.written)
-        removed = 0
-        try:
-            with self.session_factory() as s:
-                old_series = s.scalars(select(Series).where(Series.last_received < cutoff)).all()
-                for ser in old_series:
-                    active = s.scalars(
-                        select(Job.id).where(Job.series_id == ser.id, Job.state.in_(busy))
-                    ).first()
-                    if active is not None or ser.state in (
-                        SeriesState.receiving,
-                        SeriesState.changed,
-                    ):
-                        continue
-                    for inst in s.scalars(select(Instance).where(Instance.series_id == ser.id)):
-                        p = spool_root / inst.file_path
-                        if p.exists():
-                            p.unlink()
-                            removed += 1
-                old_jobs = s.scalars(
-                    select(Job).where(Job.updated_at < cutoff, Job.state.not_in(busy))
-                ).all()
-                for job in old_jobs:
-                    if job.derived_dir and Path(job.derived_dir).exists():
-                        removed += sum(1 for _ in Path(job.derived_dir).iterdir())
-                        shutil.rmtree(job.derived_dir, ignore_errors=True)
-                if removed:
-                    audit(s, "retention_cleanup", detail={"files": removed, "cutoff": cutoff})
-                    s.commit()
-        except Exception:
-            log.exception("clean-up failed")
-        if removed:
-            log.info("retention clean-up removed %d files", removed)
-        return removed
+        return retention.clean_up(self.config, self.session_factory, now)

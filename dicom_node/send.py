@@ -361,11 +361,14 @@ def send_instances(
     dimse_timeout: float = 60.0,
     network_timeout: float = 60.0,
     connection_timeout: float = 10.0,
+    on_ack: Callable[[str, int], None] | None = None,
 ) -> SendResult:
     """Send ``instances`` (file paths or datasets with file meta) over one association.
 
     Instances whose SOP Instance UID is in ``already_acknowledged`` are skipped and reported as
     acknowledged. Stops at the first failure; see the module docstring for the classification.
+    ``on_ack(sop_instance_uid, status)`` is called as each acknowledgement arrives, so that the
+    caller can record it before the association ends (a crash mid-send then loses little).
     """
     t0 = time.monotonic()
     done = set(already_acknowledged)
@@ -465,6 +468,8 @@ def send_instances(
             outcomes[i] = InstanceOutcome(
                 it.sop_instance, kind is None, status=status, sent_now=True, detail=comment
             )
+            if kind is None and on_ack is not None:
+                on_ack(it.sop_instance, status)
             if kind is not None:
                 failure = SendFailure(
                     kind,

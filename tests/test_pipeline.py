@@ -22,6 +22,7 @@ from sqlalchemy import select
 from dicom_node import db
 from dicom_node.config import parse_config
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState, Study, utcnow
+from dicom_node.deliver import deliver_job
 from dicom_node.infer import ModelPool
 from dicom_node.jobs import claim
 from dicom_node.scheduler import Pipeline, evaluate_series, plan_and_queue
@@ -37,6 +38,13 @@ class LinearStandIn:
         i0 = np.minimum(np.floor(z).astype(int), d - 2)
         w = (z - i0)[:, None, None]
         return (volume[i0] * (1 - w) + volume[i0 + 1] * w).astype(np.float32)
+
+
+def _send(pipeline: Pipeline, job_id: int) -> JobState:
+    """One delivery attempt, with the pipeline's retry policy."""
+    return deliver_job(
+        pipeline.config, pipeline.session_factory, job_id, policy=pipeline.retry_policy
+    )
 
 
 def _free_port() -> int:
@@ -170,7 +178,7 @@ def test_series_to_sent_and_late_arrival_supersedes(env):
 
     scp = SCP(port)
     try:
-        assert pipeline.send_job(job.id) is JobState.sent
+        assert _send(pipeline, job.id) is JobState.sent
     finally:
         scp.stop()
     assert len(scp.received) == 7
@@ -201,7 +209,7 @@ def test_send_failures_transient_retry_and_permanent_fail_at_once(env):
     job = _run_next(pipeline, sessions)
 
     # Nobody listening: transient, retried later.
-    assert pipeline.send_job(job.id) is JobState.written
+    assert _send(pipeline, job.id) is JobState.written
     with sessions() as s:
         j = s.get(Job, job.id)
         assert j.send_attempts == 1 and j.next_send_at is not None and j.reason
@@ -212,7 +220,7 @@ def test_send_failures_transient_retry_and_permanent_fail_at_once(env):
         with sessions() as s:
             s.get(Job, job.id).next_send_at = None
             s.commit()
-        assert pipeline.send_job(job.id) is JobState.failed
+        assert _send(pipeline, job.id) is JobState.failed
         assert len(scp.received) == 1  # stopped at the first refusal, no storm
     finally:
         scp.stop()
@@ -437,7 +445,7 @@ def test_retention_removes_only_finished_files_and_reprocess_says_why(env, tmp_p
     assert pipeline.clean_up(now=later) == 0  # the job is written but not yet sent: kept
     scp = SCP(port)
     try:
-        assert pipeline.send_job(job.id) is JobState.sent
+        assert _send(pipeline, job.id) is JobState.sent
     finally:
         scp.stop()
     assert pipeline.clean_up() == 0  # sent, but younger than 7 days

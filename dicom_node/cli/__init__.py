@@ -2,17 +2,8 @@
 
 from __future__ import annotations
 
-import importlib
-
+from dicom_node.cli import job_cmds, node_cmds  # noqa: F401  (each adds its commands to app)
 from dicom_node.cli.app import app
-
-# Each module adds its commands to ``app`` on import; a missing optional module is skipped.
-for _name in ("node_cmds", "job_cmds"):
-    try:
-        importlib.import_module(f"dicom_node.cli.{_name}")
-    except ModuleNotFoundError as _exc:  # pragma: no cover - during development only
-        if _exc.name != f"dicom_node.cli.{_name}":
-            raise
 
 
 def main() -> None:

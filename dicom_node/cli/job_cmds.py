@@ -15,7 +15,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node import db
+from dicom_node import db, jobs
 from dicom_node.cli.app import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -29,7 +29,11 @@ from dicom_node.cli.app import (
     sessions_for,
     styled,
 )
+from dicom_node.complete import Rejection, plan_series, tolerances_from_config
 from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState
+from dicom_node.infer import ModelPool
+from dicom_node.rules import explain, factor_for, facts_from_series
+from dicom_node.scheduler import plan_and_queue
 
 jobs_app = typer.Typer(help="Inspect and manage processing jobs.", no_args_is_help=True)
 rules_app = typer.Typer(help="Check which rule applies to a series.", no_args_is_help=True)
@@ -70,7 +74,7 @@ def _job_dict(job: Job, acked: dict[str, int] | None = None, superseded_uid: str
         "preview_path": job.preview_path,
         "supersedes_job_id": job.supersedes_job_id,
         "stage_seconds": job.stage_seconds or {},
-        "n_in": summary.get("n_in", len(summary.get("source_sop_uids", []))),
+        "n_in": summary.get("n_in", len(job.source_sop_uids or [])),
         "n_out": summary.get("n_out"),
         "spacing_in_mm": summary.get("spacing_in_mm"),
         "spacing_out_mm": summary.get("spacing_out_mm"),
@@ -212,9 +216,6 @@ def reprocess(
     The same instances with the same model and factor give the same job and the same UIDs, so a
     PACS never gets a second copy. Without ``--force`` a finished job is left alone.
     """
-    from dicom_node import jobs
-    from dicom_node.infer import ModelPool
-    from dicom_node.scheduler import plan_and_queue
 
     config = get_config(config_path)
     sessions = sessions_for(config)
@@ -270,7 +271,6 @@ def resend(
     wait: float = typer.Option(0, "--wait", help="wait up to this many seconds for the result"),
 ) -> None:
     """Send a written job's derived series again (only unacknowledged instances by default)."""
-    from dicom_node import jobs
 
     config = get_config(config_path)
     sessions = sessions_for(config)
@@ -279,17 +279,16 @@ def resend(
             job = s.get(Job, job_id)
             if job is None:
                 fail(f"no job {job_id}", EXIT_NOT_FOUND)
-            if job.state not in (JobState.written, JobState.sent, JobState.failed):
-                fail(f"job {job_id} is {job.state.value}: nothing to resend yet")
-            files = (job.summary or {}).get("derived_files") or []
-            if not job.derived_dir or not files:
-                fail(f"job {job_id} has no derived series; use `reprocess`")
-            if any(not (Path(job.derived_dir) / f).exists() for f in files):
-                fail(f"job {job_id}'s derived files are gone (retention?); use `reprocess`")
-            if all_instances:
-                s.query(SentInstance).filter(SentInstance.job_id == job.id).delete()
-            jobs.transition(
-                s, job, JobState.written, "resend requested", next_send_at=None, send_attempts=0
+            try:
+                jobs.resend(s, job, all_instances=all_instances)
+            except jobs.NotPossible as exc:
+                fail(str(exc))
+            db.audit(
+                s,
+                "resend",
+                series_uid=job.source_series_uid,
+                job_id=job.id,
+                detail={"all": all_instances},
             )
             s.commit()
     except SQLAlchemyError as exc:
@@ -312,8 +311,6 @@ def rules_test(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Show the series' geometry, which rule matches and why, or why none does."""
-    from dicom_node.complete import Rejection, plan_series, tolerances_from_config
-    from dicom_node.rules import explain, factor_for, facts_from_series
 
     config = get_config(config_path)
     try:
@@ -322,9 +319,7 @@ def rules_test(
             if series is None:
                 fail(f"no series {series_uid}", EXIT_NOT_FOUND)
             plan = plan_series(
-                series,
-                Path(config.storage.spool_dir).resolve(),
-                tolerances_from_config(config.completion),
+                series, config.storage.spool_root, tolerances_from_config(config.completion)
             )
             rejected = plan.reason if isinstance(plan, Rejection) else None
             facts = facts_from_series(series, None if rejected else plan)

@@ -147,6 +147,7 @@ def status(
             "below_minimum": free is not None and free < config.storage.min_free_bytes,
         },
         "associations": (running or {}).get("associations", []),
+        "health": (running or {}).get("health"),
     }
     if as_json:
         print(json.dumps(report, indent=2))
@@ -186,6 +187,7 @@ def status(
                 flag,
             )
         )
+    _print_health(report["health"])
     assocs = report["associations"]
     console.print(f"associations open: {len(assocs)}")
     for a in assocs:
@@ -193,6 +195,43 @@ def status(
             f"  {a['calling_ae']} from {a['peer']}:{a['port']} since {a['started']}"
             f" stored {a['stored']} failed {a['failed']}"
         )
+
+
+def _print_health(health: dict | None) -> None:
+    if health is None:
+        return
+    if health["healthy"]:
+        console.print(styled("pipeline ", ("healthy", "green")))
+        return
+    console.print(styled("pipeline ", ("UNHEALTHY", "red")))
+    for problem in health["problems"]:
+        console.print(f"  {problem}")
+
+
+@app.command()
+def health(
+    config_path: Path | None = ConfigOption,
+    as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
+) -> None:
+    """Health check for monitoring: exit 0 when the node runs and every loop works, 1 when the
+    node is not running or a loop has stalled (each problem is printed)."""
+    from dicom_node.node import read_status, status_problem
+
+    config = get_config(config_path)
+    running = read_status(config)
+    if running is None:
+        report = {"healthy": False, "problems": [status_problem(config)], "loops": {}}
+    else:
+        report = running.get("health") or {"healthy": True, "problems": [], "loops": {}}
+    if as_json:
+        print(json.dumps(report, indent=2))
+    elif report["healthy"]:
+        console.print(styled(("healthy", "green")))
+    else:
+        for problem in report["problems"]:
+            err_console.print(f"unhealthy: {problem}")
+    if not report["healthy"]:
+        raise typer.Exit(EXIT_FAILED)
 
 
 # -- series --------------------------------------------------------------------------------------
