@@ -10,11 +10,13 @@ when an output folder is given). What it promises:
   model version, factor[, slice index]), so reprocessing the same input never adds a second series
   to a PACS.
 * Copied from the source, as elements (character set kept): patient, study, frame of reference,
-  General Series (Modality, PatientPosition, Laterality even when empty, BodyPartExamined),
-  equipment, acquisition, contrast, pixel description, rescale and VOI window; the lists are in
-  ``write_attributes.py``. Acquisition and window attributes come from the nearest source slice.
-  Never copied: private tags, Smallest/LargestImagePixelValue, pixel padding, and anything not on
-  the allow-lists.
+  General Series (Modality, PatientPosition, BodyPartExamined), equipment, acquisition, contrast,
+  pixel description, rescale and VOI window; the lists are in ``write_attributes.py``.
+  Acquisition and window attributes come from the nearest source slice. Every copied value is made
+  valid for its VR first (right VR, cut to the VR's length, or left out); each repair is a note in
+  :attr:`DerivedSeries.notes`. Laterality (Type 2C) is present only for body parts that can be
+  paired: the source's value, or empty. Never copied: private tags,
+  Smallest/LargestImagePixelValue, pixel padding, and anything not on the allow-lists.
 * Derivation: ImageType DERIVED\\SECONDARY\\AXIAL, DerivationDescription, DerivationCodeSequence
   (113085, DCM, "Spatial resampling"), SourceImageSequence (the one or two source slices the
   derived slice lies on or between, purpose 121322, with the frame number for a multi-frame
@@ -35,7 +37,7 @@ from __future__ import annotations
 import copy
 import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
@@ -63,8 +65,9 @@ from dicom_node.write_attributes import (
     STUDY,
     TYPE2_NEAREST,
     TYPE2_SERIES,
-    copy_elements,
+    copy_valid,
     format_ds,
+    laterality,
 )
 
 __all__ = [
@@ -118,10 +121,12 @@ class SourceImage:
 @dataclass(frozen=True)
 class DerivedSeries:
     """What :func:`write_derived_series` made: the datasets in slice order (each with
-    ``filename`` when written)."""
+    ``filename`` when written), and one note per source value that was repaired or left out
+    (attribute names only: no patient data), for the job to record."""
 
     series_uid: str
     datasets: list[Dataset]
+    notes: list[str] = field(default_factory=list)
 
 
 class _Source:
@@ -399,13 +404,18 @@ class _Naming:
     created: datetime
 
 
-def _series_attributes(sources: Sequence[_Source], geo: _Geometry, naming: _Naming) -> Dataset:
+def _series_attributes(
+    sources: Sequence[_Source], geo: _Geometry, naming: _Naming, notes: list[str]
+) -> Dataset:
     """Everything that is the same on every derived instance, built and validated once."""
     first = sources[0]
     ds = Dataset()
     if "SpecificCharacterSet" in first.ds:
         ds.SpecificCharacterSet = copy.deepcopy(first.ds.SpecificCharacterSet)
-    copy_elements(ds, (first.element(kw) for kw in PATIENT + STUDY + SERIES + IMAGE_CONSTANT))
+    copy_valid(ds, (first.element(kw) for kw in PATIENT + STUDY + SERIES + IMAGE_CONSTANT), notes)
+    lat = laterality(first.ds, ds.get("BodyPartExamined"), notes)
+    if lat is not None:
+        ds.add(lat)
     for kw in TYPE2_SERIES:
         if kw not in ds:
             setattr(ds, kw, None)
@@ -468,10 +478,10 @@ def _equipment(naming: _Naming, derivation: str) -> Dataset:
     return equipment
 
 
-def _nearest_attributes(src: _Source) -> Dataset:
-    """Acquisition, CT image and window attributes of one source slice."""
+def _nearest_attributes(src: _Source, notes: list[str]) -> Dataset:
+    """Acquisition, CT image and window attributes of one source slice, validated."""
     ds = Dataset()
-    copy_elements(ds, (src.element(kw) for kw in IMAGE_NEAREST))
+    copy_valid(ds, (src.element(kw) for kw in IMAGE_NEAREST), notes)
     for kw in TYPE2_NEAREST:
         if kw not in ds:
             setattr(ds, kw, None)
@@ -603,7 +613,8 @@ def write_derived_series(
         software_version,
         created or datetime.now(),
     )
-    series = _series_attributes(srcs, geo, naming)
+    notes: list[str] = []
+    series = _series_attributes(srcs, geo, naming, notes)
     encoding = _PixelEncoding.of(srcs[0])
     encoding.describe(series)
     sop_hash = _sop_hash([s.identity for s in srcs])
@@ -618,7 +629,7 @@ def write_derived_series(
         i, r = divmod(k, factor)
         j = min(len(srcs) - 1, int(round(k / factor)))
         if j not in nearest_cache:
-            nearest_cache[j] = _nearest_attributes(srcs[j])
+            nearest_cache[j] = _nearest_attributes(srcs[j], notes)
         sop_uid = _instance_uid(src_series_uid, sop_hash, model_id, model_version, factor, k)
         contributing = [srcs[i]] if r == 0 else [srcs[i], srcs[i + 1]]
         ds = _instance(
@@ -629,4 +640,4 @@ def write_derived_series(
             pydicom.dcmwrite(target, ds, enforce_file_format=True)
             ds.filename = str(target)
         results.append(ds)
-    return DerivedSeries(str(series.SeriesInstanceUID), results)
+    return DerivedSeries(str(series.SeriesInstanceUID), results, list(dict.fromkeys(notes)))
