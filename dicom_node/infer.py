@@ -16,6 +16,7 @@ end; every job made that way says so in ``job.summary["model_note"]``.
 from __future__ import annotations
 
 import importlib
+import itertools
 import logging
 import queue
 import threading
@@ -26,11 +27,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.complete import Rejection, SeriesPlan, plan_series, tolerances_from_config
 from dicom_node.config import ModelSection, NodeConfig, RuleAction
 from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
+from dicom_node.health import Health
 from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
 from dicom_node.write import SourceImage, write_derived_series
@@ -173,6 +176,26 @@ class ModelPool:
         self._idle.put(interp)
 
 
+@dataclass
+class JobOutput:
+    """What a job run hands to delivery: typed columns, plus figures for display."""
+
+    derived_series_uid: str
+    derived_dir: str
+    derived_files: list[str]
+    preview_path: str | None
+    display: dict
+
+    def apply(self, job: Job) -> None:
+        job.derived_series_uid = self.derived_series_uid
+        job.derived_dir = self.derived_dir
+        job.derived_files = list(self.derived_files)
+        job.preview_path = self.preview_path
+        job.next_send_at = None
+        job.send_failing_since = None
+        job.summary = {**(job.summary or {}), **self.display}
+
+
 class _Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -195,28 +218,77 @@ class _Timer:
 class Worker:
     """Runs jobs; one instance serves every worker thread of the pipeline."""
 
+    # How often a result that could not be committed (disk or database full, locked) is tried
+    # again; the job stays ``running`` meanwhile and the health report shows why.
+    RECORD_RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
+    # A job whose result could not be recorded is queued again this many times, then failed.
+    MAX_ATTEMPTS = 3
+
     def __init__(
         self,
         config: NodeConfig,
         session_factory: sessionmaker[Session],
         models: ModelPool,
+        *,
+        health: Health | None = None,
+        stop: threading.Event | None = None,
     ):
         self.config = config
         self.session_factory = session_factory
         self.models = models
-        self.spool_root = Path(config.storage.spool_dir).resolve()
+        self.spool_root = config.storage.spool_root
+        self.health = health or Health()
+        self.stop = stop or threading.Event()
 
     def run(self, job_id: int) -> JobState:
-        """Run a ``running`` job to ``written`` (or ``failed``/``rejected``); returns the state."""
+        """Run a ``running`` job to ``written`` (or ``failed``/``rejected``); returns the state.
+
+        Never raises. When even recording the outcome fails (a full disk fails the commit), the
+        outcome is retried until the database takes it; the job then goes back to the queue
+        (or fails after :attr:`MAX_ATTEMPTS`) with the reason, and the worker carries on.
+        """
+        name = threading.current_thread().name
         timer = _Timer()
         t_start = utcnow()
         try:
-            return self._run(job_id, timer, t_start)
-        except Exception as exc:  # the worker thread must survive anything
+            state = self._run(job_id, timer, t_start)
+        except Exception as exc:
             log.exception("job failed job_id=%s", job_id)
-            return self._finish(
-                job_id, JobState.failed, f"{type(exc).__name__}: {exc}", timer, t_start
-            )
+            state = self._record_until_possible(job_id, exc, timer, t_start)
+        self.health.ok(name)
+        return state
+
+    def _record_until_possible(
+        self, job_id: int, exc: Exception, timer: _Timer, t_start
+    ) -> JobState:
+        name = threading.current_thread().name
+        for i in itertools.count():
+            try:
+                return self._finish_after_error(job_id, exc, timer, t_start)
+            except Exception as again:
+                why = f"cannot record the outcome of job {job_id}: {type(again).__name__}: {again}"
+                self.health.failed(name, why)
+                log.error("%s; retrying", why)
+                delay = self.RECORD_RETRY_S[min(i, len(self.RECORD_RETRY_S) - 1)]
+                if self.stop.wait(delay):
+                    # Shutting down: the job stays ``running`` and is requeued at start-up.
+                    return JobState.running
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _finish_after_error(self, job_id: int, exc: Exception, timer: _Timer, t_start) -> JobState:
+        """An unexpected error (not the input's fault): fail the job, or queue it again if the
+        error was the environment's (disk, database) and attempts remain."""
+        reason = f"{type(exc).__name__}: {exc}"[:1000]
+        with self.session_factory() as s:
+            job = s.get(Job, job_id)
+            if job is None or job.state is not JobState.running:
+                return job.state if job is not None else JobState.failed
+            environmental = isinstance(exc, OSError | OperationalError)
+            if environmental and job.attempts < self.MAX_ATTEMPTS:
+                state, why = JobState.queued, f"requeued after an error: {reason}"
+            else:
+                state, why = JobState.failed, reason
+        return self._finish(job_id, state, why, timer, t_start)
 
     def _finish(
         self,
@@ -225,16 +297,17 @@ class Worker:
         reason: str | None,
         timer: _Timer,
         t_start,
-        **fields: object,
+        *,
+        output: JobOutput | None = None,
     ) -> JobState:
         with self.session_factory() as s:
             job = s.get(Job, job_id)
             if job is None:
                 return state
             stages = {**(job.stage_seconds or {}), **timer.seconds}
-            summary = dict(job.summary or {})
-            summary.update(fields.pop("summary_update", {}) or {})  # type: ignore[arg-type]
-            transition(s, job, state, reason, stage_seconds=stages, summary=summary, **fields)
+            transition(s, job, state, reason, stage_seconds=stages)
+            if output is not None:
+                output.apply(job)
             if state is JobState.rejected:
                 ser = s.get(Series, job.series_id)
                 if ser is not None and ser.state is SeriesState.complete:
@@ -256,7 +329,6 @@ class Worker:
                 return job.state if job is not None else JobState.failed
             series = s.get(Series, job.series_id)
             assert series is not None
-            wanted = (job.summary or {}).get("source_sop_uids")
             queued_at = job.updated_at or job.created_at
             timer.seconds["queue_wait"] = round(max(0.0, (t_start - queued_at).total_seconds()), 3)
             with timer.stage("plan"):
@@ -264,7 +336,7 @@ class Worker:
                     series,
                     self.spool_root,
                     tolerances_from_config(self.config.completion),
-                    only_sop_uids=wanted,
+                    only_sop_uids=job.source_sop_uids or None,
                 )
             factor, model_id, model_version = job.factor, job.model_id, job.model_version
             job_key = (job.source_series_uid, job.instances_hash)
@@ -315,25 +387,20 @@ class Worker:
         preview_path: str | None = None
         with timer.stage("preview"):
             preview_path = self._preview(loaded.volume, volume, plan, factor, out_dir)
-        return self._finish(
-            job_id,
-            JobState.written,
-            None,
-            timer,
-            t_start,
+        output = JobOutput(
             derived_series_uid=derived_uid,
             derived_dir=str(out_dir),
+            derived_files=files,
             preview_path=preview_path,
-            next_send_at=None,
-            summary_update={
+            display={
                 "n_in": plan.n_slices,
                 "n_out": int(volume.shape[0]),
                 "spacing_in_mm": round(plan.spacing_mm, 4),
                 "spacing_out_mm": round(plan.spacing_mm / factor, 4),
-                "derived_files": files,
                 "plan": plan.summary(),
             },
         )
+        return self._finish(job_id, JobState.written, None, timer, t_start, output=output)
 
     def _rule_action(self, rule_name: str | None):
         for rule in self.config.rules:
