@@ -3,8 +3,8 @@
 Every loop (completion, dispatch, send, clean-up, each worker) reports to one :class:`Health`:
 ``ok(name)`` after a pass that worked, ``failed(name, reason)`` after one that did not. The
 snapshot says, per loop, when it last worked and since when it has been failing; a loop failing
-for longer than ``stall_after_s``, a loop that has not run for that long, or a dead worker thread
-makes the node *unhealthy*. The running node publishes the snapshot in its status file, where
+for longer than ``stall_after_s`` or a loop that has not run for that long makes the node *unhealthy*. (A worker thread that ended is restarted by the dispatcher, which
+reports it here as a failure.) The running node publishes the snapshot in its status file, where
 ``dicom-node status`` shows it and ``dicom-node health`` turns it into an exit code.
 """
 
@@ -36,7 +36,6 @@ class Health:
         self._loops: dict[str, LoopState] = {}
         self._lock = threading.Lock()
         self._started = clock()
-        self._dead: dict[str, str] = {}
 
     def register(self, name: str, interval_s: float) -> None:
         with self._lock:
@@ -54,15 +53,6 @@ class Health:
             st.failing_since = st.failing_since or now
             st.last_error, st.last_error_at = reason[:500], now
             st.failures += 1
-
-    def dead(self, name: str, reason: str) -> None:
-        """A component that will not run again (a thread that ended unexpectedly)."""
-        with self._lock:
-            self._dead[name] = reason[:500]
-
-    def revived(self, name: str) -> None:
-        with self._lock:
-            self._dead.pop(name, None)
 
     def snapshot(self) -> dict:
         """``{"healthy": bool, "problems": [...], "loops": {...}}`` (JSON-ready)."""
@@ -87,6 +77,4 @@ class Health:
                     silent = now - last
                     if silent > max(self.stall_after_s, 3 * st.interval_s):
                         problems.append(f"{name}: no pass completed for {silent:.0f} s")
-            for name, reason in sorted(self._dead.items()):
-                problems.append(f"{name}: stopped: {reason}")
         return {"healthy": not problems, "problems": problems, "loops": loops}
