@@ -3,8 +3,9 @@
 Every loop (completion, dispatch, send, clean-up, each worker) reports to one :class:`Health`:
 ``ok(name)`` after a pass that worked, ``failed(name, reason)`` after one that did not. The
 snapshot says, per loop, when it last worked and since when it has been failing; a loop failing
-for longer than ``stall_after_s`` or a loop that has not run for that long makes the node *unhealthy*. (A worker thread that ended is restarted by the dispatcher, which
-reports it here as a failure.) The running node publishes the snapshot in its status file, where
+for longer than ``stall_after_s``, or one that has not completed a pass for that long, makes the
+node *unhealthy*. (A worker thread that ended is restarted by the dispatcher, which reports it
+here as a failure.) The running node publishes the snapshot in its status file, where
 ``dicom-node status`` shows it and ``dicom-node health`` turns it into an exit code.
 """
 
