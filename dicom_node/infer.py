@@ -27,12 +27,13 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset
+from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.complete import Rejection, SeriesPlan, plan_series, tolerances_from_config
 from dicom_node.config import ModelSection, NodeConfig, RuleAction
-from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
+from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState, audit, utcnow
 from dicom_node.health import Health
 from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
@@ -341,6 +342,7 @@ class Worker:
             factor, model_id, model_version = job.factor, job.model_id, job.model_version
             job_key = (job.source_series_uid, job.instances_hash)
             action = self._rule_action(job.rule_name)
+            replaces = delivered_predecessor(s, job)
         if isinstance(plan, Rejection):
             return self._finish(job_id, JobState.rejected, plan.reason, timer, t_start)
 
@@ -382,7 +384,14 @@ class Worker:
         out_dir = derived_root(self.config) / f"job-{job_id}"
         with timer.stage("write"):
             derived_uid, files = self._write(
-                plan, loaded.headers, volume, factor, (model_id, model_version), action, out_dir
+                plan,
+                loaded.headers,
+                volume,
+                factor,
+                (model_id, model_version),
+                action,
+                out_dir,
+                replaces_delivered=replaces is not None,
             )
         preview_path: str | None = None
         with timer.stage("preview"):
@@ -398,6 +407,7 @@ class Worker:
                 "spacing_in_mm": round(plan.spacing_mm, 4),
                 "spacing_out_mm": round(plan.spacing_mm / factor, 4),
                 "plan": plan.summary(),
+                **({"replaces_delivered_job": replaces} if replaces is not None else {}),
             },
         )
         return self._finish(job_id, JobState.written, None, timer, t_start, output=output)
@@ -417,6 +427,8 @@ class Worker:
         model: tuple[str, str],
         action,
         out_dir: Path,
+        *,
+        replaces_delivered: bool = False,
     ) -> tuple[str, list[str]]:
         model_id, model_version = model
         template = (
@@ -424,6 +436,10 @@ class Worker:
             if action
             else RuleAction.model_fields["series_description"].default
         )
+        if replaces_delivered:
+            # A prefix, because the writer cuts descriptions at 64 characters: whoever opens
+            # the study sees which of the two derived series is the current one.
+            template = REPLACES_PREFIX + template
         if out_dir.exists():
             for old in out_dir.glob("*.dcm"):  # a reprocess rewrites the same UIDs
                 old.unlink()
@@ -549,6 +565,28 @@ def _progress_logger(job_id: int) -> Callable[[int, int], None]:
             log.info("inference progress job_id=%s %d/%d", job_id, done, total)
 
     return cb
+
+
+REPLACES_PREFIX = "REPLACES EARLIER: "
+
+
+def delivered_predecessor(session: Session, job: Job) -> int | None:
+    """The id of the job this one supersedes if that job already delivered anything (its
+    derived series, perhaps of a partial source series, is in PACS), else None."""
+    if job.supersedes_job_id is None:
+        return None
+    prev = session.get(Job, job.supersedes_job_id)
+    if prev is None:
+        return None
+    delivered = prev.state is JobState.sent and bool(prev.destinations)
+    if not delivered:
+        delivered = (
+            session.scalars(
+                select(SentInstance.id).where(SentInstance.job_id == prev.id).limit(1)
+            ).first()
+            is not None
+        )
+    return prev.id if delivered else None
 
 
 def record_untrained(session: Session, job: Job, note: str | None) -> None:

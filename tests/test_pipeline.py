@@ -201,6 +201,16 @@ def test_series_to_sent_and_late_arrival_supersedes(env):
         _, _, again = evaluate_series(s, config, series, pipeline.models)
         assert again.id == jobs[1].id
 
+    # The first derived series (of the partial source) is in PACS already: the new one says
+    # that it replaces it, where a person browsing the study sees it first.
+    second = _run_next(pipeline, sessions)
+    assert second.id == jobs[1].id and second.summary["replaces_delivered_job"] == jobs[0].id
+    first_file = sorted(Path(job.derived_dir).glob("*.dcm"))[0]
+    new_file = sorted(Path(second.derived_dir).glob("*.dcm"))[0]
+    old_desc = str(pydicom.dcmread(first_file, stop_before_pixels=True).SeriesDescription)
+    new_desc = str(pydicom.dcmread(new_file, stop_before_pixels=True).SeriesDescription)
+    assert not old_desc.startswith("REPLACES") and new_desc.startswith("REPLACES EARLIER: ")
+
 
 def test_send_failures_transient_retry_and_permanent_fail_at_once(env):
     config, sessions, pipeline, files, port = env

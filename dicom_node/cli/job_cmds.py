@@ -79,6 +79,7 @@ def _job_dict(job: Job, acked: dict[str, int] | None = None, superseded_uid: str
         "spacing_in_mm": summary.get("spacing_in_mm"),
         "spacing_out_mm": summary.get("spacing_out_mm"),
         "model_note": summary.get("model_note"),
+        "replaces_delivered_job": summary.get("replaces_delivered_job"),
         "created_at": job.created_at.isoformat() if job.created_at else None,
         "updated_at": job.updated_at.isoformat() if job.updated_at else None,
     }
@@ -149,6 +150,8 @@ def jobs_show(
             )
             prev = s.get(Job, job.supersedes_job_id) if job.supersedes_job_id else None
             d = _job_dict(job, acked, prev.derived_series_uid if prev else None)
+            later = s.scalars(select(Job).where(Job.supersedes_job_id == job.id)).first()
+            d["superseded_by_job_id"] = later.id if later else None
             d["notes"] = ((job.summary or {}).get("plan") or {}).get("notes", [])
             d["factor_reason"] = (job.summary or {}).get("factor_reason")
     except SQLAlchemyError as exc:
@@ -173,9 +176,18 @@ def jobs_show(
     console.print(f"derived files: {d['derived_dir'] or '-'}")
     console.print(f"preview: {d['preview_path'] or '-'}")
     if d["supersedes_job_id"]:
+        delivered = d["replaces_delivered_job"] is not None
         console.print(
             f"supersedes: job {d['supersedes_job_id']} (derived series "
             f"{d.get('supersedes_derived_series_uid') or '-'})"
+            + (", already delivered: this series is marked REPLACES EARLIER" if delivered else "")
+        )
+    if d["superseded_by_job_id"]:
+        console.print(
+            styled(
+                ("superseded", "yellow"),
+                f" by job {d['superseded_by_job_id']}: the source series changed after this one",
+            )
         )
     stages = d["stage_seconds"]
     if stages:
