@@ -173,6 +173,9 @@ class Job(Base):
     # When the current run of transient send failures began (None while sends succeed): the
     # retry budget counts time, not attempts.
     send_failing_since: Mapped[datetime | None] = mapped_column(DateTime)
+    # Set while a send attempt runs: still set at the next attempt means that one was cut off
+    # (a crash), so the destination is asked what it already holds before anything is resent.
+    send_started_at: Mapped[datetime | None] = mapped_column(DateTime)
     summary: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

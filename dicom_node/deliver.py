@@ -3,7 +3,10 @@
 :func:`deliver_job` is one attempt: for each destination it sends (send.py) only the derived
 instances that destination has not acknowledged, recording acknowledgements *as they arrive*
 (:class:`AckRecorder`, committed every ``send.ack_batch`` instances or ``send.ack_flush_s``
-seconds), so that a crash mid-send re-sends at most one batch. Then :func:`decide`, a pure
+seconds), so that a crash mid-send leaves at most one batch unrecorded. When the previous
+attempt was cut off (a crash leaves ``job.send_started_at`` set) or failed mid-series, the
+destination is first asked by C-FIND which instances it already holds, and those count as
+acknowledged: a PACS that answers C-FIND gets nothing twice. Then :func:`decide`, a pure
 function, says what follows:
 
 * every destination acknowledged everything -> ``sent``;
@@ -30,7 +33,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from dicom_node import jobs as jobs_mod
 from dicom_node.config import NodeConfig, SendSection
 from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
-from dicom_node.send import FailureKind, destination_from_config, next_retry_delay, send_instances
+from dicom_node.send import (
+    FailureKind,
+    destination_from_config,
+    find_stored_instances,
+    next_retry_delay,
+    send_instances,
+)
 
 __all__ = ["AckRecorder", "AttemptResult", "NextStep", "RetryPolicy", "decide", "deliver_job"]
 
@@ -198,11 +207,65 @@ def deliver_job(
             return JobState.failed
         destinations = list(job.destinations or [])
         series_uid = job.source_series_uid
+        # The last attempt was cut off (still marked as running) or ended on a transient failure
+        # mid-series: acknowledgements may be missing for instances the PACS holds.
+        verify = job.send_started_at is not None or job.send_failing_since is not None
+        derived = (s.get(Series, job.series_id).study.study_uid, job.derived_series_uid or "")
+        job.send_started_at = utcnow()
+        s.commit()
     # No transaction stays open while the network is busy: acknowledgements commit on their own.
     attempt = AttemptResult()
     for name in destinations:
+        if verify:
+            _acknowledge_what_is_stored(config, sessions, job_id, name, derived)
         _send_to(config, sessions, job_id, series_uid, name, files, attempt)
     return _record_outcome(sessions, job_id, attempt, policy, rng)
+
+
+def _acknowledge_what_is_stored(
+    config: NodeConfig,
+    sessions: sessionmaker[Session],
+    job_id: int,
+    name: str,
+    derived: tuple[str, str],
+) -> None:
+    """Ask the destination (C-FIND) which instances of the derived series it already holds and
+    record them as acknowledged, so that a resend after a crash sends nothing twice. A
+    destination that cannot answer gets the unacknowledged instances again (PACS stores a
+    re-sent instance under the same UIDs, so that is a repeat, never a second series)."""
+    study_uid, series_uid = derived
+    try:
+        dest = destination_from_config(config.destination(name))
+    except KeyError:
+        return
+    found = find_stored_instances(
+        dest,
+        calling_ae_title=config.node.ae_title,
+        study_uid=study_uid,
+        series_uid=series_uid,
+        timeout=config.node.dimse_timeout_s,
+    )
+    with sessions() as s:
+        new = jobs_mod.record_acks(s, job_id, name, [(uid, 0) for uid in found or ()])
+        audit(
+            s,
+            "send_verified",
+            job_id=job_id,
+            peer=str(dest),
+            detail={
+                "destination": name,
+                "held_by_destination": None if found is None else len(found),
+                "newly_acknowledged": new,
+            },
+        )
+        s.commit()
+    log.info(
+        "asked %s what it holds job_id=%s held=%s newly_acknowledged=%d",
+        name,
+        job_id,
+        "unknown" if found is None else len(found),
+        new,
+    )
 
 
 def _send_to(
@@ -281,6 +344,7 @@ def _record_outcome(
         stages["send"] = round(stages.get("send", 0.0) + attempt.elapsed_s, 3)
         job.stage_seconds = stages
         job.send_attempts = (job.send_attempts or 0) + 1
+        job.send_started_at = None
         step = decide(
             attempt,
             attempts_so_far=job.send_attempts,

@@ -37,7 +37,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
-from pynetdicom.sop_class import Verification
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from pynetdicom.status import code_to_category
 
 from dicom_node.config import Destination as DestinationConfig
@@ -52,6 +52,7 @@ __all__ = [
     "SendResult",
     "associate",
     "classify_status",
+    "find_stored_instances",
     "next_retry_delay",
     "send_instances",
     "send_with_retries",
@@ -522,6 +523,62 @@ def send_with_retries(
             break
     assert res is not None
     return res
+
+
+def find_stored_instances(
+    destination: Destination,
+    *,
+    calling_ae_title: str,
+    study_uid: str,
+    series_uid: str,
+    timeout: float = 30.0,
+) -> set[str] | None:
+    """The SOP Instance UIDs of ``series_uid`` that ``destination`` holds, by C-FIND at IMAGE
+    level (Study Root); None when it cannot tell (no C-FIND service, refused, timed out).
+
+    Asked before resending a series whose last attempt was cut off: an instance the PACS holds
+    under our UID was stored, even if its acknowledgement never reached our database.
+    """
+    assoc, _info = associate(
+        destination,
+        calling_ae_title,
+        [
+            (
+                StudyRootQueryRetrieveInformationModelFind,
+                [ExplicitVRLittleEndian, ImplicitVRLittleEndian],
+            )
+        ],
+        acse_timeout=timeout,
+        dimse_timeout=timeout,
+        network_timeout=timeout,
+        connection_timeout=min(timeout, 10.0),
+    )
+    if not assoc.is_established:
+        return None
+    query = Dataset()
+    query.QueryRetrieveLevel = "IMAGE"
+    query.StudyInstanceUID = study_uid
+    query.SeriesInstanceUID = series_uid
+    query.SOPInstanceUID = ""
+    found: set[str] = set()
+    try:
+        for status, identifier in assoc.send_c_find(
+            query, StudyRootQueryRetrieveInformationModelFind
+        ):
+            code = int(status.Status) if status is not None and "Status" in status else None
+            if code in (0xFF00, 0xFF01):
+                uid = str(getattr(identifier, "SOPInstanceUID", "") or "")
+                if is_valid_uid(uid):
+                    found.add(uid)
+            elif code != 0x0000:
+                return None  # failed, cancelled or no answer: we cannot tell
+    except (ValueError, RuntimeError) as exc:  # no accepted context, association ended
+        log.info("C-FIND not possible dest=%s: %s", destination, exc)
+        return None
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    return found
 
 
 def echo(

@@ -22,9 +22,11 @@ from tests.support.dcmtk import free_port, wait_for_port
 from tests.support.node import (
     REPO_ROOT,
     NodeProcess,
+    half_size_series,
     send_with_storescu,
 )
 from tests.support.polling import wait_until
+from tests.support.recording_scp import read_record
 
 pytestmark = pytest.mark.slow
 
@@ -60,33 +62,6 @@ def _series(node: NodeProcess, uid: str) -> dict:
     cols = ["state", "state_reason", "hold_until"]
     rows = node.sqlite(f"select {', '.join(cols)} from series where series_uid = ?", uid)
     return dict(zip(cols, rows[0], strict=True)) if rows else {}
-
-
-def _smaller_series(sources: list[Path], out_dir: Path, seed: str, n: int | None = None):
-    """The real series at half the matrix (256x256, 2x2 block means of the real pixels, stored
-    uncompressed) under new UIDs: the same anatomy and geometry at a quarter of the CPU time."""
-    import numpy as np
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    study = generate_uid(entropy_srcs=[seed, "study"])
-    series = generate_uid(entropy_srcs=[seed, "series"])
-    paths = []
-    for i, src in enumerate(sources[:n]):
-        ds = pydicom.dcmread(src)
-        px = ds.pixel_array.astype(np.float32)
-        small = px.reshape(px.shape[0] // 2, 2, px.shape[1] // 2, 2).mean(axis=(1, 3))
-        ds.PixelData = np.round(small).astype(ds.pixel_array.dtype).tobytes()
-        ds.Rows, ds.Columns = small.shape
-        ds.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop", str(i)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = out_dir / f"{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
 
 
 def _series_uid(path: Path) -> str:
@@ -167,7 +142,7 @@ def test_disk_full_during_a_job_never_stops_the_pipeline(small_fs, sample_data, 
 
 
 def _disk_full_scenario(node: NodeProcess, small_fs: Path, sample_data) -> None:
-    first = _smaller_series(_sources(sample_data), small_fs / "first", seed="1")
+    first = half_size_series(_sources(sample_data), small_fs / "first", seed="1")
     sent = send_with_storescu(first, node.port)
     assert len(sent.acknowledged) == 20, sent.output[-2000:]
     wait_until(
@@ -205,7 +180,7 @@ def _disk_full_scenario(node: NodeProcess, small_fs: Path, sample_data) -> None:
     wait_until(lambda: _health(node).returncode == 0, 60, "health to exit 0 again")
 
     # The pipeline still runs: a second series is processed too.
-    second = _smaller_series(_sources(sample_data), small_fs / "second", seed="2", n=8)
+    second = half_size_series(_sources(sample_data), small_fs / "second", seed="2", n=8)
     assert len(send_with_storescu(second, node.port).acknowledged) == 8
     wait_until(
         lambda: len(_jobs(node)) == 2 and _jobs(node)[1]["state"] == "sent",
@@ -217,26 +192,28 @@ def _disk_full_scenario(node: NodeProcess, small_fs: Path, sample_data) -> None:
 # -- defect 2: kill -9 during a send -----------------------------------------------------------
 
 
-@pytest.fixture
-def slow_pacs(tmp_path):
-    """A PACS that takes 0.1 s per instance and records every delivery."""
+@pytest.fixture(params=["find", "no-find"])
+def slow_pacs(request, tmp_path):
+    """A PACS that takes 0.1 s per instance and records every delivery; with or without a
+    C-FIND service."""
     port = free_port()
     record = tmp_path / "received.txt"
     record.touch()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tests.support.recording_scp", str(port), str(record), "0.1"],
+        [sys.executable, "-m", "tests.support.recording_scp", str(port), str(record), "0.1",
+         request.param],
         cwd=REPO_ROOT,
-    )
+    )  # fmt: skip
     try:
         wait_for_port("127.0.0.1", port, proc=proc)
-        yield port, record
+        yield port, record, request.param == "find"
     finally:
         proc.kill()
         proc.wait(10)
 
 
-def test_kill_9_during_a_send_resends_at_most_one_batch(tmp_path, sample_data, slow_pacs):
-    port, record = slow_pacs
+def test_kill_9_during_a_send_sends_nothing_twice(tmp_path, sample_data, slow_pacs):
+    port, record, pacs_answers_find = slow_pacs
     rule = {**RULE, "action": {**RULE["action"], "destinations": ["pacs"]}}
     overrides = _overrides(
         destinations=[{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}],
@@ -245,19 +222,23 @@ def test_kill_9_during_a_send_resends_at_most_one_batch(tmp_path, sample_data, s
     )
     with NodeProcess(tmp_path / "node", overrides=overrides) as node:
         assert len(send_with_storescu(_sources(sample_data), node.port).acknowledged) == 20
-        wait_until(lambda: len(record.read_text().split()) >= 25, 180, "25 deliveries")
+        wait_until(lambda: len(read_record(record)) >= 25, 180, "25 deliveries")
         node.kill()
         time.sleep(0.3)  # the instance in flight lands
-        before_kill = len(record.read_text().split())
+        before_kill = len(read_record(record))
         node.start()
         wait_until(lambda: _jobs(node)[0]["state"] == "sent", 120, "the resend to finish")
-    lines = record.read_text().split()
-    assert len(set(lines)) == 39  # (20 - 1) * 2 + 1 derived instances, all delivered
-    duplicates = len(lines) - len(set(lines))
-    # Acknowledgements were committed every 0.5 s (about 5 instances at 0.1 s each), so the
-    # resend repeats only the last uncommitted ones: before, it repeated all `before_kill`.
+    sops = [sop for _, sop in read_record(record)]
+    assert len(set(sops)) == 39  # (20 - 1) * 2 + 1 derived instances, all delivered
+    duplicates = len(sops) - len(set(sops))
+    # Without C-FIND: acknowledgements were committed every 0.5 s (about 5 instances at 0.1 s
+    # each), so the resend repeats only the last uncommitted ones; before, all `before_kill`.
     assert before_kill >= 25
-    assert duplicates <= 8, (duplicates, before_kill)
+    if pacs_answers_find:
+        # Asked by C-FIND what it holds, the PACS gets only what it does not have.
+        assert duplicates == 0, (duplicates, before_kill)
+    else:
+        assert duplicates <= 8, (duplicates, before_kill)
 
 
 # -- defect 3: partial series after an aborted association or a crash --------------------------

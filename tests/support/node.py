@@ -327,3 +327,31 @@ def make_instances(sources: list[Path], n: int, out_dir: Path, seed: str = "test
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def half_size_series(sources: list[Path], out_dir: Path, seed: str, n: int | None = None):
+    """The real series at half the matrix (256x256, 2x2 block means of the real pixels, stored
+    uncompressed) under new UIDs: the same anatomy and geometry at a quarter of the CPU time."""
+    import numpy as np
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    study = generate_uid(entropy_srcs=[seed, "study"])
+    series = generate_uid(entropy_srcs=[seed, "series"])
+    paths = []
+    for i, src in enumerate(sources[:n]):
+        ds = pydicom.dcmread(src)
+        px = ds.pixel_array.astype(np.float32)
+        small = px.reshape(px.shape[0] // 2, 2, px.shape[1] // 2, 2).mean(axis=(1, 3))
+        ds.PixelData = np.round(small).astype(ds.pixel_array.dtype).tobytes()
+        ds.Rows, ds.Columns = small.shape
+        ds.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
+        ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop", str(i)])
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        path = out_dir / f"{i:05d}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths

@@ -9,6 +9,7 @@ Create Date: 2026-12-02 03:00:00
 * ``jobs.source_sop_uids`` and ``jobs.derived_files``: the stage hand-offs that used to live in
   ``jobs.summary``; existing rows are copied over.
 * ``jobs.send_failing_since``: the retry budget counts time since the first transient failure.
+* ``jobs.send_started_at``: set while a send attempt runs (a crash leaves it set).
 """
 
 import json
@@ -33,6 +34,7 @@ def upgrade() -> None:
             sa.Column("derived_files", sa.JSON(), nullable=False, server_default="[]")
         )
         batch_op.add_column(sa.Column("send_failing_since", sa.DateTime(), nullable=True))
+        batch_op.add_column(sa.Column("send_started_at", sa.DateTime(), nullable=True))
 
     # Move the hand-offs out of the display summary.
     conn = op.get_bind()
@@ -58,6 +60,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("jobs", schema=None) as batch_op:
+        batch_op.drop_column("send_started_at")
         batch_op.drop_column("send_failing_since")
         batch_op.drop_column("derived_files")
         batch_op.drop_column("source_sop_uids")
