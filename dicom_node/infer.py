@@ -383,7 +383,7 @@ class Worker:
 
         out_dir = derived_root(self.config) / f"job-{job_id}"
         with timer.stage("write"):
-            derived_uid, files = self._write(
+            derived_uid, files, writer_notes = self._write(
                 plan,
                 loaded.headers,
                 volume,
@@ -408,6 +408,7 @@ class Worker:
                 "spacing_out_mm": round(plan.spacing_mm / factor, 4),
                 "plan": plan.summary(),
                 **({"replaces_delivered_job": replaces} if replaces is not None else {}),
+                **({"writer_notes": writer_notes} if writer_notes else {}),
             },
         )
         return self._finish(job_id, JobState.written, None, timer, t_start, output=output)
@@ -429,7 +430,9 @@ class Worker:
         out_dir: Path,
         *,
         replaces_delivered: bool = False,
-    ) -> tuple[str, list[str]]:
+    ) -> tuple[str, list[str], list[str]]:
+        """Write the derived series; returns its UID, its file names and the writer's notes
+        (source values it repaired or left out: attribute names, never values)."""
         model_id, model_version = model
         template = (
             action.series_description
@@ -458,7 +461,7 @@ class Worker:
         for note in derived.notes:  # attribute names and repairs only, never values
             log.warning("writer repaired a source value series_uid=%s: %s", plan.series_uid, note)
         files = [Path(ds.filename).name for ds in derived.datasets]
-        return derived.series_uid, files
+        return derived.series_uid, files, list(derived.notes)
 
     def _preview(
         self, thick: np.ndarray, thin: np.ndarray, plan: SeriesPlan, factor: int, out_dir: Path

@@ -544,3 +544,19 @@ def test_node_feeds_the_model_its_training_slice_order(sample_data):
     # The model is not symmetric in z, so the order it is fed matters.
     as_numbered = interp.interpolate(np.ascontiguousarray(node_order), 2)
     assert float(np.abs(as_numbered - got).max()) > 1.0
+
+
+def test_writer_repairs_are_noted_on_the_job(env, tmp_path):
+    config, sessions, pipeline, files, _ = env
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.PatientName = "X" * 5000  # far over PN's 64 characters
+        ds.save_as(bad / f.name, enforce_file_format=True)
+    _index(sessions, config, sorted(bad.iterdir()))
+    pipeline.check_completion()
+    job = _run_next(pipeline, sessions)
+    notes = job.summary["writer_notes"]
+    assert any("PatientName" in n for n in notes), notes
+    assert not any("XXXX" in n for n in notes)  # names of attributes, never their values
