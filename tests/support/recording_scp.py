@@ -38,8 +38,11 @@ def main() -> None:
     port, out = int(sys.argv[1]), sys.argv[2]
     delay = float(sys.argv[3]) if len(sys.argv) > 3 else 0.0
     with_find = len(sys.argv) > 4 and sys.argv[4] == "find"
-    log = open(out, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
     stored: dict[str, set[str]] = {}
+    # What an earlier run stored is still stored (a PACS restarted after an outage keeps it).
+    for series, sop in read_record(out) if Path(out).exists() else []:
+        stored.setdefault(series, set()).add(sop)
+    log = open(out, "a", buffering=1)  # noqa: SIM115 - lives as long as the process
     lock = threading.Lock()
 
     def on_store(event):
