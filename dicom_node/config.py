@@ -139,6 +139,9 @@ class StorageSection(_Strict):
 class DatabaseSection(_Strict):
     url: str = "sqlite:///var/node.db"
     busy_timeout_ms: int = Field(30_000, ge=0)
+    # A sender waits for each C-STORE answer, and gives up after its own timeout (often 30 s):
+    # while another process holds the database, a store is answered 0xA700 after this long.
+    store_busy_timeout_ms: int = Field(5_000, ge=0, le=60_000)
 
     @field_validator("url")
     @classmethod

@@ -27,8 +27,10 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -252,6 +254,26 @@ def make_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
+
+
+def check_writable(engine: Engine) -> None:
+    """Raise :class:`~sqlalchemy.exc.OperationalError` unless the database takes a write. The
+    write (the schema version set to itself) is rolled back: nothing changes."""
+    with engine.connect() as conn:
+        conn.execute(text("UPDATE alembic_version SET version_num = version_num"))
+        conn.rollback()
+
+
+def unwritable_reason(exc: OperationalError) -> str | None:
+    """One line when ``exc`` means this process cannot write the database (a matter of
+    configuration: permissions, a read-only mount or URL); None for anything else."""
+    first = str(exc.orig or exc).splitlines()[0][:200]
+    low = first.lower()
+    if any(s in low for s in ("readonly", "read-only", "read only", "permission denied")):
+        return f"the database is read-only for this process: {first}"
+    if "unable to open database file" in low:
+        return f"cannot open the database file: {first} (check it and its directory)"
+    return None
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

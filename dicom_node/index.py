@@ -517,34 +517,57 @@ class Indexer:
     receiver's threads are serialised by a lock (SQLite has one writer anyway, and waiting on a
     lock is cheaper than SQLite's busy-sleep); a transient "database is locked" from another
     process, or a unique-key race, is retried.
+
+    ``time_budget_s`` bounds each write: waiting for the lock, SQLite's busy wait (its busy
+    timeout is set to what is left) and the retries together. The receiver sets it, because a
+    peer waits for the answer: a database held by another process then gives a prompt failure
+    (0xA700) instead of a sender that times out. After a write ran out of time, an audit event
+    gets one attempt without waiting, so that a failed store does not wait twice.
     """
 
     RETRIES = 5
 
-    def __init__(self, session_factory: Callable[[], Session]):
+    def __init__(self, session_factory: Callable[[], Session], time_budget_s: float | None = None):
         bind = getattr(session_factory, "kw", {}).get("bind")
         if bind is None:
             with session_factory() as s:
                 bind = s.get_bind()
         self.engine: Engine = bind
+        self.time_budget_s = time_budget_s
         self._lock = threading.Lock()
         self._series_ids: dict[str, int] = {}  # series UID -> row id, filled on commit
+        self._out_of_time_at = -1e9  # monotonic time a write last ran out of its budget
 
-    def _retrying(self, fn: Callable[[Connection], str]) -> str:
+    def _retrying(self, fn: Callable[[Connection], str], budget_s: float | None = None) -> str:
+        budget_s = self.time_budget_s if budget_s is None else budget_s
+        deadline = None if budget_s is None else time.monotonic() + budget_s
         delay = 0.01
         for attempt in range(self.RETRIES):
-            with self._lock, self.engine.connect() as conn:
-                try:
-                    result = fn(conn)
-                    conn.commit()
-                    return result
-                except Exception as exc:
-                    conn.rollback()
-                    self._series_ids.clear()  # may hold ids from the failed transaction
-                    retryable = isinstance(exc, IntegrityError | OperationalError | _StaleCache)
-                    if not retryable or attempt == self.RETRIES - 1:
-                        raise
-                    log.warning("index write retry %d: %s", attempt + 1, type(exc).__name__)
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not self._lock.acquire(timeout=-1 if left is None else left):
+                self._out_of_time_at = time.monotonic()
+                raise OperationalError("index write", None, TimeoutError("index writes queued"))
+            try:
+                with self.engine.connect() as conn:
+                    try:
+                        if deadline is not None and self.engine.dialect.name == "sqlite":
+                            ms = max(0, int((deadline - time.monotonic()) * 1000))
+                            conn.exec_driver_sql(f"PRAGMA busy_timeout = {ms}")
+                        result = fn(conn)
+                        conn.commit()
+                        return result
+                    except Exception as exc:
+                        conn.rollback()
+                        self._series_ids.clear()  # may hold ids from the failed transaction
+                        retryable = isinstance(exc, IntegrityError | OperationalError | _StaleCache)
+                        late = deadline is not None and time.monotonic() + delay >= deadline
+                        if late and isinstance(exc, OperationalError):
+                            self._out_of_time_at = time.monotonic()
+                        if not retryable or attempt == self.RETRIES - 1 or late:
+                            raise
+                        log.warning("index write retry %d: %s", attempt + 1, type(exc).__name__)
+            finally:
+                self._lock.release()
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
@@ -655,8 +678,11 @@ class Indexer:
     def record_event(self, kind: str, **fields: object) -> None:
         """Audit a rejection, duplicate or failure; never raises (the caller is answering a
         peer, and the database may be what failed)."""
+        budget = self.time_budget_s
+        if budget is not None and time.monotonic() - self._out_of_time_at < budget:
+            budget = 0.0  # the database just made a write wait its whole budget
         try:
-            self._retrying(lambda conn: _audit(conn, kind, utcnow(), **fields) or kind)
+            self._retrying(lambda conn: _audit(conn, kind, utcnow(), **fields) or kind, budget)
         except Exception as exc:
             log.error("cannot write audit event %s: %s", kind, type(exc).__name__)
 

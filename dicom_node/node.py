@@ -25,6 +25,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from sqlalchemy.exc import OperationalError
+
 from dicom_node import db
 from dicom_node.config import NodeConfig
 from dicom_node.health import Health
@@ -84,6 +86,16 @@ def read_status(config: NodeConfig) -> dict | None:
     return data
 
 
+class StartupError(Exception):
+    """The node cannot start as configured: ``key`` is the config key to look at, ``reason``
+    one line saying why."""
+
+    def __init__(self, key: str, reason: str):
+        super().__init__(f"{key}: {reason}")
+        self.key = key
+        self.reason = reason
+
+
 class Node:
     """Composes the node's parts; see the module docstring for start/stop order."""
 
@@ -91,6 +103,8 @@ class Node:
         self.config = config
         self.engine = None
         self.session_factory = None
+        self._store_engine = None
+        self._store_sessions = None
         self.receiver: Receiver | None = None
         self.pipeline: Pipeline | None = None
         self.health = Health(stall_after_s=config.node.health_stall_after_s)
@@ -101,12 +115,10 @@ class Node:
 
     def start(self) -> None:
         cfg = self.config
-        db.upgrade(cfg.database.url)
-        self.engine = db.make_engine(cfg.database.url, cfg.database.busy_timeout_ms)
-        self.session_factory = db.make_session_factory(self.engine)
+        self._open_database()
         # Read before this run writes its own: a file left behind means the last run crashed.
         crashed = status_file_path(cfg).exists()
-        self.receiver = Receiver(cfg, self.session_factory, on_change=self._status_dirty.set)
+        self.receiver = Receiver(cfg, self._store_sessions, on_change=self._status_dirty.set)
         self.receiver.start()
         self.pipeline = Pipeline(
             cfg, self.session_factory, previous_run_crashed=crashed, health=self.health
@@ -133,8 +145,29 @@ class Node:
             self._status_thread.join(timeout=5)
         with contextlib.suppress(OSError):
             status_file_path(self.config).unlink(missing_ok=True)
-        if self.engine is not None:
-            self.engine.dispose()
+        for engine in (self.engine, self._store_engine):
+            if engine is not None:
+                engine.dispose()
+
+    def _open_database(self) -> None:
+        """Bring the schema up to date and prove that the database takes a write, before
+        anything listens: a read-only database stops the start (:class:`StartupError`) instead
+        of a node that answers every store with 0xA700."""
+        cfg = self.config.database
+        try:
+            db.upgrade(cfg.url)
+            self.engine = db.make_engine(cfg.url, cfg.busy_timeout_ms)
+            db.check_writable(self.engine)
+        except OperationalError as exc:
+            reason = db.unwritable_reason(exc)
+            if reason is None:
+                raise
+            raise StartupError("database.url", reason) from exc
+        self.session_factory = db.make_session_factory(self.engine)
+        # The receiver's own engine and busy timeout: a sender waits for each answer, the
+        # pipeline can wait longer (busy_timeout_ms).
+        self._store_engine = db.make_engine(cfg.url, cfg.store_busy_timeout_ms)
+        self._store_sessions = db.make_session_factory(self._store_engine)
 
     def run_forever(self) -> None:
         """Start, block until SIGTERM/SIGINT, then stop cleanly."""

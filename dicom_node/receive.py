@@ -113,6 +113,17 @@ def _status(code: int, comment: str | None = None) -> Dataset | int:
     return ds
 
 
+def _index_failure(exc: Exception) -> str:
+    """The reason (an ErrorComment: 64 characters at most) for an index write that failed."""
+    orig = getattr(exc, "orig", None)
+    text = str(orig or exc).lower()
+    if isinstance(orig, TimeoutError) or "locked" in text or "busy" in text:
+        return "index write failed: database busy (locked); retry later"
+    if "readonly" in text or "read-only" in text:
+        return "index write failed: database is read-only"
+    return f"index write failed: {type(exc).__name__}"
+
+
 class Receiver:
     """The node's storage SCP. ``start()`` returns at once; ``stop()`` closes it down.
 
@@ -127,7 +138,11 @@ class Receiver:
     ):
         self.config = config
         self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
-        self.indexer = Indexer(session_factory)
+        # A store waits at most database.store_busy_timeout_ms for the index database: a
+        # database locked by another process gets the sender a prompt 0xA700, not a timeout.
+        self.indexer = Indexer(
+            session_factory, time_budget_s=config.database.store_busy_timeout_ms / 1000
+        )
         self.sessions = session_factory
         self.on_change = on_change
         self.ae_title = config.node.ae_title
@@ -478,7 +493,7 @@ class Receiver:
             if isinstance(exc, SpoolError):
                 reason = str(exc.strerror)
             else:
-                reason = f"index write failed: {type(exc).__name__}"
+                reason = _index_failure(exc)
                 log.error("%s sop_instance_uid=%s", reason, sop_uid)
             self.indexer.record_event(
                 "store_failed",

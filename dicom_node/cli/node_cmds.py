@@ -79,7 +79,7 @@ def serve(
 
     import pydicom.config
 
-    from dicom_node.node import Node
+    from dicom_node.node import Node, StartupError
 
     # pydicom's warnings about invalid values quote the value, which may be a patient's name:
     # the node reads leniently and never logs them.
@@ -88,6 +88,8 @@ def serve(
         logging.getLogger("dicom_node").warning("config: %s", warning)
     try:
         Node(config).run_forever()
+    except StartupError as exc:
+        _exit_on_problems(resolve_config_path(config_path), [(exc.key, exc.reason)])
     except OSError as exc:
         fail(
             f"cannot listen on {config.node.bind_address}:{config.node.port}: {exc.strerror or exc}"
