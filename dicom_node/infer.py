@@ -31,12 +31,13 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from dicom_node.complete import Rejection, SeriesPlan, plan_series, tolerances_from_config
+from dicom_node.complete import plan_indexed_series
 from dicom_node.config import ModelSection, NodeConfig, RuleAction
 from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState, audit, utcnow
 from dicom_node.health import Health
 from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
+from dicom_node.plan import Rejection, SeriesPlan
 from dicom_node.write import SourceImage, write_derived_series
 
 __all__ = [
@@ -69,7 +70,7 @@ class ModelIdentity:
 
 def derived_root(config: NodeConfig) -> Path:
     """Where derived series (and their previews) are written: ``<spool>/derived``."""
-    return Path(config.storage.spool_dir).resolve() / "derived"
+    return config.storage.spool_root / "derived"
 
 
 def _load_interpolator(model: ModelSection):
@@ -237,7 +238,6 @@ class Worker:
         self.config = config
         self.session_factory = session_factory
         self.models = models
-        self.spool_root = config.storage.spool_root
         self.health = health or Health()
         self.stop = stop or threading.Event()
 
@@ -333,11 +333,8 @@ class Worker:
             queued_at = job.updated_at or job.created_at
             timer.seconds["queue_wait"] = round(max(0.0, (t_start - queued_at).total_seconds()), 3)
             with timer.stage("plan"):
-                plan = plan_series(
-                    series,
-                    self.spool_root,
-                    tolerances_from_config(self.config.completion),
-                    only_sop_uids=job.source_sop_uids or None,
+                plan = plan_indexed_series(
+                    series, self.config, only_sop_uids=job.source_sop_uids or None
                 )
             factor, model_id, model_version = job.factor, job.model_id, job.model_version
             job_key = (job.source_series_uid, job.instances_hash)

@@ -18,8 +18,9 @@ import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
 
-from dicom_node.complete import SeriesPlan, SliceRef, functional_group_item
-from dicom_node.index import PixelDataExtent, pixel_problem
+from dicom_node.header import PixelDataExtent, pixel_problem
+from dicom_node.plan import SeriesPlan
+from dicom_node.slices import SliceRef, functional_group_item
 
 __all__ = ["LoadError", "LoadedSeries", "load_series", "rescale_for"]
 

@@ -49,15 +49,14 @@ from pynetdicom.sop_class import Verification
 from dicom_node.complete import hold_series
 from dicom_node.config import NodeConfig
 from dicom_node.db import utcnow
-from dicom_node.index import (
+from dicom_node.header import (
     STATUS_INVALID_UID,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
-    Indexer,
     InvalidInstance,
-    UidConflict,
     read_header,
 )
+from dicom_node.index import Indexer, UidConflict
 from dicom_node.spool import Spool, SpoolError, UnsafePathError
 from dicom_node.tls import DeferredHandshake, handshake
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from dicom_node.config import Rule
 from dicom_node.db import Series
+from dicom_node.plan import SeriesPlan
 
 __all__ = [
     "FactorDecision",
@@ -45,13 +46,13 @@ class SeriesFacts:
     calling_ae: str | None = None
 
 
-def facts_from_series(series: Series, plan: object | None = None) -> SeriesFacts:
-    """Facts from an indexed series and, optionally, its planned geometry (a SeriesPlan)."""
+def facts_from_series(series: Series, plan: SeriesPlan | None = None) -> SeriesFacts:
+    """Facts from an indexed series and, optionally, its planned geometry."""
     return SeriesFacts(
         modality=series.modality,
         sop_classes=frozenset(i.sop_class_uid for i in series.instances),
-        spacing_mm=getattr(plan, "spacing_mm", None),
-        thickness_mm=getattr(plan, "slice_thickness_mm", None),
+        spacing_mm=plan.spacing_mm if plan is not None else None,
+        thickness_mm=plan.slice_thickness_mm if plan is not None else None,
         body_part=series.body_part,
         series_description=series.series_description,
         calling_ae=series.calling_ae,

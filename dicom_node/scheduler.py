@@ -45,13 +45,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import jobs as jobs_mod
 from dicom_node import retention
-from dicom_node.complete import (
-    Rejection,
-    due_series,
-    hold_unfinished_series,
-    plan_series,
-    tolerances_from_config,
-)
+from dicom_node.complete import due_series, hold_unfinished_series, plan_indexed_series
 from dicom_node.config import NodeConfig
 from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
 from dicom_node.deliver import RetryPolicy, deliver_job
@@ -63,6 +57,7 @@ from dicom_node.infer import (
     record_untrained,
     resolve_concurrency,
 )
+from dicom_node.plan import Rejection
 from dicom_node.rules import explain, factor_for, facts_from_series, select_rule
 
 __all__ = ["Pipeline", "QueueOutcome", "evaluate_series", "plan_and_queue"]
@@ -98,7 +93,7 @@ def plan_and_queue(
 ) -> QueueOutcome:
     """Plan ``series`` (geometry), pick its rule and factor, and queue its job (idempotent: the
     same instance set, model and factor give the same job). Does not commit."""
-    plan = plan_series(series, config.storage.spool_root, tolerances_from_config(config.completion))
+    plan = plan_indexed_series(series, config)
     if isinstance(plan, Rejection):
         return QueueOutcome(SeriesState.rejected, plan.reason)
     missing = [r.label for r in plan.slices if not Path(r.file_path).exists()]

@@ -50,8 +50,8 @@ from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence as DicomSequence
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 
-from dicom_node.complete import functional_group_item
 from dicom_node.geometry import check_spacing, orientations_equal, slice_normal
+from dicom_node.slices import functional_group_item
 from dicom_node.uids import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,

@@ -12,15 +12,9 @@ import pytest
 import SimpleITK as sitk
 from pydicom.uid import RLELossless, generate_uid
 
-from dicom_node.complete import (
-    Rejection,
-    SeriesPlan,
-    Tolerances,
-    plan_slices,
-    slice_refs_from_dataset,
-    slice_refs_from_file,
-)
 from dicom_node.load import load_series
+from dicom_node.plan import Rejection, SeriesPlan, Tolerances, plan_slices
+from dicom_node.slices import SliceRef, slice_refs_from_file
 
 
 def _files(folder: Path) -> list[Path]:
@@ -34,7 +28,7 @@ def _headers(folder: Path) -> list[pydicom.Dataset]:
 def _plan(datasets: list[pydicom.Dataset], tol: Tolerances | None = None):
     refs = []
     for i, ds in enumerate(datasets):
-        refs.extend(slice_refs_from_dataset(ds, f"synthetic/{i}.dcm"))
+        refs.extend(SliceRef.from_dataset(ds, f"synthetic/{i}.dcm"))
     return plan_slices("1.2.3", refs, tol)
 
 

@@ -526,9 +526,10 @@ def test_node_feeds_the_model_its_training_slice_order(sample_data):
     result in the source's order."""
     from acvtt_core.infer import load_interpolator
     from acvtt_core.volume_io import read_volume
-    from dicom_node.complete import SeriesPlan, plan_slices, slice_refs_from_file
     from dicom_node.infer import interpolate_in_model_order
     from dicom_node.load import load_series
+    from dicom_node.plan import SeriesPlan, plan_slices
+    from dicom_node.slices import slice_refs_from_file
 
     files = sorted(Path(sample_data.ct_dicom_repaired).glob("*.dcm"))
     plan = plan_slices("1.2.3", [r for f in files for r in slice_refs_from_file(f)])

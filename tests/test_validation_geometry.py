@@ -12,8 +12,9 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from dicom_node.complete import Rejection, SeriesPlan, plan_slices, slice_refs_from_dataset
 from dicom_node.geometry import GeometryError, orientation_problem, plane_problem, slice_normal
+from dicom_node.plan import Rejection, SeriesPlan, plan_slices
+from dicom_node.slices import SliceRef
 from tests.support.node import NodeProcess, send_with_storescu
 from tests.support.polling import wait_until
 
@@ -93,7 +94,7 @@ def _headers(folder: Path) -> list[pydicom.Dataset]:
 
 
 def _plan(headers: list[pydicom.Dataset]):
-    refs = [r for i, ds in enumerate(headers) for r in slice_refs_from_dataset(ds, f"s/{i}.dcm")]
+    refs = [r for i, ds in enumerate(headers) for r in SliceRef.from_dataset(ds, f"s/{i}.dcm")]
     return plan_slices("1.2.3", refs)
 
 

@@ -22,9 +22,10 @@ import pytest
 from pydicom.encaps import encapsulate
 from pydicom.uid import generate_uid
 
-from dicom_node.complete import plan_slices, slice_refs_from_file
-from dicom_node.index import STATUS_DATASET_MISMATCH, PixelDataExtent, pixel_problem
+from dicom_node.header import STATUS_DATASET_MISMATCH, PixelDataExtent, pixel_problem
 from dicom_node.load import LoadError, load_series
+from dicom_node.plan import plan_slices
+from dicom_node.slices import slice_refs_from_file
 from tests.support.node import NodeProcess, make_instances, send_with_storescu
 from tests.support.polling import wait_until
 

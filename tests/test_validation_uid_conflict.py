@@ -17,8 +17,10 @@ import pytest
 from sqlalchemy import select
 
 from dicom_node import db
-from dicom_node.complete import Rejection, SeriesPlan, plan_series
-from dicom_node.index import STATUS_UID_CONFLICT, Indexer, UidConflict, read_header
+from dicom_node.complete import plan_series
+from dicom_node.header import STATUS_UID_CONFLICT, read_header
+from dicom_node.index import Indexer, UidConflict
+from dicom_node.plan import Rejection, SeriesPlan
 from tests.support.node import NodeProcess, make_instances, send_with_storescu
 
 QUIET = {"completion": {"quiet_seconds": 100000}}  # keep the pipeline away from these series

@@ -19,9 +19,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node.complete import SeriesPlan, plan_slices, slice_refs_from_file
 from dicom_node.infer import interpolate_in_model_order
 from dicom_node.load import load_series
+from dicom_node.plan import SeriesPlan, plan_slices
+from dicom_node.slices import slice_refs_from_file
 from dicom_node.write import SourceImage, write_derived_series
 from tests.test_pipeline import LinearStandIn, _index, _run_next, env  # noqa: F401
 from tests.test_write import MODEL, dcentvfy_errors, dciodvfy_errors

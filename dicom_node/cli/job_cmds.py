@@ -29,9 +29,10 @@ from dicom_node.cli.app import (
     sessions_for,
     styled,
 )
-from dicom_node.complete import Rejection, plan_series, tolerances_from_config
+from dicom_node.complete import plan_indexed_series
 from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState
 from dicom_node.infer import ModelPool
+from dicom_node.plan import Rejection
 from dicom_node.rules import explain, factor_for, facts_from_series
 from dicom_node.scheduler import plan_and_queue
 
@@ -330,11 +331,9 @@ def rules_test(
             series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
             if series is None:
                 fail(f"no series {series_uid}", EXIT_NOT_FOUND)
-            plan = plan_series(
-                series, config.storage.spool_root, tolerances_from_config(config.completion)
-            )
+            plan = plan_indexed_series(series, config)
             rejected = plan.reason if isinstance(plan, Rejection) else None
-            facts = facts_from_series(series, None if rejected else plan)
+            facts = facts_from_series(series, None if isinstance(plan, Rejection) else plan)
             expl = explain(facts, config.rules)
     except SQLAlchemyError as exc:
         db_fail(exc)
