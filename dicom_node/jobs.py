@@ -27,7 +27,6 @@ The stages hand each other typed columns, not dict keys: completion writes
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicom_node.db import Job, JobState, SentInstance, Series, audit, utcnow
+from dicom_node.uids import instances_hash
 
 __all__ = [
     "InvalidTransition",
@@ -46,7 +46,6 @@ __all__ = [
     "NotPossible",
     "acknowledged",
     "claim",
-    "instances_hash",
     "job_key",
     "derived_paths",
     "queue_job",
@@ -74,11 +73,6 @@ ALLOWED: dict[JobState, set[JobState]] = {
 
 class InvalidTransition(ValueError):
     """A state change that the job life cycle does not allow."""
-
-
-def instances_hash(sop_instance_uids: Iterable[str]) -> str:
-    """sha256 (hex) of the sorted, unique SOP Instance UIDs joined by newlines."""
-    return hashlib.sha256("\n".join(sorted(set(sop_instance_uids))).encode("ascii")).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,9 @@ That alphabet alone guarantees a UID can never contain a path separator or ``..`
 
 from __future__ import annotations
 
+import hashlib
 import re
+from collections.abc import Iterable
 
 from pydicom.uid import generate_uid
 
@@ -27,3 +29,9 @@ def is_valid_uid(value: object) -> bool:
 def deterministic_uid(*parts: str) -> str:
     """A UID under our root that depends only on ``parts`` (same parts, same UID)."""
     return generate_uid(prefix=UID_ROOT, entropy_srcs=list(parts))
+
+
+def instances_hash(sop_instance_uids: Iterable[str]) -> str:
+    """sha256 (hex) of the sorted, unique SOP Instance UIDs joined by newlines: the identity of
+    an instance set (a job's key, and part of the UIDs derived from it)."""
+    return hashlib.sha256("\n".join(sorted(set(sop_instance_uids))).encode("ascii")).hexdigest()

@@ -35,7 +35,6 @@ when an output folder is given). What it promises:
 from __future__ import annotations
 
 import copy
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -56,6 +55,7 @@ from dicom_node.uids import (
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION_NAME,
     deterministic_uid,
+    instances_hash,
 )
 from dicom_node.write_attributes import (
     IMAGE_CONSTANT,
@@ -170,10 +170,6 @@ class _Source:
         return ref
 
 
-def _sop_hash(sop_uids: Sequence[str]) -> str:
-    return hashlib.sha256("\n".join(sorted(sop_uids)).encode("ascii")).hexdigest()
-
-
 def derived_series_uid(
     source_series_uid: str,
     source_sop_uids: Sequence[str],
@@ -187,7 +183,7 @@ def derived_series_uid(
         "acvtt-derived-series",
         DERIVATION_REVISION,
         source_series_uid,
-        _sop_hash(source_sop_uids),
+        instances_hash(source_sop_uids),
         model_id,
         model_version,
         str(factor),
@@ -617,7 +613,7 @@ def write_derived_series(
     series = _series_attributes(srcs, geo, naming, notes)
     encoding = _PixelEncoding.of(srcs[0])
     encoding.describe(series)
-    sop_hash = _sop_hash([s.identity for s in srcs])
+    sop_hash = instances_hash([s.identity for s in srcs])
     src_series_uid = str(srcs[0].get("SeriesInstanceUID"))
     nearest_cache: dict[int, Dataset] = {}
 

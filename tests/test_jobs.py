@@ -11,7 +11,6 @@ from dicom_node.jobs import (
     InvalidTransition,
     acknowledged,
     claim,
-    instances_hash,
     next_queued,
     queue_job,
     record_ack,
@@ -19,6 +18,7 @@ from dicom_node.jobs import (
     requeue,
     transition,
 )
+from dicom_node.uids import instances_hash
 
 
 @pytest.fixture
