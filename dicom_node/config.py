@@ -21,7 +21,9 @@ import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -115,6 +117,9 @@ class AllowedCaller(_Strict):
 
 
 class Destination(_Strict):
+    """A DIMSE peer: derived series go out by C-STORE."""
+
+    type: Literal["dimse"] = "dimse"
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
     ae_title: AETitle
     host: str
@@ -122,6 +127,49 @@ class Destination(_Strict):
     tls: TLSConfig | None = None
 
     _ae = field_validator("ae_title")(_check_ae)
+
+
+class DicomWebAuth(_Strict):
+    """How the node authenticates to a DICOMweb server; secrets live in files, never here."""
+
+    type: Literal["none", "basic", "bearer"] = "none"
+    username: str | None = None
+    password_file: Path | None = None
+    token_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> DicomWebAuth:
+        if self.type == "basic" and (not self.username or self.password_file is None):
+            raise ValueError("basic authentication needs username and password_file")
+        if self.type == "bearer" and self.token_file is None:
+            raise ValueError("bearer authentication needs token_file")
+        for f in (self.password_file, self.token_file):
+            if f is not None and not Path(f).is_file():
+                raise ValueError(f"{f} is not a readable file")
+        return self
+
+
+class DicomWebDestination(_Strict):
+    """A DICOMweb server: derived series go out by STOW-RS (``{url}/studies/{study}``)."""
+
+    type: Literal["dicomweb"]
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")
+    url: str = Field(pattern=r"^https?://", description="base URL, e.g. https://pacs/dicom-web")
+    auth: DicomWebAuth = DicomWebAuth()
+    ca_file: Path | None = Field(None, description="CA bundle to verify the server's TLS")
+    timeout_s: float = Field(60, gt=0)
+    batch_size: int = Field(16, ge=1, le=1000, description="instances per STOW-RS request")
+
+
+def _destination_type(value: object) -> str:
+    kind = value.get("type", "dimse") if isinstance(value, dict) else getattr(value, "type", None)
+    return kind if kind in ("dimse", "dicomweb") else "dimse"
+
+
+AnyDestination = Annotated[
+    Annotated[Destination, Tag("dimse")] | Annotated[DicomWebDestination, Tag("dicomweb")],
+    Discriminator(_destination_type),
+]
 
 
 class StorageSection(_Strict):
@@ -252,16 +300,63 @@ class ModelSection(_Strict):
     )
 
 
+def _is_loopback(address: str) -> bool:
+    return ipaddress.ip_address(address).is_loopback
+
+
+class HttpSection(_Strict):
+    """The HTTP side (docs/OPERATIONS.md, "Monitoring"): /healthz, /readyz, /metrics, the JSON
+    API and the web console, served by ``dicom-node serve`` itself."""
+
+    enabled: bool = False
+    bind_address: str = "127.0.0.1"
+    port: int = Field(8080, ge=1, le=65535)
+    # One token per line (``NAME:TOKEN``, or a bare ``TOKEN`` for the name ``admin``); without
+    # it nobody can authenticate: the console is read-only and shows no patient data.
+    auth_token_file: Path | None = None
+    # Whether the console, the JSON API and /metrics answer without authentication (never
+    # with patient names or IDs). /healthz and /readyz always do.
+    anonymous_read: bool = True
+    console_refresh_s: int = Field(10, ge=0, le=3600, description="0 = no auto-refresh")
+    session_hours: float = Field(8, gt=0, le=24 * 30)
+
+    @field_validator("bind_address")
+    @classmethod
+    def _bind(cls, v: str) -> str:
+        ipaddress.ip_address(v)
+        return v
+
+    @model_validator(mode="after")
+    def _authenticated_off_loopback(self) -> HttpSection:
+        # Anyone on the network could otherwise read the console and the API; actions need a
+        # token anyway, but the series, jobs and audit trail would be open to all.
+        if self.enabled and not _is_loopback(self.bind_address) and self.auth_token_file is None:
+            raise ValueError(
+                f"bind_address {self.bind_address} is not a loopback address: set "
+                "auth_token_file (a node reachable from the network needs authentication)"
+            )
+        if self.enabled and not self.anonymous_read and self.auth_token_file is None:
+            raise ValueError("anonymous_read: false needs auth_token_file (nobody could log in)")
+        return self
+
+
+class LoggingSection(_Strict):
+    # json: one JSON object per line (series_uid, job_id, stage, duration_s as fields).
+    format: Literal["text", "json"] = "text"
+
+
 class NodeConfig(_Strict):
     node: NodeSection = NodeSection()
     allowed_callers: list[AllowedCaller] = []
-    destinations: list[Destination] = []
+    destinations: list[AnyDestination] = []
     storage: StorageSection = StorageSection()
     database: DatabaseSection = DatabaseSection()
     completion: CompletionSection = CompletionSection()
     send: SendSection = SendSection()
     rules: list[Rule] = []
     model: ModelSection = ModelSection()
+    http: HttpSection = HttpSection()
+    logging: LoggingSection = LoggingSection()
 
     @field_validator("allowed_callers")
     @classmethod
@@ -291,7 +386,7 @@ class NodeConfig(_Strict):
                     raise ValueError(f"rule {rule.name!r} names unknown destination {dest!r}")
         return self
 
-    def destination(self, name: str) -> Destination:
+    def destination(self, name: str) -> Destination | DicomWebDestination:
         for d in self.destinations:
             if d.name == name:
                 return d
@@ -377,7 +472,10 @@ def check_environment(config: NodeConfig, create: bool = False) -> list[tuple[st
     problems += check_database_path(config.database.url)
     problems += _check_tls("node.tls", config.node.tls, server=True)
     for i, dest in enumerate(config.destinations):
-        problems += _check_tls(f"destinations.{i}.tls", dest.tls, server=False)
+        if isinstance(dest, Destination):
+            problems += _check_tls(f"destinations.{i}.tls", dest.tls, server=False)
+    if config.http.enabled and config.http.auth_token_file is not None:
+        problems += _check_token_file(config.http.auth_token_file)
     if not config.allowed_callers:
         problems.append(("allowed_callers", "empty: every association would be rejected"))
     return problems
@@ -442,6 +540,16 @@ def check_database_path(url: str) -> list[tuple[str, str]]:
         return [(key, f"directory {directory} of the SQLite file is not writable")]
     if path.exists() and not os.access(path, os.R_OK | os.W_OK):
         return [(key, f"SQLite file {path} is not writable")]
+    return []
+
+
+def _check_token_file(path: Path) -> list[tuple[str, str]]:
+    from dicom_node.web.auth import TokenFileError, read_token_file
+
+    try:
+        read_token_file(path)
+    except TokenFileError as exc:
+        return [("http.auth_token_file", str(exc))]
     return []
 
 

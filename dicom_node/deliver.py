@@ -31,7 +31,8 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node import jobs as jobs_mod
-from dicom_node.config import NodeConfig, SendSection
+from dicom_node import stow
+from dicom_node.config import DicomWebDestination, NodeConfig, SendSection
 from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
 from dicom_node.send import (
     FailureKind,
@@ -40,6 +41,8 @@ from dicom_node.send import (
     next_retry_delay,
     send_instances,
 )
+from dicom_node.stow import StowTarget
+from dicom_node.web import metrics
 
 __all__ = ["AckRecorder", "AttemptResult", "NextStep", "RetryPolicy", "decide", "deliver_job"]
 
@@ -67,11 +70,14 @@ class AttemptResult:
     failure_kind: FailureKind | None = None  # the worst over all destinations
     reasons: list[str] = field(default_factory=list)
     elapsed_s: float = 0.0
+    retry_after_s: float | None = None  # the least delay a peer asked for (Retry-After)
 
-    def add_failure(self, kind: FailureKind, reason: str) -> None:
+    def add_failure(self, kind: FailureKind, reason: str, retry_after_s: float | None = None):
         if self.failure_kind is not FailureKind.PERMANENT:
             self.failure_kind = kind
         self.reasons.append(reason)
+        if retry_after_s is not None:
+            self.retry_after_s = max(self.retry_after_s or 0.0, retry_after_s)
 
 
 @dataclass(frozen=True)
@@ -111,6 +117,7 @@ def decide(
     if policy.max_attempts is not None and attempts_so_far >= policy.max_attempts:
         return NextStep(JobState.failed, f"send gave up after {attempts_so_far} attempts: {reason}")
     delay = next_retry_delay(attempts_so_far - 1, policy.base_delay_s, policy.max_delay_s, rng)
+    delay = max(delay, attempt.retry_after_s or 0.0)  # a server that said when to come back
     # Never plan a retry past the end of the window: the last one happens at its end.
     delay = max(0.0, min(delay, policy.retry_window_s - failing_s))
     return NextStep(JobState.written, reason, retry_in_s=delay)
@@ -229,29 +236,37 @@ def _acknowledge_what_is_stored(
     name: str,
     derived: tuple[str, str],
 ) -> None:
-    """Ask the destination (C-FIND) which instances of the derived series it already holds and
-    record them as acknowledged, so that a resend after a crash sends nothing twice. A
-    destination that cannot answer gets the unacknowledged instances again (PACS stores a
-    re-sent instance under the same UIDs, so that is a repeat, never a second series)."""
+    """Ask the destination (C-FIND, or QIDO-RS for DICOMweb) which instances of the derived
+    series it already holds and record them as acknowledged, so that a resend after a crash
+    sends nothing twice. A destination that cannot answer gets the unacknowledged instances
+    again (a PACS stores a re-sent instance under the same UIDs: a repeat, never a second
+    series)."""
     study_uid, series_uid = derived
     try:
-        dest = destination_from_config(config.destination(name))
+        dcfg = config.destination(name)
     except KeyError:
         return
-    found = find_stored_instances(
-        dest,
-        calling_ae_title=config.node.ae_title,
-        study_uid=study_uid,
-        series_uid=series_uid,
-        timeout=config.node.dimse_timeout_s,
-    )
+    if isinstance(dcfg, DicomWebDestination):
+        target = StowTarget(dcfg)
+        found = stow.find_stored(target, study_uid, series_uid)
+        peer = str(target)
+    else:
+        dest = destination_from_config(dcfg)
+        found = find_stored_instances(
+            dest,
+            calling_ae_title=config.node.ae_title,
+            study_uid=study_uid,
+            series_uid=series_uid,
+            timeout=config.node.dimse_timeout_s,
+        )
+        peer = str(dest)
     with sessions() as s:
         new = jobs_mod.record_acks(s, job_id, name, [(uid, 0) for uid in found or ()])
         audit(
             s,
             "send_verified",
             job_id=job_id,
-            peer=str(dest),
+            peer=peer[:64],
             detail={
                 "destination": name,
                 "held_by_destination": None if found is None else len(found),
@@ -283,25 +298,31 @@ def _send_to(
     except KeyError:
         attempt.add_failure(FailureKind.PERMANENT, f"{name}: destination is no longer configured")
         return
-    dest = destination_from_config(dcfg)
     with sessions() as s:
         acked = jobs_mod.acknowledged(s, s.get(Job, job_id), name)
     recorder = AckRecorder(
         sessions, job_id, name, batch=config.send.ack_batch, flush_s=config.send.ack_flush_s
     )
-    res = send_instances(
-        dest,
-        files,
-        calling_ae_title=node.ae_title,
-        already_acknowledged=acked,
-        acse_timeout=node.acse_timeout_s,
-        dimse_timeout=node.dimse_timeout_s,
-        network_timeout=node.network_timeout_s,
-        on_ack=recorder.add,
-    )
+    if isinstance(dcfg, DicomWebDestination):
+        dest: object = StowTarget(dcfg)
+        res = stow.stow_instances(dest, files, already_acknowledged=acked, on_ack=recorder.add)
+    else:
+        dest = destination_from_config(dcfg)
+        res = send_instances(
+            dest,
+            files,
+            calling_ae_title=node.ae_title,
+            already_acknowledged=acked,
+            acse_timeout=node.acse_timeout_s,
+            dimse_timeout=node.dimse_timeout_s,
+            network_timeout=node.network_timeout_s,
+            on_ack=recorder.add,
+        )
     recorder.flush()  # if this fails too, _record_outcome's commit retries the rest
     attempt.elapsed_s += res.elapsed_s
     acked_now = [o for o in res.outcomes if o.sent_now and o.acknowledged]
+    refused = sum(1 for o in res.outcomes if o.sent_now and not o.acknowledged)
+    metrics.sent(name, acknowledged=len(acked_now), failed=refused)
     with sessions() as s:
         jobs_mod.record_acks(
             s, job_id, name, [(o.sop_instance_uid, o.status or 0) for o in acked_now]
@@ -311,7 +332,7 @@ def _send_to(
             "send_attempt",
             series_uid=series_uid,
             job_id=job_id,
-            peer=str(dest),
+            peer=str(dest)[:64],
             detail={
                 "destination": name,
                 "sent_now": len(res.sent_now),
@@ -325,7 +346,9 @@ def _send_to(
     if not res.ok:
         kind = res.failure.kind if res.failure else FailureKind.TRANSIENT
         attempt.add_failure(
-            kind, f"{name}: {res.failure.reason if res.failure else 'not all acknowledged'}"
+            kind,
+            f"{name}: {res.failure.reason if res.failure else 'not all acknowledged'}",
+            res.failure.retry_after_s if res.failure else None,
         )
 
 
@@ -345,6 +368,7 @@ def _record_outcome(
         job.stage_seconds = stages
         job.send_attempts = (job.send_attempts or 0) + 1
         job.send_started_at = None
+        series_uid = job.source_series_uid
         step = decide(
             attempt,
             attempts_so_far=job.send_attempts,
@@ -367,5 +391,8 @@ def _record_outcome(
             assert step.retry_in_s is not None and step.reason is not None
             jobs_mod.schedule_send_retry(s, job, step.retry_in_s, step.reason, now=now)
         s.commit()
+    metrics.job_stages({"send": attempt.elapsed_s}, job_id=job_id, series_uid=series_uid)
+    if step.retry_in_s is not None:
+        metrics.send_retry()
     log.info("send job_id=%s state=%s reason=%s", job_id, step.state.value, step.reason)
     return step.state

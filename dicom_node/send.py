@@ -100,6 +100,8 @@ class SendFailure:
 
     kind: FailureKind
     reason: str
+    # The peer asked for at least this long before a retry (HTTP Retry-After).
+    retry_after_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +124,7 @@ class InstanceOutcome:
 class SendResult:
     """Outcome of one :func:`send_instances` call (one association at most)."""
 
-    destination: Destination
+    destination: object  # a Destination (DIMSE) or a stow.StowTarget (DICOMweb)
     outcomes: list[InstanceOutcome]
     failure: SendFailure | None = None
     elapsed_s: float = 0.0

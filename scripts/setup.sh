@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One-time setup: Debian tools used by tests (dcmtk, dicom3tools, orthanc), a .venv with the
-# project and its test extras, and the CPU build of torch when no NVIDIA driver is present.
+# One-time setup: Debian tools used by tests (dcmtk, dicom3tools, orthanc and its DICOMweb
+# plugin), a .venv with the project and its test extras, and the CPU build of torch when no
+# NVIDIA driver is present.
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,8 @@ need_apt=()
 [ -x /usr/bin/storescu ] || need_apt+=(dcmtk)
 [ -x /usr/bin/dciodvfy ] || need_apt+=(dicom3tools)
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
+# Orthanc's DICOMweb plugin: the STOW-RS destination in the tests.
+ls /usr/lib/orthanc/libOrthancDicomWeb.so* >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   export DEBIAN_FRONTEND=noninteractive

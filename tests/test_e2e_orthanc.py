@@ -18,7 +18,7 @@ import pydicom
 import pytest
 
 from tests.support.node import NodeProcess, send_with_storescu
-from tests.support.orthanc import OrthancServer
+from tests.support.orthanc import DICOMWEB_PLUGIN, OrthancServer
 from tests.support.polling import wait_until
 
 pytestmark = pytest.mark.slow
@@ -49,21 +49,44 @@ def pacs(tmp_path):
         yield server
 
 
-def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs):
+@pytest.fixture
+def web_pacs(tmp_path):
+    """A second Orthanc that receives by STOW-RS only (Debian's DICOMweb plugin), with a
+    password."""
+    if not DICOMWEB_PLUGIN:
+        pytest.skip("orthanc-dicomweb is not installed")
+    users = {"node": "web-secret"}
+    with OrthancServer(tmp_path / "orthanc-web", aet="WEB", dicomweb=True, users=users) as s:
+        yield s
+
+
+def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs, web_pacs):
     sources = sorted(Path(sample_data.ct_dicom_repaired).glob("*.dcm"))
     source_ds = pydicom.dcmread(sources[0], stop_before_pixels=True)
     n_in = len(sources)
     n_out = (n_in - 1) * FACTOR + 1
+    password = tmp_path / "web-password"
+    password.write_text("web-secret\n")
     overrides = {
         "destinations": [
-            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}
+            {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port},
+            {
+                "type": "dicomweb",
+                "name": "web",
+                "url": f"{web_pacs.url}/dicom-web",
+                "auth": {"type": "basic", "username": "node", "password_file": str(password)},
+            },
         ],
         "completion": {"quiet_seconds": 1, "check_interval_s": 0.5},
         "rules": [
             {
                 "name": "thick-ct",
                 "match": {"modality": ["CT"], "spacing_mm": [1.5, 10]},
-                "action": {"target_spacing_mm": 1.0, "destinations": ["pacs"], "priority": 5},
+                "action": {
+                    "target_spacing_mm": 1.0,
+                    "destinations": ["pacs", "web"],
+                    "priority": 5,
+                },
             }
         ],
         "model": {"device": "cpu"},
@@ -123,6 +146,17 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs):
         np.testing.assert_allclose(steps, 2.0 / FACTOR, atol=1e-3)
         first_uids = pacs.instance_uids()
         assert len(first_uids) == n_out
+
+        # The same derived series went out by STOW-RS to the DICOMweb destination.
+        (web_series,) = _orthanc_series(web_pacs)
+        assert web_series["MainDicomTags"]["SeriesInstanceUID"] == derived_uid
+        assert len(web_series["Instances"]) == n_out
+        assert web_pacs.instance_uids() == first_uids
+        web_ordered = web_pacs.get(f"/series/{web_series['ID']}/ordered-slices")
+        assert web_ordered["Type"] == "Volume"
+        echo_web = node.cli("echo", "web")
+        assert echo_web.returncode == 0 and "QIDO-RS answered HTTP 200" in echo_web.stdout
+        assert "web-secret" not in echo_web.stdout + echo_web.stderr
 
         # 3. dciodvfy on every derived file as Orthanc stored it; dcentvfy over source+derived.
         files_dir = tmp_path / "from-orthanc"

@@ -36,6 +36,7 @@ from dicom_node.cli.app import (
 )
 from dicom_node.config import (
     ConfigError,
+    DicomWebDestination,
     check_database_path,
     check_environment,
     config_warnings,
@@ -437,6 +438,9 @@ def echo(
     except KeyError:
         names = ", ".join(d.name for d in config.destinations) or "none configured"
         fail(f"no destination named {destination!r} ({names})", EXIT_NOT_FOUND)
+    if isinstance(dcfg, DicomWebDestination):
+        _echo_dicomweb(dcfg)
+        return
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)
     try:
         dest = destination_from_config(dcfg)
@@ -451,6 +455,19 @@ def echo(
     if status != 0:
         fail(f"{where} answered C-ECHO with status 0x{status:04X}", EXIT_FAILED)
     console.print(f"{where}: C-ECHO ok in {seconds * 1000:.0f} ms")
+
+
+def _echo_dicomweb(dcfg: DicomWebDestination) -> None:
+    from dicom_node.stow import StowTarget, stow_echo
+
+    try:
+        target = StowTarget(dcfg)
+    except OSError as exc:  # an unreadable credential file
+        fail(f"{dcfg.name}: cannot read its credentials: {exc.strerror}", EXIT_CONFIG)
+    status, failure, seconds = stow_echo(target)
+    if failure is not None:
+        fail(f"{target}: {failure.reason} ({failure.kind.value})", EXIT_UNREACHABLE)
+    console.print(f"{target}: QIDO-RS answered HTTP {status} in {seconds * 1000:.0f} ms")
 
 
 # -- db ------------------------------------------------------------------------------------------

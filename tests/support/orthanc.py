@@ -26,6 +26,7 @@ Both can be called repeatedly; the ports stay the same so senders can retry the 
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import subprocess
@@ -38,6 +39,8 @@ import requests
 from tests.support.dcmtk import free_port
 
 ORTHANC = "/usr/sbin/Orthanc"
+# Debian installs the plugin versioned (libOrthancDicomWeb.so.1.7 on bookworm).
+DICOMWEB_PLUGIN = next(iter(sorted(glob.glob("/usr/lib/orthanc/libOrthancDicomWeb.so*"))), "")
 
 
 class OrthancServer:
@@ -52,6 +55,8 @@ class OrthancServer:
         config_overrides: dict[str, Any] | None = None,
         dicom_port: int | None = None,
         http_port: int | None = None,
+        dicomweb: bool = False,
+        users: dict[str, str] | None = None,
     ) -> None:
         self.work_dir = Path(work_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
@@ -83,6 +88,14 @@ class OrthancServer:
             "StableAge": 1,
             "SaveJobs": False,
         }
+        if dicomweb:  # Debian's orthanc-dicomweb plugin: STOW-RS, QIDO-RS, WADO-RS
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/", "Ssl": False}
+        # With users, the REST API and DICOMweb need HTTP basic authentication.
+        self.auth: tuple[str, str] | None = next(iter(users.items())) if users else None
+        if users:
+            config["AuthenticationEnabled"] = True
+            config["RegisteredUsers"] = dict(users)
         config.update(config_overrides or {})
         self.config = config
         self.config_path.write_text(json.dumps(config, indent=2))
@@ -117,7 +130,7 @@ class OrthancServer:
                     f"Orthanc exited with {self.process.returncode}; log:\n{self.log()[-3000:]}"
                 )
             try:
-                if requests.get(self.url + "/system", timeout=1).ok:
+                if requests.get(self.url + "/system", timeout=1, auth=self.auth).ok:
                     return
             except requests.RequestException:
                 pass
@@ -140,6 +153,7 @@ class OrthancServer:
 
     def get(self, path: str, **kwargs: Any) -> Any:
         """GET ``path`` from the REST API and return the decoded JSON (raises on HTTP errors)."""
+        kwargs.setdefault("auth", self.auth)
         r = requests.get(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
         r.raise_for_status()
         return r.json()
