@@ -66,6 +66,9 @@ class NodeSection(_Strict):
     port: int = Field(11112, ge=1, le=65535)
     max_associations: int = Field(32, ge=1, le=1024)
     acse_timeout_s: float = Field(30, gt=0)
+    # A new connection holds an association slot until its A-ASSOCIATE-RQ (and TLS handshake)
+    # is in: this bounds how long idle or half-open sockets can keep real senders out.
+    association_request_timeout_s: float = Field(10, gt=0, le=600)
     dimse_timeout_s: float = Field(60, gt=0)
     network_timeout_s: float = Field(60, gt=0)
     max_pdu: int = Field(0, ge=0, description="0 = unlimited")

@@ -244,18 +244,36 @@ class Receiver:
 
     # -- association events --------------------------------------------------------------------
     def _on_conn_open(self, event) -> None:
-        # Without TCP_NODELAY each small C-STORE-RSP waits for Nagle/delayed-ACK (~40 ms).
+        # A connection holds an association slot from now on. Until its A-ASSOCIATE-RQ is in, it
+        # gets association_request_timeout_s: pynetdicom would wait acse_timeout_s for a peer
+        # that sends nothing, and for ever for one that stops inside its request (the read
+        # blocks on a socket without a timeout), so idle or half-open sockets could hold every
+        # slot. _on_requested puts the association's own timeouts back.
+        wait = self.config.node.association_request_timeout_s
+        event.assoc.acse_timeout = wait
         sock = event.assoc.dul.socket.socket
         if sock is not None:
+            # Without TCP_NODELAY each small C-STORE-RSP waits for Nagle/delayed-ACK (~40 ms).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(wait)
             if isinstance(sock, ssl.SSLSocket):
                 self._tls_handshake(sock, event.address)
 
+    def _request_arrived(self, assoc) -> None:
+        """The A-ASSOCIATE-RQ is in: from here on ``acse_timeout_s`` (release) and, for a PDU
+        that stops half-way, ``network_timeout_s`` apply."""
+        n = self.config.node
+        assoc.acse_timeout = n.acse_timeout_s
+        sock = assoc.dul.socket.socket
+        if sock is not None:
+            sock.settimeout(n.network_timeout_s)
+
     def _tls_handshake(self, sock: ssl.SSLSocket, address) -> None:
         """The handshake :class:`~dicom_node.tls.DeferredHandshake` left for this thread, within
-        ``acse_timeout_s``. On failure (no or untrusted client certificate, a caller without TLS,
-        a silent caller) the socket is closed, so the association ends before anything is read."""
-        error = handshake(sock, self.config.node.acse_timeout_s)
+        ``association_request_timeout_s``. On failure (no or untrusted client certificate, a
+        caller without TLS, a silent caller) the socket is closed, so the association ends
+        before anything is read."""
+        error = handshake(sock, self.config.node.association_request_timeout_s)
         if error is not None:
             log.warning("TLS handshake failed peer=%s reason=%s", address[0], error)
         else:
@@ -263,6 +281,7 @@ class Receiver:
 
     def _on_requested(self, event) -> None:
         assoc = event.assoc
+        self._request_arrived(assoc)
         rq = assoc.requestor.primitive
         calling = (rq.calling_ae_title or "").strip()
         called = (rq.called_ae_title or "").strip()
