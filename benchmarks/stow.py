@@ -1,0 +1,102 @@
+"""Delivery throughput: STOW-RS against C-STORE to the same Orthanc, in one run.
+
+    python benchmarks/stow.py [--n 200] [--batch 16] [--repeats 3]
+
+Writes a derived series of ``--n`` real-size (512x512) instances from the real CT headers, then
+delivers it with the node's own senders, each to a fresh store of one Orthanc (Debian, with its
+DICOMweb plugin): ``send.send_instances`` (C-STORE over one association) and
+``stow.stow_instances`` (STOW-RS, ``--batch`` instances per POST). Prints instances/s for each
+and the ratio (median of ``--repeats`` runs). Orthanc writes to a temporary directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import pydicom  # noqa: E402
+
+from dicom_node.config import parse_config  # noqa: E402
+from dicom_node.sample_data import fetch_sample_data  # noqa: E402
+from dicom_node.send import Destination, send_instances  # noqa: E402
+from dicom_node.stow import StowTarget, stow_instances  # noqa: E402
+from dicom_node.write import SourceImage, write_derived_series  # noqa: E402
+from tests.support.orthanc import DICOMWEB_PLUGIN, OrthancServer  # noqa: E402
+
+
+def _series(n: int, out: Path) -> list[Path]:
+    files = sorted(Path(fetch_sample_data().ct_dicom_repaired).glob("*.dcm"))
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
+    headers.sort(key=lambda d: float(d.ImagePositionPatient[2]))
+    factor = max(2, -(-(n - 1) // (len(headers) - 1)))
+    n_out = (len(headers) - 1) * factor + 1
+    rng = np.random.default_rng(0)
+    vol = rng.normal(0, 300, size=(n_out, 512, 512)).astype(np.float32)
+    write_derived_series(
+        [SourceImage(h) for h in headers], vol, factor=factor, model_id="bench",
+        model_version="1", out_dir=out,
+    )  # fmt: skip
+    return sorted(out.glob("*.dcm"))[:n]
+
+
+def _run(work: Path, files: list[Path], batch: int, how: str) -> float:
+    with OrthancServer(work, aet="PACS", dicomweb=True) as pacs:
+        t0 = time.perf_counter()
+        if how == "c-store":
+            res = send_instances(
+                Destination("PACS", pacs.host, pacs.dicom_port), files, calling_ae_title="BENCH"
+            )
+        else:
+            dest = parse_config(
+                {
+                    "destinations": [
+                        {
+                            "type": "dicomweb",
+                            "name": "web",
+                            "url": f"{pacs.url}/dicom-web",
+                            "batch_size": batch,
+                        }
+                    ]
+                }
+            ).destination("web")
+            res = stow_instances(StowTarget(dest), files)
+        dt = time.perf_counter() - t0
+        if not res.ok or len(pacs.get("/instances")) != len(files):
+            raise SystemExit(f"{how}: delivery incomplete: {res.failure}")
+    return len(files) / dt
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200, help="instances to deliver")
+    ap.add_argument("--batch", type=int, default=16, help="instances per STOW-RS request")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    if not DICOMWEB_PLUGIN:
+        raise SystemExit("needs Debian's orthanc-dicomweb (scripts/setup.sh installs it)")
+    with tempfile.TemporaryDirectory(prefix="stow-bench-") as tmp:
+        work = Path(tmp)
+        files = _series(args.n, work / "derived")
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        rates: dict[str, list[float]] = {"c-store": [], "stow-rs": []}
+        for r in range(args.repeats):
+            for how in rates:  # alternate, so that drift in machine load hits both alike
+                rates[how].append(_run(work / f"{how}-{r}", files, args.batch, how))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"{len(files)} instances, {mb:.0f} MB, STOW-RS batch {args.batch}, {args.repeats} runs")
+    for how, rate in med.items():
+        runs = ", ".join(f"{x:.0f}" for x in rates[how])
+        print(f"  {how:<8} {rate:7.1f} instances/s  (runs: {runs})")
+    print(f"  STOW-RS / C-STORE: {med['stow-rs'] / med['c-store']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
