@@ -6,6 +6,7 @@ fails with one `CheckpointMismatchError` that lists the differences.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import subprocess
@@ -45,8 +46,8 @@ class CheckpointMeta:
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
-        if not self.code_version:
-            self.code_version = code_version()
+        # code_version is stamped when the checkpoint is saved (`save_checkpoint`), not here:
+        # metadata is built often (every load, every untrained model) and git costs a process.
         if not self.model_id:
             self.model_id = f"acvtt-{self.preset}"
 
@@ -63,7 +64,9 @@ class CheckpointMeta:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@functools.cache
 def code_version() -> str:
+    """Package version and git commit of this code (git runs once per process)."""
     v = f"acvtt_core {__version__}"
     try:
         sha = subprocess.run(
@@ -91,6 +94,8 @@ def save_checkpoint(path: str | Path, model: ACVTT, meta: CheckpointMeta) -> Pat
         path = path.with_suffix(".safetensors")
     if meta.model != model.cfg:
         raise ValueError("metadata model config differs from the model being saved")
+    if not meta.code_version:
+        meta.code_version = code_version()
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {
         k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()

@@ -1,4 +1,7 @@
-"""`acvtt` command line: interpolate, train, eval, bench."""
+"""The `acvtt` command line, all of it: interpolate, train, eval, bench, adapt.
+
+Commands import torch and the model code when they run, so that `acvtt --help` and usage errors
+answer at once."""
 
 from __future__ import annotations
 
@@ -100,152 +103,133 @@ def _bf16(precision: str) -> bool | None:
     return None if precision == "auto" else precision == "bf16"
 
 
-def _load_volumes(paths: list[Path]):
-    """Volume files and folders of volume files (DICOM series folders read as one volume)."""
-    from acvtt_core.volume_io import read_volume
+def _parse_factors(values: list[str]) -> tuple[int, ...]:
+    """--factor 2 --factor 3 or --factors 2,3,4,5 (both may repeat)."""
+    try:
+        out = sorted({int(v) for item in values for v in item.split(",") if v.strip()})
+    except ValueError:
+        raise typer.BadParameter(f"{values} are not integers", param_hint="--factor") from None
+    if not out or min(out) < 2:
+        raise typer.BadParameter("factors must be integers >= 2", param_hint="--factor")
+    return tuple(out)
 
-    files: list[Path] = []
-    for p in paths:
-        if p.is_dir() and not any(
-            f.suffix.lower() in (".dcm", "") for f in p.iterdir() if f.is_file()
-        ):
-            files += sorted(
-                f
-                for f in p.iterdir()
-                if f.name.endswith((".nii", ".nii.gz", ".nrrd", ".mha", ".mhd"))
-            )
-        else:
-            files.append(p)
-    out = []
-    for f in files:
-        vol, geom = read_volume(f)
-        name = f.name.split(".")[0]
-        out.append((name, vol.astype("float32"), geom))
-    if not out:
-        raise typer.BadParameter("no volumes found")
+
+def _overrides(width: int | None, refs: int | None, levels: str | None) -> dict:
+    out: dict = {}
+    if width is not None:
+        out["width"] = width
+    if refs is not None:
+        out["n_refs"] = refs
+    if levels is not None:
+        out["mrnla_levels"] = tuple(int(v) for v in levels.split(",") if v.strip())
     return out
 
 
-def _model_config(
-    preset: str, width: int | None, refs: int | None, levels: str | None, factor_conditioning: bool
-):
-    from dataclasses import replace
+def _sources(data: list[str]):
+    """Training sources from --data specs PATH[:ROLES[:WEIGHT]]; a folder gives its volumes."""
+    from acvtt_core.recipe import load_source, parse_source
+    from acvtt_core.volume_io import find_volumes
 
-    from acvtt_core.config import get_preset
-
-    cfg = get_preset(preset).model
-    changes = {}
-    if width is not None:
-        changes["width"] = width
-    if refs is not None:
-        changes["n_refs"] = refs
-    if levels is not None:
-        changes["mrnla_levels"] = tuple(int(v) for v in levels.split(",") if v.strip())
-    if factor_conditioning:
-        changes["factor_conditioning"] = True
-    return replace(cfg, **changes)
-
-
-def _sampler_factory(spec: str | None):
-    if not spec:
-        from acvtt_core.train import SyntheticZSampler
-
-        def default(volumes, names, spacings, factors, crop, n_refs):
-            return SyntheticZSampler(volumes, factors, crop, n_refs, names)
-
-        return default
-    import importlib
-
-    mod, _, attr = spec.partition(":")
-    return getattr(importlib.import_module(mod), attr)
+    sources = []
+    for spec in data:
+        path, roles, weight = parse_source(spec)
+        for p in find_volumes(path):
+            s = load_source(p, roles, weight)
+            console.print(
+                f"source {s.name}: {s.vol.shape} spacing zyx {s.spacing} inplane={s.inplane} "
+                f"synthetic_z={s.synthetic_z} weight={s.weight}"
+            )
+            sources.append(s)
+    if not sources:
+        raise typer.BadParameter("no volumes found", param_hint="--data")
+    return sources
 
 
 @app.command()
 def train(
-    data: list[Path] = typer.Option(..., "--data", help="Thin volumes (files or folders)."),
+    data: list[str] = typer.Option(
+        ...,
+        "--data",
+        "--source",
+        help="Training volume, DICOM series folder or folder of volumes, as PATH[:ROLES[:WEIGHT]]:"
+        " ROLES from 'iz' (i: in-plane self-supervision, z: synthetic z; default: iz, or z at "
+        "weight 0.3 for slices under 96 pixels), WEIGHT the sampling weight. Repeat.",
+    ),
     out: Path = typer.Option(..., "--out", help="Run folder (resumes from it)."),
+    sampler: str | None = typer.Option(
+        None,
+        help="selfsup | synthetic-z (stage 1), fusion (stage 2). Default: selfsup, fusion for "
+        "--stage 2.",
+    ),
+    stage: int = typer.Option(1, min=1, max=2, help="1: cross-view transfer, 2: fusion."),
     preset: str = typer.Option("compact", help="Architecture preset."),
     width: int | None = typer.Option(None, help="Override C."),
     refs: int | None = typer.Option(None, help="Override R."),
     levels: str | None = typer.Option(None, help="Override MRNLA levels, e.g. '0,1' (0 = 1/8)."),
-    factor_conditioning: bool = typer.Option(False, help="Condition stage 1 on the factor."),
-    factors: list[int] = typer.Option([4], "--factor", help="Training factor(s)."),
-    stage: int = typer.Option(1, min=1, max=2, help="1: cross-view transfer, 2: fusion."),
-    steps: int = typer.Option(1000, help="Total steps (including resumed ones)."),
-    batch_size: int = typer.Option(2),
+    factor_conditioning: bool = typer.Option(True, help="Condition stage 1 on 1/factor."),
+    factors: list[str] = typer.Option(
+        ["2,3,4,5"], "--factor", "--factors", help="Training factors: repeat or comma-separate."
+    ),
+    steps: int = typer.Option(20000, help="Maximum total steps (including resumed ones)."),
+    minutes: float | None = typer.Option(
+        None, "--minutes", "--budget-min", help="Wall-clock budget of this call, in minutes."
+    ),
+    batch_size: int = typer.Option(4),
     crop: int = typer.Option(128, help="Crop size (the paper uses 256)."),
-    lr: float = typer.Option(1e-4),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
-    init: Path | None = typer.Option(None, help="Start from this checkpoint's weights."),
-    predictor: Path | None = typer.Option(
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    lr_drop_at: float = typer.Option(
+        0.75, help="lr / 4 once this fraction of --minutes or --steps is done (1: never)."
+    ),
+    init: str = typer.Option(
+        "he", help="he (Kaiming), default (PyTorch) or a checkpoint to start from."
+    ),
+    loss: str = typer.Option("mse", help="mse or l1 (the paper's; learns far slower here)."),
+    p_slab: float = typer.Option(0.4, help="Fraction of slab-averaged (vs decimated) samples."),
+    p_inplane: float = typer.Option(0.6, help="Fraction of in-plane self-supervised batches."),
+    predictor: str | None = typer.Option(
         None, help="Stage 2: checkpoint whose stage 1 makes the inputs; must not have seen --data."
     ),
     allow_leak: bool = typer.Option(False, help="Stage 2: allow a predictor trained on --data."),
-    sampler: str | None = typer.Option(
-        None, help="Stage 1 sampler factory 'module:callable' (default: synthetic z decimation)."
+    held_out: list[str] = typer.Option([], "--held-out", help="Held-out case names (metadata)."),
+    device: str = typer.Option("auto", help="auto, cpu or cuda[:n]."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), ..."),
+    compile_model: bool = typer.Option(
+        False, "--compile", help="torch.compile the trained stage (CUDA; unmeasured, off)."
     ),
+    clip_grad: float | None = typer.Option(None, help="Clip the gradient norm to this."),
+    threads: int | None = typer.Option(None, help="torch CPU threads (1 is fastest when shared)."),
+    seed: int = typer.Option(0),
     resume: bool = typer.Option(True, help="Resume from OUT's saved state."),
-    log_every: int = typer.Option(10),
-    ckpt_every: int = typer.Option(100),
+    log_every: int = typer.Option(25, help="Steps per train_log.jsonl line."),
+    ckpt_every: int = typer.Option(250, help="Checkpoint every this many steps ..."),
+    ckpt_seconds: float = typer.Option(60.0, help="... and every this many seconds."),
 ) -> None:
-    """Train one stage. Writes OUT/last.safetensors (+json), train state and train_log.jsonl."""
-    import shutil
+    """Train one stage of an ACVTT model; resumable. Writes OUT/last.safetensors (+json), the
+    train state, train_log.jsonl, phases.jsonl and, at the end, OUT/model.safetensors."""
+    import torch
 
-    from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint
     from acvtt_core.infer import resolve_device
-    from acvtt_core.model import ACVTT
-    from acvtt_core.train import FusionSampler, TrainConfig, stage1_predictions
-    from acvtt_core.train import train as run_train
-    from acvtt_core.volume import normalise_hu
+    from acvtt_core.recipe import Recipe, default_sampler, run_training
+    from acvtt_core.train import TrainConfig
 
+    if threads:
+        torch.set_num_threads(threads)
     dev = resolve_device(device)
-    vols = _load_volumes(data)
-    names = [n for n, _, _ in vols]
-    if init is not None:
-        model, meta, _ = load_checkpoint(init)
-    else:
-        cfg = _model_config(preset, width, refs, levels, factor_conditioning)
-        model = ACVTT(cfg)
-        meta = CheckpointMeta(preset=preset, model=cfg, factors=sorted(factors))
-    meta.factors = sorted(set(meta.factors) | set(factors))
-    norm = [normalise_hu(v) for _, v, _ in vols]
-    if stage == 1:
-        smp = _sampler_factory(sampler)(
-            volumes=norm,
-            names=names,
-            spacings=[g.spacing for _, _, g in vols],
-            factors=factors,
-            crop=crop,
-            n_refs=model.cfg.n_refs,
-        )
-    else:
-        pred_model = model
-        pred_data = meta.training_data
-        if predictor is not None:
-            pred_model, pmeta, _ = load_checkpoint(predictor)
-            pred_data = pmeta.training_data
-        seen = set(pred_data.get("volumes", []) if isinstance(pred_data, dict) else [])
-        leak = seen & set(names)
-        if leak and not allow_leak:
-            raise typer.BadParameter(
-                f"stage-1 predictor was trained on {sorted(leak)}; stage 2 would learn from leaked "
-                "results. Pass --predictor trained on other volumes (or --allow-leak)."
-            )
-        records = []
-        for v, name in zip(norm, names, strict=True):
-            for r in factors:
-                console.print(f"stage-1 predictions for {name} x{r}")
-                cor, sag, hr = stage1_predictions(pred_model, v, r, dev)
-                records.append((cor, sag, hr, r))
-        smp = FusionSampler(records, crop, names)
-    prev = meta.training_data if isinstance(meta.training_data, dict) else {}
-    meta.training_data = {
-        **prev,
-        "volumes": sorted(set(prev.get("volumes", [])) | set(names)),
-        f"stage{stage}": smp.describe(),
-    }
-    tcfg = TrainConfig(
+    recipe = Recipe(
+        sampler=sampler or default_sampler(stage, dev),
+        preset=preset,
+        overrides=_overrides(width, refs, levels),
+        factor_conditioning=factor_conditioning,
+        init=init,
+        factors=_parse_factors(factors),
+        crop=crop,
+        p_inplane=p_inplane,
+        p_slab=p_slab,
+        held_out=held_out,
+        predictor=predictor,
+        allow_leak=allow_leak,
+    )
+    cfg = TrainConfig(
         stage=stage,
         steps=steps,
         batch_size=batch_size,
@@ -254,16 +238,19 @@ def train(
         log_every=log_every,
         ckpt_every=ckpt_every,
         device=dev,
+        loss=loss,
+        minutes=minutes,
+        ckpt_seconds=ckpt_seconds,
+        lr_drop_at=lr_drop_at if lr_drop_at < 1 else None,
+        bf16=_bf16(precision),
+        compile=compile_model,
+        clip_grad=clip_grad,
     )
-    losses = run_train(
-        model, smp, tcfg, meta, out, resume=resume, log=lambda rec: console.print(rec)
-    )
-    shutil.copy(out / "last.safetensors", out / "model.safetensors")
-    shutil.copy(out / "last.json", out / "model.json")
-    if losses:
-        console.print(
-            f"done: {len(losses)} steps, last loss {losses[-1]:.5f}; {out / 'model.safetensors'}"
-        )
+    sources = _sources(data)
+    console.print(f"training stage {stage} on {dev} with sampler {recipe.sampler}")
+    last = run_training(sources, out, recipe, cfg, resume, log=console.print)
+    step = json.loads((out / "train_state.json").read_text())["step"]
+    console.print(f"done: step {step}; {last.parent / 'model.safetensors'}")
 
 
 @app.command("eval")
@@ -287,6 +274,8 @@ def eval_cmd(
     """Paper protocol: LR = HR[::R]; ACVTT vs linear vs cubic; JSON + table."""
     from acvtt_core.evaluate import DEGRADATIONS, evaluate, table
     from acvtt_core.infer import load_interpolator
+    from acvtt_core.recipe import volume_name
+    from acvtt_core.volume_io import find_volumes, read_volume
 
     interp = None
     if not baselines_only:
@@ -298,7 +287,11 @@ def eval_cmd(
             autocast_bf16=_bf16(precision),
             flip_ensemble=flip_ensemble,
         )
-    cases = {n: v for n, v, _ in _load_volumes(data)}
+    cases = {
+        volume_name(p): read_volume(p)[0].astype("float32") for d in data for p in find_volumes(d)
+    }
+    if not cases:
+        raise typer.BadParameter("no volumes found", param_hint="--data")
     if degradation not in DEGRADATIONS:
         raise typer.BadParameter(f"one of {', '.join(DEGRADATIONS)}", param_hint="--degradation")
     res = evaluate(cases, factors, interp, degradation)
@@ -387,11 +380,42 @@ def bench(
         out.write_text(json.dumps(res, indent=2, default=float))
 
 
-# Issue 4: site adaptation and the default-model recipe (acvtt_core/adapt.py, lazy imports).
-from acvtt_core.adapt import adapt_command, train_selfsup_command  # noqa: E402
+@app.command("adapt")
+def adapt_cmd(
+    checkpoint: Path = typer.Option(..., help="Base checkpoint (.safetensors)."),
+    data: Path = typer.Option(..., help="Folder of the site's thick volumes (or one volume)."),
+    out: Path = typer.Option(..., help="Adapted checkpoint to write (.safetensors + .json)."),
+    steps: int = typer.Option(400, help="Fine-tuning steps."),
+    budget_min: float = typer.Option(20.0, help="Wall-clock budget in minutes."),
+    lr: float = typer.Option(1e-4, help="Learning rate."),
+    batch_size: int = typer.Option(4),
+    crop: int = typer.Option(128),
+    thin_min_mm: float = typer.Option(0.8, help="Finest thin spacing taught (mm)."),
+    thin_max_mm: float = typer.Option(5.0, help="Coarsest thin spacing taught (mm)."),
+    synthetic_z: bool = typer.Option(False, help="Also train on the thick volumes' own z axis."),
+    threads: int = typer.Option(1, help="CPU threads (1 is fastest on a shared 2-core box)."),
+) -> None:
+    """Fine-tune a model with in-plane self-supervision on a site's own thick scans only."""
+    import torch
 
-app.command("adapt")(adapt_command)
-app.command("train-selfsup")(train_selfsup_command)
+    from acvtt_core.adapt import adapt
+    from acvtt_core.checkpoint import weights_version
+
+    torch.set_num_threads(threads)
+    p = adapt(
+        checkpoint,
+        data,
+        out,
+        steps=steps,
+        budget_min=budget_min,
+        lr=lr,
+        batch_size=batch_size,
+        crop=crop,
+        thin_mm=(thin_min_mm, thin_max_mm),
+        synthetic_z=synthetic_z,
+        log=console.print,
+    )
+    print(f"adapted checkpoint: {p} (version {weights_version(p)})")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,8 @@ reflect-padded to a multiple of 8 and the output is cropped back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -60,6 +62,11 @@ class Encoder(nn.Module):
         return feats  # scales 1, 1/2, 1/4, 1/8
 
 
+# Called at each decoder site i (0: the 1/8 bottleneck, 1..3: after each up block) with the
+# feature map there; returns the map the decoder continues with (stage 1 puts MRNLA there).
+SiteHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
 class Decoder(nn.Module):
     """Three blocks of bilinear x2 up, skip concat and a double conv, then a 1-channel head."""
 
@@ -74,6 +81,19 @@ class Decoder(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
 
+    def forward(self, feats: list[torch.Tensor], site: SiteHook | None = None) -> torch.Tensor:
+        """Decode encoder features (scales 1, 1/2, 1/4, 1/8) to one channel at scale 1.
+        `site(i, y)`, if given, may replace the map at each of the four sites."""
+        y = feats[3]
+        if site is not None:
+            y = site(0, y)
+        for j, block in enumerate(self.blocks):
+            y = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
+            y = block(torch.cat([y, feats[2 - j]], dim=1))
+            if site is not None:
+                y = site(j + 1, y)
+        return self.head(y)
+
 
 class UNet(nn.Module):
     """Plain U-Net of the ACVTT shape (used for stage-2 fusion)."""
@@ -84,12 +104,7 @@ class UNet(nn.Module):
         self.decoder = Decoder(c)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        feats = self.encoder(x)
-        y = feats[3]
-        for j, block in enumerate(self.decoder.blocks):
-            y = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
-            y = block(torch.cat([y, feats[2 - j]], dim=1))
-        return self.decoder.head(y)
+        return self.decoder(self.encoder(x))
 
 
 RefCache = dict[int, torch.Tensor]  # MRNLA level index -> [v | k] tensor (Nr, R, Lk, 2d)
@@ -149,16 +164,15 @@ class Stage1(nn.Module):
             refs_p, _ = pad_to_multiple(refs)
             cache = self.encode_refs(refs_p)
         feats = self.encoder(x_p, self._stem_bias(factor, x.shape[0], x.dtype))
-        rels = {}
-        y = feats[3]
-        if 0 in self.cfg.mrnla_levels:
-            y, rels[0] = self.mrnla["0"](y, cache[0], materialised)
-        for j, block in enumerate(self.decoder.blocks):
-            y = F.interpolate(y, scale_factor=2, mode="bilinear", align_corners=False)
-            y = block(torch.cat([y, feats[2 - j]], dim=1))
-            if j + 1 in self.cfg.mrnla_levels:
-                y, rels[j + 1] = self.mrnla[str(j + 1)](y, cache[j + 1], materialised)
-        out = (self.decoder.head(y) + x_p)[..., :h, :w]
+        rels: dict[int, torch.Tensor] = {}
+
+        def mrnla_site(i: int, y: torch.Tensor) -> torch.Tensor:
+            if i not in self.cfg.mrnla_levels:
+                return y
+            y, rels[i] = self.mrnla[str(i)](y, cache[i], materialised)
+            return y
+
+        out = (self.decoder(feats, mrnla_site) + x_p)[..., :h, :w]
         return (out, rels) if return_relevance else out
 
 

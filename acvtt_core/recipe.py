@@ -1,22 +1,19 @@
-"""The default-model training recipe: stage 1 trained on `selfsup.MixedSampler` (in-plane
-self-supervision + synthetic z, decimation + slab averaging, factors x2..x5), one model
-conditioned on the factor, stage-2 fusion left at its zero-initialised head (output = mean of the
-coronal and sagittal results; see docs/MODEL.md for why).
+"""Training recipes: named samplers, the model to start from, and `run_training`, the one entry
+point that `acvtt train` and `acvtt adapt` call.
 
-Training runs in phases of `phase_steps` on top of `acvtt_core.train.train` (which resumes from
-`out/last.safetensors` + `out/train_state.*`), until `steps` or a wall-clock budget is reached, so
-a killed run resumes where it stopped. The learning rate drops by 4x for the last quarter.
-
-    python -m acvtt_core.recipe --out runs/default \\
-        --source var/sample-data/volumes/chest_cta_thin.nii.gz:iz:1 \\
-        --source var/sample-data/volumes/lung1_image.nrrd:iz:1 ...
+`run_training` builds the model (a preset, factor conditioning, He or PyTorch initialisation, or
+a checkpoint's weights), the named sampler over the training sources, the checkpoint metadata
+(training volumes, held-out cases, sampler, degradations), and runs `acvtt_core.train.train`,
+which resumes from the run folder. The shipped default model is stage 1 trained with the
+`selfsup` sampler (docs/MODEL.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import time
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +24,15 @@ from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoi
 from acvtt_core.config import ModelConfig, get_preset
 from acvtt_core.model import ACVTT
 from acvtt_core.selfsup import MixedSampler, Source
-from acvtt_core.train import Batch, TrainConfig, train
+from acvtt_core.train import (
+    Batch,
+    FusionSampler,
+    Sampler,
+    SyntheticZSampler,
+    TrainConfig,
+    stage1_predictions,
+    train,
+)
 from acvtt_core.volume import normalise_hu
 
 DEGRADATIONS = {
@@ -36,44 +41,296 @@ DEGRADATIONS = {
     "(exactly r rows thick, half weight at the edges) or Gaussian (FWHM r*U(0.8,1.2))",
 }
 
+SAMPLERS = {
+    "selfsup": "stage 1: in-plane self-supervision + synthetic z, decimation + slab averaging "
+    "(selfsup.MixedSampler, made on the CPU; the default model's recipe)",
+    "synthetic-z": "stage 1: the paper's samples, synthetic z by decimation only "
+    "(train.SyntheticZSampler)",
+    "fusion": "stage 2: axial crops of a stage-1 predictor's coronal and sagittal results "
+    "(train.FusionSampler)",
+}
+INITS = ("he", "default")
+# Slices smaller than this give synthetic-z samples only (in-plane crops would be too small).
+MIN_INPLANE_SLICE = 96
 
-def parse_source(spec: str) -> tuple[Path, str, float]:
-    """PATH[:ROLES[:WEIGHT]], ROLES a subset of 'iz' (i: in-plane, z: synthetic z)."""
+
+@dataclasses.dataclass
+class Recipe:
+    """What to train, apart from the loop settings (`TrainConfig`).
+
+    sampler: a SAMPLERS name. preset + overrides (ModelConfig fields) + factor_conditioning: the
+    architecture, unless `init` is a checkpoint path ("he" or "default": how a new model's
+    stage-1 convolutions are initialised). predictor/allow_leak: stage 2 only.
+    """
+
+    sampler: str = "selfsup"
+    preset: str = "compact"
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    factor_conditioning: bool = True
+    init: str = "he"
+    factors: tuple[int, ...] = (2, 3, 4, 5)
+    crop: int = 128
+    p_inplane: float = 0.6
+    p_slab: float = 0.4
+    thin_mm: tuple[float, float] = (0.8, 5.0)
+    held_out: Sequence[str] = ()
+    predictor: str | None = None
+    allow_leak: bool = False
+
+
+def default_sampler(stage: int, device: str) -> str:
+    """fusion for stage 2, selfsup for stage 1."""
+    if stage == 2:
+        return "fusion"
+    return "selfsup"
+
+
+# -- sources ------------------------------------------------------------------------------------
+def parse_source(spec: str) -> tuple[Path, str | None, float | None]:
+    """PATH[:ROLES[:WEIGHT]], ROLES a subset of 'iz' (i: in-plane, z: synthetic z); None where
+    not given (`load_source` then decides from the slice size)."""
     parts = spec.rsplit(":", 2)
-    if len(parts) == 3 and set(parts[1]) <= set("iz") and parts[1]:
+    if len(parts) == 3 and parts[1] and set(parts[1]) <= set("iz"):
         return Path(parts[0]), parts[1], float(parts[2])
     parts = spec.rsplit(":", 1)
     if len(parts) == 2 and parts[1] and set(parts[1]) <= set("iz"):
-        return Path(parts[0]), parts[1], 1.0
-    return Path(spec), "iz", 1.0
+        return Path(parts[0]), parts[1], None
+    return Path(spec), None, None
 
 
-def volume_name(path: Path) -> str:
-    n = path.name
+def volume_name(path: str | Path) -> str:
+    n = Path(path).name
     for ext in (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd"):
         if n.endswith(ext):
             return n[: -len(ext)]
     return n
 
 
-def load_source(path: Path, roles: str = "iz", weight: float = 1.0) -> Source:
+def load_source(path: str | Path, roles: str | None = None, weight: float | None = None) -> Source:
+    """A training source from a volume file or DICOM folder, read in the model's slice order and
+    normalised. Without `roles`, slices of at least MIN_INPLANE_SLICE pixels a side give in-plane
+    and synthetic-z samples, smaller ones (a spine crop) synthetic z only at weight 0.3."""
     from acvtt_core.volume_io import read_volume
 
+    path = Path(path)
     vol, geom = read_volume(path)
     sx, sy, sz = geom.spacing
+    if roles is None:
+        small = min(vol.shape[1:]) < MIN_INPLANE_SLICE
+        roles, auto_weight = ("z", 0.3) if small else ("iz", 1.0)
+        weight = auto_weight if weight is None else weight
     return Source(
         volume_name(path),
         normalise_hu(vol),
         (float(sz), float(sy), float(sx)),
         inplane="i" in roles,
         synthetic_z="z" in roles,
-        weight=weight,
+        weight=1.0 if weight is None else weight,
     )
 
 
+# -- model ----------------------------------------------------------------------------------------
+def he_init(model: ACVTT) -> None:
+    """Kaiming-normal (fan-in, ReLU) weights and zero biases for every stage-1 conv except the
+    zero-initialised output head. PyTorch's default conv init shrinks activations ~0.6x per
+    layer, so after the ~12 convs of this un-normalised U-Net the head sees almost no signal and
+    learning starts very slowly; this keeps activation variance. The model still starts as
+    linear interpolation (zero head)."""
+    from torch import nn
+
+    for name, mod in model.stage1.named_modules():
+        if isinstance(mod, nn.Conv2d) and not name.endswith("head"):
+            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
+            nn.init.zeros_(mod.bias)
+
+
+def model_config(
+    preset: str, factor_conditioning: bool = True, overrides: dict[str, Any] | None = None
+) -> tuple[str, ModelConfig]:
+    """(label, config): the preset's config with overrides; the label is the preset, plus
+    '+factor' with factor conditioning, or '+custom' with other changes."""
+    base = get_preset(preset).model
+    cfg = dataclasses.replace(base, **(overrides or {}), factor_conditioning=factor_conditioning)
+    if cfg == base:
+        return preset, cfg
+    if dataclasses.replace(cfg, factor_conditioning=base.factor_conditioning) == base:
+        return f"{preset}+factor", cfg
+    return f"{preset}+custom", cfg
+
+
+def build_model(recipe: Recipe, seed: int) -> tuple[ACVTT, str, CheckpointMeta | None, str]:
+    """(model, label, base metadata or None, base version or "") for the recipe's `init`."""
+    if recipe.init not in INITS:
+        model, base_meta, version = load_checkpoint(recipe.init)
+        return model, base_meta.preset, base_meta, version
+    label, cfg = model_config(recipe.preset, recipe.factor_conditioning, recipe.overrides)
+    torch.manual_seed(seed)
+    model = ACVTT(cfg)
+    if recipe.init == "he":
+        he_init(model)
+    return model, label, None, ""
+
+
+# -- samplers -------------------------------------------------------------------------------------
+def build_sampler(
+    recipe: Recipe,
+    sources: Sequence[Source],
+    model: ACVTT,
+    base_meta: CheckpointMeta | None,
+    device: str,
+    log: Callable[[str], None] = print,
+) -> Sampler:
+    """The named sampler of `recipe` over `sources` (normalised volumes)."""
+    name, n_refs = recipe.sampler, model.cfg.n_refs
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; one of {', '.join(SAMPLERS)}")
+    common = dict(factors=tuple(recipe.factors), n_refs=n_refs, crop=recipe.crop)
+    mixed = dict(common, ref_crop=recipe.crop, p_inplane=recipe.p_inplane, p_slab=recipe.p_slab)
+    mixed["thin_mm"] = tuple(recipe.thin_mm)
+    if name == "selfsup":
+        return MixedSampler(list(sources), **mixed)
+    names = [s.name for s in sources]
+    if name == "synthetic-z":
+        return SyntheticZSampler([s.vol for s in sources], **common, names=names)
+    return fusion_sampler(recipe, sources, model, base_meta, device, log)
+
+
+def _trained_on(meta: CheckpointMeta | None) -> set[str]:
+    data = meta.training_data if meta is not None else None
+    if not isinstance(data, dict):
+        return set()
+    return set(data.get("volumes", [])) | set(data.get("train_volumes", {}))
+
+
+def fusion_sampler(recipe, sources, model, base_meta, device, log) -> FusionSampler:
+    """Stage-2 samples: the stage-1 results of the predictor (`recipe.predictor`, else the model
+    itself) on every source and factor. Refuses a predictor trained on any of the sources
+    (its results there would be better than on new patients) unless `allow_leak`."""
+    predictor, seen = model, _trained_on(base_meta)
+    if recipe.predictor is not None:
+        predictor, pmeta, _ = load_checkpoint(recipe.predictor)
+        seen = _trained_on(pmeta)
+    leak = seen & {s.name for s in sources}
+    if leak and not recipe.allow_leak:
+        raise ValueError(
+            f"stage-1 predictor was trained on {sorted(leak)}; stage 2 would learn from leaked "
+            "results. Pass --predictor trained on other volumes (or --allow-leak)."
+        )
+    records = []
+    for s in sources:
+        for r in recipe.factors:
+            log(f"stage-1 predictions for {s.name} x{r}")
+            cor, sag, hr = stage1_predictions(predictor, s.vol, r, device)
+            records.append((cor, sag, hr, r))
+    return FusionSampler(records, recipe.crop, [s.name for s in sources])
+
+
+# -- metadata and the entry point ---------------------------------------------------------------
+def build_meta(
+    recipe: Recipe,
+    stage: int,
+    sources: Sequence[Source],
+    model: ACVTT,
+    label: str,
+    sampler: Sampler,
+    base: tuple[CheckpointMeta | None, str],
+    loss: str,
+) -> CheckpointMeta:
+    """Metadata of the run's checkpoints. From a checkpoint, its training volumes, factors and
+    training record are kept (the weights carry them)."""
+    base_meta, base_version = base
+    prev = (
+        base_meta.training_data if base_meta and isinstance(base_meta.training_data, dict) else {}
+    )
+    this = {
+        s.name: {
+            "spacing_mm_zyx": list(s.spacing),
+            "shape": list(s.vol.shape),
+            "inplane": s.inplane,
+            "synthetic_z": s.synthetic_z,
+            "weight": s.weight,
+        }
+        for s in sources
+    }
+    training_data = {
+        **prev,
+        "volumes": sorted(_trained_on(base_meta) | set(this)),
+        "train_volumes": {**prev.get("train_volumes", {}), **this},
+        "held_out": list(recipe.held_out),
+        f"stage{stage}": sampler.describe(),
+    }
+    extra: dict[str, Any] = dict(base_meta.extra) if base_meta else {}
+    extra.update(
+        recipe="acvtt train",
+        sampler=recipe.sampler,
+        init=recipe.init if base_meta is None else "checkpoint",
+        loss=loss,
+    )
+    if recipe.sampler.startswith("selfsup"):
+        extra["degradations"] = DEGRADATIONS
+    if stage == 1:
+        extra["factor_handling"] = (
+            "one model for all factors, conditioned on 1/factor (stem embedding)"
+            if model.cfg.factor_conditioning
+            else "one unconditioned model for all factors"
+        )
+        extra.setdefault("stage2", "fusion head zero-initialised: output = mean(cor, sag)")
+    if base_meta is not None:
+        extra.update(base_checkpoint=str(recipe.init), base_version=base_version)
+    factors = set(recipe.factors) | set(base_meta.factors if base_meta else [])
+    return CheckpointMeta(
+        preset=label,
+        model=model.cfg,
+        factors=sorted(factors),
+        training_data=training_data,
+        extra=extra,
+    )
+
+
+def run_training(
+    sources: Sequence[Source],
+    out: Path,
+    recipe: Recipe,
+    cfg: TrainConfig,
+    resume: bool = True,
+    log: Callable[[str], None] = print,
+) -> Path:
+    """Train (or resume) in `out`: out/last.safetensors (+json) and train state, checkpointed as
+    `cfg` says; out/train_log.jsonl and out/phases.jsonl (per checkpoint: loss next to the
+    baseline's on the same batches, seconds per step, sample counts); the result is copied to
+    out/model.safetensors (+json). Returns out/last.safetensors."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not sources:
+        raise ValueError("no training volumes")
+    if (recipe.sampler == "fusion") != (cfg.stage == 2):
+        raise ValueError(f"sampler {recipe.sampler!r} does not train stage {cfg.stage}")
+    model, label, base_meta, base_version = build_model(recipe, cfg.seed)
+    sampler = build_sampler(recipe, sources, model, base_meta, cfg.device, log)
+    meta = build_meta(
+        recipe, cfg.stage, sources, model, label, sampler, (base_meta, base_version), cfg.loss
+    )
+    if resume and (out / "train_state.json").exists():
+        log(f"resuming at step {json.loads((out / 'train_state.json').read_text())['step']}")
+    baseline = "linear" if cfg.stage == 1 else "viewmean"
+
+    def on_checkpoint(rec: dict[str, Any]) -> None:
+        rec[f"{cfg.loss}_{baseline}"] = rec.pop(f"{cfg.loss}_baseline")
+        with open(out / "phases.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        log(json.dumps(rec))
+
+    train(model, sampler, cfg, meta, out, resume=resume, on_checkpoint=on_checkpoint)
+    if (out / "last.safetensors").exists():
+        shutil.copy(out / "last.safetensors", out / "model.safetensors")
+        shutil.copy(out / "last.json", out / "model.json")
+    return out / "last.safetensors"
+
+
+# -- kept for training/continue_default.py (a driver of its own around `train`) ------------------
 class LoggingSampler:
-    """Wraps a sampler and records the L1 of the linear-interpolation input per batch, so the
-    training log shows the model loss next to the linear baseline on the same batches."""
+    """Wraps a sampler and records the L1 and MSE of the linear-interpolation input per batch.
+    (`train` now logs that baseline itself; this stays for drivers that read it here.)"""
 
     def __init__(self, inner):
         self.inner = inner
@@ -91,220 +348,11 @@ class LoggingSampler:
 
 
 def train_stage1(
-    model: ACVTT,
-    sampler,
-    cfg: TrainConfig,
-    meta: CheckpointMeta,
-    out_dir: Path,
-    loss: str = "mse",
+    model: ACVTT, sampler, cfg: TrainConfig, meta: CheckpointMeta, out_dir: Path, loss: str = "mse"
 ) -> list[float]:
-    """`acvtt_core.train.train` for stage 1 with the recipe's loss; resumes from `out_dir`."""
+    """`train` for stage 1 with `loss`; resumes from `out_dir`."""
     cfg = dataclasses.replace(cfg, stage=1, loss=loss)
     return train(model, sampler, cfg, meta, out_dir, resume=True)
-
-
-def _set_saved_lr(out: Path, lr: float) -> None:
-    p = out / "train_state.json"
-    if p.exists():
-        info = json.loads(p.read_text())
-        for g in info["param_groups"]:
-            g["lr"] = lr
-        p.write_text(json.dumps(info))
-
-
-def he_init(model: ACVTT) -> None:
-    """Kaiming-normal (fan-in, ReLU) weights and zero biases for every stage-1 conv except the
-    zero-initialised output head. PyTorch's default conv init shrinks activations ~0.6x per
-    layer, so after the ~12 convs of this un-normalised U-Net the head sees almost no signal and
-    learning starts very slowly; this keeps activation variance. The model still starts as
-    linear interpolation (zero head)."""
-    from torch import nn
-
-    for name, mod in model.stage1.named_modules():
-        if isinstance(mod, nn.Conv2d) and not name.endswith("head"):
-            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-            nn.init.zeros_(mod.bias)
-
-
-def model_config(preset: str, factor_conditioning: bool = True) -> tuple[str, ModelConfig]:
-    cfg = dataclasses.replace(get_preset(preset).model, factor_conditioning=factor_conditioning)
-    label = preset if cfg == get_preset(preset).model else f"{preset}+factor"
-    return label, cfg
-
-
-def run_recipe(
-    sources: list[Source],
-    out: Path,
-    preset: str = "compact",
-    factors: tuple[int, ...] = (2, 3, 4, 5),
-    steps: int = 20000,
-    budget_min: float = 55.0,
-    batch_size: int = 4,
-    crop: int = 128,
-    lr: float = 1e-3,
-    phase_steps: int = 250,
-    seed: int = 0,
-    threads: int = 1,
-    p_inplane: float = 0.6,
-    p_slab: float = 0.4,
-    base: Path | None = None,
-    held_out: list[str] | None = None,
-    sampler_kwargs: dict[str, Any] | None = None,
-    init: str = "he",
-    loss: str = "mse",
-    log=print,
-) -> Path:
-    """Train (or resume) stage 1 in `out`; returns out/last.safetensors."""
-    torch.set_num_threads(threads)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    if base is not None:
-        model, base_meta, _ = load_checkpoint(base)
-        cfg, label = model.cfg, base_meta.preset
-    else:
-        label, cfg = model_config(preset)
-        torch.manual_seed(seed)
-        model = ACVTT(cfg)
-        if init == "he":
-            he_init(model)
-    sampler = MixedSampler(
-        sources,
-        factors=factors,
-        n_refs=cfg.n_refs,
-        crop=crop,
-        ref_crop=crop,
-        p_inplane=p_inplane,
-        p_slab=p_slab,
-        **(sampler_kwargs or {}),
-    )
-    wrapped = LoggingSampler(sampler)
-    meta = CheckpointMeta(
-        preset=label,
-        model=cfg,
-        factors=list(factors),
-        training_data={
-            "train_volumes": {
-                s.name: {
-                    "spacing_mm_zyx": list(s.spacing),
-                    "shape": list(s.vol.shape),
-                    "inplane": s.inplane,
-                    "synthetic_z": s.synthetic_z,
-                }
-                for s in sources
-            },
-            "held_out": held_out or [],
-            "sampler": sampler.describe(),
-        },
-        extra={
-            "degradations": DEGRADATIONS,
-            "factor_handling": "one model for x2..x5, conditioned on 1/factor (stem embedding)"
-            if cfg.factor_conditioning
-            else "one unconditioned model for all factors",
-            "stage2": "fusion head zero-initialised and not trained: output = mean(cor, sag)",
-            "recipe": "acvtt_core.recipe",
-            "init": init if base is None else "base checkpoint",
-            "loss": loss,
-            **({"base_checkpoint": str(base)} if base is not None else {}),
-        },
-    )
-    if base is not None and not (out / "train_state.json").exists():
-        save_checkpoint(out / "last.safetensors", model, meta)  # start point for resume
-    t0 = time.time()
-    done = 0
-    if (out / "train_state.json").exists():
-        done = int(json.loads((out / "train_state.json").read_text())["step"])
-        log(f"resuming at step {done}")
-    deadline = t0 + budget_min * 60
-    while done < steps and time.time() < deadline:
-        frac = (time.time() - t0) / (budget_min * 60)
-        cur_lr = lr if frac < 0.75 and done < 0.75 * steps else lr / 4
-        _set_saved_lr(out, cur_lr)
-        target = min(steps, done + phase_steps)
-        tc = TrainConfig(
-            stage=1,
-            steps=target,
-            batch_size=batch_size,
-            lr=cur_lr,
-            seed=seed + done,
-            log_every=25,
-            ckpt_every=phase_steps,
-            extra={"lr_final": lr / 4},
-        )
-        wrapped.linear_l1.clear()
-        wrapped.linear_mse.clear()
-        tp = time.time()
-        losses = train_stage1(model, wrapped, tc, meta, out, loss)
-        done = target
-        rec = {
-            "step": done,
-            "lr": cur_lr,
-            f"{loss}_model": float(np.mean(losses)) if losses else None,
-            f"{loss}_linear": float(np.mean(getattr(wrapped, f"linear_{loss}")))
-            if losses
-            else None,
-            "s_per_step": round((time.time() - tp) / max(1, len(losses)), 3),
-            "elapsed_min": round((time.time() - t0) / 60, 1),
-            "samples": dict(sampler.counts),
-        }
-        with open(out / "phases.jsonl", "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        log(json.dumps(rec))
-    return out / "last.safetensors"
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    ap.add_argument("--source", action="append", required=True, help="PATH[:iz[:WEIGHT]]")
-    ap.add_argument("--held-out", action="append", default=[], help="names, for the metadata")
-    ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--preset", default="compact")
-    ap.add_argument("--factors", default="2,3,4,5")
-    ap.add_argument("--steps", type=int, default=20000)
-    ap.add_argument("--budget-min", type=float, default=55.0)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--crop", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--init", choices=("he", "default"), default="he")
-    ap.add_argument("--loss", choices=("mse", "l1"), default="mse")
-    ap.add_argument("--p-slab", type=float, default=0.4)
-    ap.add_argument("--p-inplane", type=float, default=0.6)
-    a = ap.parse_args(argv)
-    srcs = [load_source(*parse_source(s)) for s in a.source]
-    for s in srcs:
-        print(
-            f"source {s.name}: {s.vol.shape} spacing zyx {s.spacing} inplane={s.inplane} "
-            f"synthetic_z={s.synthetic_z} weight={s.weight}",
-            flush=True,
-        )
-    run_recipe(
-        srcs,
-        a.out,
-        a.preset,
-        tuple(int(f) for f in a.factors.split(",")),
-        a.steps,
-        a.budget_min,
-        a.batch_size,
-        a.crop,
-        a.lr,
-        seed=a.seed,
-        threads=a.threads,
-        p_inplane=a.p_inplane,
-        p_slab=a.p_slab,
-        held_out=a.held_out,
-        init=a.init,
-        loss=a.loss,
-        log=lambda m: print(m, flush=True),
-    )
-
-
-if __name__ == "__main__":
-    main()
 
 
 def ship(

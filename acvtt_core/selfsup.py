@@ -331,7 +331,6 @@ class MixedSampler:
 
 
 __all__ = [
-    "default_sampler",
     "MixedSampler",
     "Source",
     "degrade_rows",
@@ -340,27 +339,3 @@ __all__ = [
     "slab_volume",
     "slab_weights",
 ]
-
-
-def default_sampler(volumes, names, spacings, factors, crop, n_refs) -> MixedSampler:
-    """Sampler factory for `acvtt train --sampler acvtt_core.selfsup:default_sampler`.
-
-    volumes: normalised (D, H, W) arrays; spacings: SimpleITK (x, y, z) mm. Every volume whose
-    slices are at least 96 pixels on a side gives in-plane self-supervision and synthetic z;
-    smaller crops (e.g. a spine crop) give synthetic z only, at weight 0.3.
-    """
-    sources = []
-    for vol, name, sp in zip(volumes, names, spacings, strict=True):
-        sx, sy, sz = (float(v) for v in sp)
-        small = min(vol.shape[1:]) < 96
-        sources.append(
-            Source(
-                str(name),
-                vol,
-                (sz, sy, sx),
-                inplane=not small,
-                synthetic_z=True,
-                weight=0.3 if small else 1.0,
-            )
-        )
-    return MixedSampler(sources, factors=tuple(factors), n_refs=n_refs, crop=crop, ref_crop=crop)

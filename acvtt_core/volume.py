@@ -38,17 +38,22 @@ def decimate(hr: np.ndarray, factor: int) -> tuple[np.ndarray, np.ndarray]:
     return hr, hr[::factor]
 
 
-def linear_upsample_z(vol: np.ndarray, factor: int) -> np.ndarray:
-    """Corner-aligned linear interpolation along axis 0: out[k*factor] == vol[k]."""
+def linear_upsample_z(vol, factor: int):
+    """Corner-aligned linear interpolation along axis 0: out[k*factor] == vol[k]. Takes a numpy
+    array or a torch tensor (any device) and returns the same kind, float32; both give the same
+    values (the weights are float32 in both)."""
     if factor < 1:
         raise ValueError("factor must be >= 1")
-    vol = np.asarray(vol, dtype=np.float32)
-    d = vol.shape[0]
-    out = np.empty((output_depth(d, factor), *vol.shape[1:]), dtype=np.float32)
+    if hasattr(vol, "new_empty"):  # a torch tensor: stays on its device (training samplers)
+        vol = vol.float()
+        out = vol.new_empty((output_depth(vol.shape[0], factor), *vol.shape[1:]))
+    else:
+        vol = np.asarray(vol, dtype=np.float32)
+        out = np.empty((output_depth(vol.shape[0], factor), *vol.shape[1:]), dtype=np.float32)
     out[::factor] = vol
     for j in range(1, factor):
         t = np.float32(j / factor)
-        out[j::factor] = (1 - t) * vol[:-1] + t * vol[1:]
+        out[j::factor] = float(1 - t) * vol[:-1] + float(t) * vol[1:]
     return out
 
 

@@ -40,6 +40,24 @@ class Geometry:
         return Geometry(self.spacing, tuple(float(v) for v in origin), tuple(d.ravel().tolist()))
 
 
+VOLUME_EXTS = (".nii.gz", ".nii", ".nrrd", ".mha", ".mhd")
+
+
+def find_volumes(path: Path) -> list[Path]:
+    """The volumes `path` names: itself if it is a file or a DICOM series folder (it holds .dcm
+    or extension-less files), else the volume files (NIfTI, NRRD, MHA) and the non-empty
+    folders (DICOM series) directly in it."""
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    files = [p for p in path.iterdir() if p.is_file()]
+    if any(p.suffix.lower() in (".dcm", "") for p in files):
+        return [path]
+    found = sorted(p for p in files if p.name.endswith(VOLUME_EXTS))
+    dirs = sorted(p for p in path.iterdir() if p.is_dir() and any(f.is_file() for f in p.iterdir()))
+    return found + dirs
+
+
 def _sitk():
     import SimpleITK as sitk
 

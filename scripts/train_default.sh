@@ -33,12 +33,12 @@ phase() {  # NAME BUDGET_MIN MAX_STEPS LR
   echo "phase $1: budget $2 min, at most $3 steps, lr $4 ($(date -u +%FT%TZ))"
   # Held out (whole patients, never trained on): lung2 (5 mm chest), abdomen_ct (3 mm
   # abdomen/pelvis) and the abdomen DICOM series ct_dicom_repaired (maybe the same patient).
-  "$PY" -m acvtt_core.cli train-selfsup --out "$OUT" --preset compact --factors 2,3,4,5 \
-    --source "$D/chest_cta_thin.nii.gz:iz:1" \
-    --source "$D/lung1_image.nrrd:iz:1" \
-    --source "$D/spine_ct.nii.gz:z:0.3" \
+  "$PY" -m acvtt_core.cli train --sampler selfsup --out "$OUT" --preset compact --factors 2,3,4,5 \
+    --data "$D/chest_cta_thin.nii.gz:iz:1" \
+    --data "$D/lung1_image.nrrd:iz:1" \
+    --data "$D/spine_ct.nii.gz:z:0.3" \
     --held-out lung2_image --held-out abdomen_ct --held-out ct_dicom_repaired \
-    --budget-min "$2" --steps "$3" --batch-size 4 --crop 128 \
+    --minutes "$2" --steps "$3" --batch-size 4 --crop 128 \
     --lr "$4" --p-slab 0.4 --init he --loss mse --threads "${THREADS:-1}"
   touch "$OUT/phase-$1.done"
 }

@@ -73,3 +73,15 @@ def test_no_pickle_files_written(tmp_path):
     m, meta = _model()
     save_checkpoint(tmp_path / "ck.safetensors", m, meta)
     assert sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".safetensors"]
+
+
+def test_code_version_is_stamped_on_save_not_on_construction(tmp_path):
+    """Building metadata runs no git (it is built on every load); saving stamps the version."""
+    m, meta = _model()
+    assert meta.code_version == ""
+    path = save_checkpoint(tmp_path / "ck.safetensors", m, meta)
+    side = json.loads(path.with_suffix(".json").read_text())
+    assert side["code_version"].startswith("acvtt_core ")
+    kept = CheckpointMeta(preset="tiny", model=m.cfg, factors=[2], code_version="older")
+    path = save_checkpoint(tmp_path / "ck2.safetensors", m, kept)
+    assert json.loads(path.with_suffix(".json").read_text())["code_version"] == "older"

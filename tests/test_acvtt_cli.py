@@ -160,6 +160,8 @@ def test_train_command_resumes(tmp_path):
     sitk.WriteImage(img, str(data))
     args = [
         "train",
+        "--sampler",
+        "synthetic-z",
         "--data",
         str(data),
         "--out",
@@ -340,3 +342,33 @@ def test_console_script_prints_no_traceback(tmp_path):
     )
     _assert_one_error_line(p.returncode, p.stderr, "missing.nrrd")
     assert p.stderr.strip().count("\n") == 0
+
+
+def test_train_stage2_refuses_a_leaking_predictor_then_trains_fusion(tmp_path, capsys):
+    """The one `acvtt train`: stage 1 with a named sampler, then stage 2 (fusion samples) from
+    that checkpoint. The stage-1 model saw the volume, so its results there would leak: refused
+    with one error line, allowed with --allow-leak, and only the fusion net changes."""
+    vol = (np.random.default_rng(0).normal(0, 300, (13, 24, 24))).astype(np.int16)
+    data = tmp_path / "v.nii.gz"
+    sitk.WriteImage(sitk.GetImageFromArray(vol), str(data))
+    common = ["--data", data, "--width", "4", "--refs", "1", "--levels", "0", "--factor", "2"]
+    common += ["--crop", "16", "--batch-size", "2", "--device", "cpu", "--steps", "2"]
+    s1 = tmp_path / "s1"
+    code, err, _ = _run_main(["train", *common, "--sampler", "synthetic-z", "--out", s1], capsys)
+    assert code == 0, err
+    stage2 = ["train", *common, "--stage", "2", "--init", s1 / "model.safetensors"]
+    code, err, _ = _run_main([*stage2, "--out", tmp_path / "s2"], capsys)
+    _assert_one_error_line(code, err, "leaked", "['v']")
+    code, err, _ = _run_main([*stage2, "--out", tmp_path / "s2", "--allow-leak"], capsys)
+    assert code == 0, err
+    from acvtt_core.checkpoint import load_checkpoint
+
+    m1, _, _ = load_checkpoint(s1 / "model.safetensors")
+    m2, meta2, _ = load_checkpoint(tmp_path / "s2" / "model.safetensors")
+    assert meta2.training_data["volumes"] == ["v"] and "stage1" in meta2.extra["training"]
+    for k, v in m1.stage1.state_dict().items():
+        assert torch.equal(m2.stage1.state_dict()[k], v)
+    assert any(not torch.equal(m2.fusion.state_dict()[k], v)
+               for k, v in m1.fusion.state_dict().items())  # fmt: skip
+    code, err, _ = _run_main(["train", *common, "--sampler", "nope", "--out", s1], capsys)
+    _assert_one_error_line(code, err, "nope")

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 MODULES = [
+    "adapt",
     "attention",
     "bench",
     "checkpoint",
@@ -13,6 +14,8 @@ MODULES = [
     "infer",
     "metrics",
     "model",
+    "recipe",
+    "selfsup",
     "train",
     "volume",
     "volume_io",
