@@ -38,6 +38,7 @@ from dicom_node.health import Health
 from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
 from dicom_node.plan import Rejection, SeriesPlan
+from dicom_node.web import metrics
 from dicom_node.write import SourceImage, write_derived_series
 
 __all__ = [
@@ -130,6 +131,7 @@ class ModelPool:
         self._created = 0
         self._lock = threading.Lock()
         self._identity: ModelIdentity | None = None
+        self.last_error: str | None = None  # why the last load failed (shown by /readyz)
 
     def _create(self, slot: int):
         n_gpus = cuda_device_count(self.model.device) if self.size > 1 else 0
@@ -142,11 +144,17 @@ class ModelPool:
         try:
             interp, note = self._loader(model)
         except Exception as exc:
-            raise ModelUnavailable(f"{type(exc).__name__}: {exc}") from exc
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            raise ModelUnavailable(self.last_error) from exc
         ident = ModelIdentity(str(interp.model_id), str(interp.model_version), note)
         with self._lock:
             self._identity = self._identity or ident
         return interp
+
+    @property
+    def loaded(self) -> ModelIdentity | None:
+        """The model's identity once one is loaded; None before (never loads one)."""
+        return self._identity
 
     def identity(self) -> ModelIdentity:
         """The model's id and version (loads one interpolator the first time)."""
@@ -306,6 +314,7 @@ class Worker:
             if job is None:
                 return state
             stages = {**(job.stage_seconds or {}), **timer.seconds}
+            series_uid = job.source_series_uid
             transition(s, job, state, reason, stage_seconds=stages)
             if output is not None:
                 output.apply(job)
@@ -314,6 +323,7 @@ class Worker:
                 if ser is not None and ser.state is SeriesState.complete:
                     ser.state, ser.state_reason = SeriesState.rejected, reason
             s.commit()
+        metrics.job_stages(timer.seconds, job_id=job_id, series_uid=series_uid)
         log.info(
             "job finished job_id=%s state=%s stages=%s reason=%s",
             job_id,

@@ -107,6 +107,8 @@ class Node:
         self._store_sessions = None
         self.receiver: Receiver | None = None
         self.pipeline: Pipeline | None = None
+        self.http = None  # dicom_node.web.server.HttpServer when http.enabled
+        self._web_engine = None
         self.health = Health(stall_after_s=config.node.health_stall_after_s)
         self.started = datetime.now(UTC)
         self._stop = threading.Event()
@@ -118,12 +120,17 @@ class Node:
         self._open_database()
         # Read before this run writes its own: a file left behind means the last run crashed.
         crashed = status_file_path(cfg).exists()
+        if cfg.http.enabled:
+            self._bind_http()  # a port in use stops the start before anything else listens
         self.receiver = Receiver(cfg, self._store_sessions, on_change=self._status_dirty.set)
         self.receiver.start()
         self.pipeline = Pipeline(
             cfg, self.session_factory, previous_run_crashed=crashed, health=self.health
         )
         self.pipeline.start()
+        if self.http is not None:
+            self.http.view.models = self.pipeline.models  # readiness and reprocess use it
+            self.http.start()
         self._write_status()
         self._status_thread = threading.Thread(
             target=self._status_loop, name="node-status", daemon=True
@@ -143,6 +150,11 @@ class Node:
         self._status_dirty.set()
         if self._status_thread is not None:
             self._status_thread.join(timeout=5)
+        if self.http is not None:  # last: /readyz says "shutting down" until here
+            self.http.stop()
+            self.http = None
+        if self._web_engine is not None:
+            self._web_engine.dispose()
         with contextlib.suppress(OSError):
             status_file_path(self.config).unlink(missing_ok=True)
         for engine in (self.engine, self._store_engine):
@@ -168,6 +180,34 @@ class Node:
         # pipeline can wait longer (busy_timeout_ms).
         self._store_engine = db.make_engine(cfg.url, cfg.store_busy_timeout_ms)
         self._store_sessions = db.make_session_factory(self._store_engine)
+
+    def _bind_http(self) -> None:
+        """Build the HTTP side (dicom_node.web) on its own database engine and open its port."""
+        from dicom_node.web import HttpBindError
+        from dicom_node.web.context import NodeView
+        from dicom_node.web.server import HttpServer
+
+        cfg = self.config
+        self._web_engine = db.make_engine(cfg.database.url, cfg.database.busy_timeout_ms)
+        view = NodeView(
+            config=cfg,
+            sessions=db.make_session_factory(self._web_engine),
+            started=self.started,
+            associations=self._association_dicts,
+            receiver_listening=lambda: self.receiver is not None and self.receiver.listening,
+            models=None,  # the pipeline's, once it exists (start)
+            health=self.health.snapshot,
+            stopping=self._stop.is_set,
+        )
+        self.http = HttpServer(view)
+        try:
+            self.http.bind()
+        except OSError as exc:
+            where = f"{cfg.http.bind_address}:{cfg.http.port}"
+            raise HttpBindError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
+
+    def _association_dicts(self) -> list[dict]:
+        return [a.as_dict() for a in self.receiver.active_associations()] if self.receiver else []
 
     def run_forever(self) -> None:
         """Start, block until SIGTERM/SIGINT, then stop cleanly."""

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
 import socket
@@ -60,6 +61,7 @@ from dicom_node.index import Indexer, UidConflict
 from dicom_node.spool import Spool, SpoolError, UnsafePathError
 from dicom_node.tls import DeferredHandshake, handshake
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
+from dicom_node.web import metrics
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +123,12 @@ def _index_failure(exc: Exception) -> str:
     if "readonly" in text or "read-only" in text:
         return "index write failed: database is read-only"
     return f"index write failed: {type(exc).__name__}"
+
+
+def _data_set_size(req) -> int:
+    """Bytes of the C-STORE data set as received (no copy)."""
+    data = req.DataSet
+    return data.getbuffer().nbytes if isinstance(data, io.BytesIO) else 0
 
 
 class Receiver:
@@ -195,6 +203,7 @@ class Receiver:
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_REJECTED, self._on_rejected),
             (evt.EVT_RELEASED, self._on_released),
             (evt.EVT_ABORTED, self._on_interrupted),
             (evt.EVT_CONN_CLOSE, self._on_interrupted),
@@ -215,6 +224,11 @@ class Receiver:
             self.port,
             n.max_associations,
         )
+
+    @property
+    def listening(self) -> bool:
+        """True from :meth:`start` until :meth:`stop` (what /readyz reports)."""
+        return self._server is not None
 
     @property
     def port(self) -> int:
@@ -315,7 +329,12 @@ class Receiver:
         evt.trigger(assoc, evt.EVT_REJECTED, {})
         assoc.kill()
 
+    def _on_rejected(self, event) -> None:
+        # Ours (_on_requested) and pynetdicom's own (association limit) alike.
+        metrics.association(accepted=False)
+
     def _on_established(self, event) -> None:
+        metrics.association(accepted=True)
         r = event.assoc.requestor
         info = AssociationInfo(
             calling_ae=r.ae_title, peer=r.address, port=r.port, started=datetime.now(UTC)
@@ -404,6 +423,8 @@ class Receiver:
         req = event.request
         sop_uid = str(req.AffectedSOPInstanceUID or "")
         status, comment, outcome = self._store(event, calling_ae, peer, sop_uid)
+        elapsed = time.perf_counter() - t0
+        metrics.store(outcome, _data_set_size(req), elapsed)
         info = self._assocs.get(id(assoc))
         if info is not None:
             if status == STATUS_SUCCESS:
@@ -417,7 +438,7 @@ class Receiver:
             calling_ae,
             status,
             outcome,
-            (time.perf_counter() - t0) * 1000,
+            elapsed * 1000,
             f" reason={comment}" if comment else "",
         )
         return _status(status, comment)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time setup: Debian tools used by tests (dcmtk, dicom3tools, orthanc and its DICOMweb
-# plugin), a .venv with the project and its test extras, and the CPU build of torch when no
-# NVIDIA driver is present.
+# plugin, prometheus, chromium and chromium-driver), a .venv with the project and its test
+# extras, and the CPU build of torch when no NVIDIA driver is present.
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,12 +12,18 @@ need_apt=()
 [ -x /usr/sbin/Orthanc ] || need_apt+=(orthanc)
 # Orthanc's DICOMweb plugin: the STOW-RS destination in the tests.
 ls /usr/lib/orthanc/libOrthancDicomWeb.so* >/dev/null 2>&1 || need_apt+=(orthanc-dicomweb)
+# The HTTP side's tests: a real Prometheus scrapes the node, a real headless browser drives the
+# console (selenium talks to Debian's chromedriver; nothing downloads a browser or a driver).
+[ -x /usr/bin/prometheus ] || need_apt+=(prometheus)
+[ -x /usr/bin/chromium ] || need_apt+=(chromium)
+[ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   # --no-install-recommends keeps orthanc's optional plugins out; policy-rc.d stops the
-  # package from starting a system-wide Orthanc on port 4242 that would clash with tests.
+  # packages from starting a system-wide Orthanc (port 4242) or Prometheus (9090) that would
+  # clash with tests.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod +x /usr/sbin/policy-rc.d

@@ -6,7 +6,9 @@ they queue within a second. Exit codes as in :mod:`dicom_node.cli.app`.
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,7 +17,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node import db, jobs
+from dicom_node import operations
 from dicom_node.cli.app import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -30,11 +32,11 @@ from dicom_node.cli.app import (
     styled,
 )
 from dicom_node.complete import plan_indexed_series
-from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState
+from dicom_node.db import Job, JobState, SentInstance, Series
 from dicom_node.infer import ModelPool
+from dicom_node.operations import job_as_dict
 from dicom_node.plan import Rejection
 from dicom_node.rules import explain, factor_for, facts_from_series
-from dicom_node.scheduler import plan_and_queue
 
 jobs_app = typer.Typer(help="Inspect and manage processing jobs.", no_args_is_help=True)
 rules_app = typer.Typer(help="Check which rule applies to a series.", no_args_is_help=True)
@@ -53,44 +55,6 @@ def _parse_state(state: str | None) -> JobState | None:
         fail(f"unknown state {state!r}; one of {[s.value for s in JobState]}", EXIT_CONFIG)
 
 
-def _job_dict(job: Job, acked: dict[str, int] | None = None, superseded_uid: str | None = None):
-    summary = job.summary or {}
-    d = {
-        "id": job.id,
-        "state": job.state.value,
-        "reason": job.reason,
-        "source_series_uid": job.source_series_uid,
-        "instances_hash": job.instances_hash,
-        "model_id": job.model_id,
-        "model_version": job.model_version,
-        "factor": job.factor,
-        "rule": job.rule_name,
-        "priority": job.priority,
-        "destinations": job.destinations or [],
-        "attempts": job.attempts,
-        "send_attempts": job.send_attempts,
-        "next_send_at": job.next_send_at.isoformat() if job.next_send_at else None,
-        "derived_series_uid": job.derived_series_uid,
-        "derived_dir": job.derived_dir,
-        "preview_path": job.preview_path,
-        "supersedes_job_id": job.supersedes_job_id,
-        "stage_seconds": job.stage_seconds or {},
-        "n_in": summary.get("n_in", len(job.source_sop_uids or [])),
-        "n_out": summary.get("n_out"),
-        "spacing_in_mm": summary.get("spacing_in_mm"),
-        "spacing_out_mm": summary.get("spacing_out_mm"),
-        "model_note": summary.get("model_note"),
-        "replaces_delivered_job": summary.get("replaces_delivered_job"),
-        "created_at": job.created_at.isoformat() if job.created_at else None,
-        "updated_at": job.updated_at.isoformat() if job.updated_at else None,
-    }
-    if acked is not None:
-        d["acknowledged"] = acked
-    if superseded_uid is not None or job.supersedes_job_id is not None:
-        d["supersedes_derived_series_uid"] = superseded_uid
-    return d
-
-
 @jobs_app.command("list")
 def jobs_list(
     config_path: Path | None = ConfigOption,
@@ -107,7 +71,7 @@ def jobs_list(
             if want is not None:
                 q = q.where(Job.state == want)
             rows = s.scalars(q).all()
-            data = [_job_dict(j) for j in rows]
+            data = [job_as_dict(j) for j in rows]
     except SQLAlchemyError as exc:
         db_fail(exc)
     if as_json:
@@ -150,7 +114,7 @@ def jobs_show(
                 ).all()
             )
             prev = s.get(Job, job.supersedes_job_id) if job.supersedes_job_id else None
-            d = _job_dict(job, acked, prev.derived_series_uid if prev else None)
+            d = job_as_dict(job, acked, prev.derived_series_uid if prev else None)
             later = s.scalars(select(Job).where(Job.supersedes_job_id == job.id)).first()
             d["superseded_by_job_id"] = later.id if later else None
             d["notes"] = ((job.summary or {}).get("plan") or {}).get("notes", [])
@@ -204,6 +168,14 @@ def jobs_show(
 # -- reprocess / resend --------------------------------------------------------------------------
 
 
+def _who() -> str:
+    """Who runs the command, for the audit trail: the operating-system user."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # no name for this uid (a container)
+        return f"uid {os.getuid()}"
+
+
 def _wait(sessions, job_id: int, seconds: float) -> JobState:
     deadline = time.monotonic() + seconds
     while True:
@@ -234,38 +206,19 @@ def reprocess(
     sessions = sessions_for(config)
     try:
         with sessions() as s:
-            series = s.scalars(select(Series).where(Series.series_uid == series_uid)).first()
-            if series is None:
-                fail(f"no series {series_uid}", EXIT_NOT_FOUND)
-            outcome = plan_and_queue(s, config, series, ModelPool(config.model))
-            if outcome.job is None:
-                if outcome.state is SeriesState.rejected:
-                    series.state, series.state_reason = outcome.state, outcome.reason
-                    s.commit()
-                    fail(f"series rejected: {outcome.reason}")
-                fail(outcome.reason or "series not processed")
-            job, created = outcome.job, outcome.created
-            if created:
-                message = f"queued job {job.id}"
-                if job.supersedes_job_id:
-                    message += f" (supersedes job {job.supersedes_job_id})"
-            elif job.state in (JobState.queued, JobState.running):
-                message = f"job {job.id} is already {job.state.value}"
-            elif job.state in (JobState.failed, JobState.rejected) or force:
-                jobs.requeue(s, job, "reprocess requested", forget_sent=True)
-                message = f"requeued job {job.id} (same input: same derived UIDs)"
-            else:
-                console.print(
-                    f"job {job.id} already processed this input ({job.state.value}); derived "
-                    f"series {job.derived_series_uid}. Use --force to run it again."
-                )
-                return
-            series.state, series.state_reason = SeriesState.complete, None
-            db.audit(s, "reprocess", series_uid=series_uid, job_id=job.id, detail={"force": force})
-            s.commit()
-            job_id = job.id
+            done = operations.reprocess(
+                s, config, series_uid, ModelPool(config.model), force=force, by=_who(), via="cli"
+            )
+    except operations.NotFound as exc:
+        fail(str(exc), EXIT_NOT_FOUND)
+    except operations.NotPossible as exc:
+        fail(str(exc))
     except SQLAlchemyError as exc:
         db_fail(exc)
+    if done.action == "already_done":
+        console.print(f"{done.message}. Use --force to run it again.")
+        return
+    message, job_id = done.message, done.job_id
     console.print(message)
     if wait > 0:
         state = _wait(sessions, job_id, wait)
@@ -289,21 +242,11 @@ def resend(
     sessions = sessions_for(config)
     try:
         with sessions() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                fail(f"no job {job_id}", EXIT_NOT_FOUND)
-            try:
-                jobs.resend(s, job, all_instances=all_instances)
-            except jobs.NotPossible as exc:
-                fail(str(exc))
-            db.audit(
-                s,
-                "resend",
-                series_uid=job.source_series_uid,
-                job_id=job.id,
-                detail={"all": all_instances},
-            )
-            s.commit()
+            operations.resend(s, job_id, all_instances=all_instances, by=_who(), via="cli")
+    except operations.NotFound as exc:
+        fail(str(exc), EXIT_NOT_FOUND)
+    except operations.NotPossible as exc:
+        fail(str(exc))
     except SQLAlchemyError as exc:
         db_fail(exc)
     console.print(f"job {job_id} will be sent again")

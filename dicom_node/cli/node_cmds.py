@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-import sys
 from pathlib import Path
 
 import typer
@@ -43,6 +42,7 @@ from dicom_node.config import (
     load_config,
     resolve_config_path,
 )
+from dicom_node.logs import configure_logging
 
 series_app = typer.Typer(help="Inspect received series.", no_args_is_help=True)
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
@@ -68,11 +68,7 @@ def serve(
     # The same checks as `config check`, before anything listens or writes: a missing
     # directory or certificate is named by its key, not reported as "cannot listen".
     _exit_on_problems(resolve_config_path(config_path), check_environment(config, create=True))
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(level, config.logging.format)  # text, or one JSON object per line
     # pynetdicom logs every PDU at INFO; keep only its warnings unless debugging.
     if level > logging.DEBUG:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
@@ -87,8 +83,12 @@ def serve(
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     for warning in config_warnings(config):
         logging.getLogger("dicom_node").warning("config: %s", warning)
+    from dicom_node.web import HttpBindError
+
     try:
         Node(config).run_forever()
+    except HttpBindError as exc:
+        _exit_on_problems(resolve_config_path(config_path), [("http.port", exc.strerror)])
     except StartupError as exc:
         _exit_on_problems(resolve_config_path(config_path), [(exc.key, exc.reason)])
     except OSError as exc:
