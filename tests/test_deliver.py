@@ -184,3 +184,10 @@ def test_health_flags_a_stall_and_a_silent_loop():
     assert h.snapshot()["healthy"]
     now[0] += 200  # no pass completed for 200 s: silent
     assert "no pass completed" in h.snapshot()["problems"][0]
+
+
+def test_a_server_that_says_when_to_come_back_is_not_asked_sooner():
+    a = AttemptResult()
+    a.add_failure(FailureKind.TRANSIENT, "web: HTTP 503", retry_after_s=120.0)
+    step = decide(a, attempts_so_far=1, failing_since=None, now=T0, policy=POLICY)
+    assert step.state is JobState.written and step.retry_in_s == pytest.approx(120.0)

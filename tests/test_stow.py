@@ -169,3 +169,28 @@ def test_multipart_encoding_round_trips():
     got = [p.get_payload(decode=True) for p in msg.get_payload()]
     assert got == parts
     assert all(p.get_content_type() == "application/dicom" for p in msg.get_payload())
+
+
+def test_busy_server_is_transient_and_its_retry_after_is_kept(derived_files, tmp_path):
+    """A server that answers 503 with Retry-After (as a DICOMweb archive under load does)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Busy(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(503)
+            self.send_header("Retry-After", "120")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Busy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        res = stow_instances(_target(tmp_path, server.server_address[1]), derived_files)
+    finally:
+        server.shutdown()
+    assert res.failure.kind is FailureKind.TRANSIENT and "HTTP 503" in res.failure.reason
+    assert res.failure.retry_after_s == 120.0
