@@ -15,7 +15,6 @@ end; every job made that way says so in ``job.summary["model_note"]``.
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import logging
 import queue
@@ -38,6 +37,7 @@ from dicom_node.health import Health
 from dicom_node.jobs import transition
 from dicom_node.load import LoadError, load_series
 from dicom_node.plan import Rejection, SeriesPlan
+from dicom_node.preview import write_preview_png
 from dicom_node.web import metrics
 from dicom_node.write import SourceImage, write_derived_series
 
@@ -473,74 +473,22 @@ class Worker:
     def _preview(
         self, thick: np.ndarray, thin: np.ndarray, plan: SeriesPlan, factor: int, out_dir: Path
     ) -> str | None:
-        path = out_dir / "preview.png"
         try:
-            try:
-                preview = importlib.import_module("dicom_node.preview")
-            except ModuleNotFoundError:
-                preview = None
             if float(np.dot(plan.slice_vector, plan.normal)) < 0:
                 # preview.py draws index 0 at the bottom: give it the stack ascending along n.
                 thick, thin = thick[::-1], thin[::-1]
-            if preview is not None and hasattr(preview, "write_preview_png"):
-                row_mm, col_mm = (float(v) for v in plan.pixel_spacing)
-                info = preview.write_preview_png(
-                    thick,
-                    thin,
-                    (plan.spacing_mm, row_mm, col_mm),
-                    (plan.spacing_mm / factor, row_mm, col_mm),
-                    path,
-                )
-                return str(getattr(info, "path", path))
-            return str(
-                fallback_preview(thick, thin, plan.spacing_mm, factor, plan.pixel_spacing, path)
+            row_mm, col_mm = (float(v) for v in plan.pixel_spacing)
+            info = write_preview_png(
+                thick,
+                thin,
+                (plan.spacing_mm, row_mm, col_mm),
+                (plan.spacing_mm / factor, row_mm, col_mm),
+                out_dir / "preview.png",
             )
+            return str(info.path)
         except Exception as exc:  # a preview must never fail the job
             log.warning("preview failed: %s", exc)
             return None
-
-
-def fallback_preview(
-    thick: np.ndarray,
-    thin: np.ndarray,
-    spacing_mm: float,
-    factor: int,
-    pixel_spacing: tuple[float, float],
-    path: Path,
-    window: tuple[float, float] = (40.0, 400.0),
-) -> Path:
-    """A PNG with the central coronal (top) and sagittal (bottom) planes, thick input on the
-    left (each slice drawn as a band as thick as its spacing) and the derived series on the
-    right, both in one soft-tissue window. Used while preview.py is not available."""
-    from PIL import Image
-
-    level, width = window
-    row_mm, col_mm = float(pixel_spacing[0]), float(pixel_spacing[1])
-
-    def to_u8(img: np.ndarray) -> np.ndarray:
-        lo = level - width / 2
-        return (np.clip((img - lo) / width, 0, 1) * 255).astype(np.uint8)
-
-    def plane(vol: np.ndarray, axis: int, z_mm: float, inplane_mm: float) -> Image.Image:
-        img = vol[:, vol.shape[1] // 2, :] if axis == 1 else vol[:, :, vol.shape[2] // 2]
-        h = max(1, int(round(img.shape[0] * z_mm / inplane_mm)))
-        return Image.fromarray(to_u8(img)).resize((img.shape[1], h), Image.NEAREST)
-
-    tiles = [
-        (plane(thick, 1, spacing_mm, col_mm), plane(thin, 1, spacing_mm / factor, col_mm)),
-        (plane(thick, 2, spacing_mm, row_mm), plane(thin, 2, spacing_mm / factor, row_mm)),
-    ]
-    w = max(a.width + b.width for a, b in tiles) + 8
-    h = sum(max(a.height, b.height) for a, b in tiles) + 8
-    canvas = Image.new("L", (w, h), 0)
-    y = 0
-    for a, b in tiles:
-        canvas.paste(a, (0, y))
-        canvas.paste(b, (a.width + 8, y))
-        y += max(a.height, b.height) + 8
-    path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
-    return path
 
 
 def interpolate_in_model_order(

@@ -15,7 +15,7 @@ problems; it classifies them instead:
   handshake that failed on a certificate (untrusted, wrong host name) or protocol error.
 
 A resend passes ``already_acknowledged=previous.acknowledged`` so only instances the peer has
-not acknowledged go out again. :func:`send_with_retries` is that loop, for callers that may block.
+not acknowledged go out again; when to resend is deliver.py's decision.
 Success (0x0000) and warning statuses (0x0001, 0xBxxx) count as acknowledged.
 """
 
@@ -55,7 +55,6 @@ __all__ = [
     "find_stored_instances",
     "next_retry_delay",
     "send_instances",
-    "send_with_retries",
 ]
 
 log = logging.getLogger(__name__)
@@ -128,7 +127,6 @@ class SendResult:
     outcomes: list[InstanceOutcome]
     failure: SendFailure | None = None
     elapsed_s: float = 0.0
-    attempts: int = 1
     nodelay: bool | None = None  # TCP_NODELAY as read back from the socket, if connected
 
     @property
@@ -487,44 +485,6 @@ def send_instances(
             else:
                 assoc.abort()
     return result(failure, info.nodelay)
-
-
-def send_with_retries(
-    destination: Destination,
-    instances: Sequence[Path | str | Dataset],
-    *,
-    calling_ae_title: str,
-    max_attempts: int = 5,
-    base_delay: float = 2.0,
-    max_delay: float = 300.0,
-    rng: random.Random | None = None,
-    sleep: Callable[[float], None] = time.sleep,
-    **kwargs: float,
-) -> SendResult:
-    """:func:`send_instances` until done, a permanent failure, or ``max_attempts`` attempts.
-
-    Between transient failures it sleeps :func:`next_retry_delay`; each retry sends only what is
-    still unacknowledged. The returned result covers all instances; ``attempts`` says how many
-    associations were tried.
-    """
-    acked: set[str] = set()
-    res: SendResult | None = None
-    for attempt in range(max_attempts):
-        if attempt:
-            sleep(next_retry_delay(attempt - 1, base_delay, max_delay, rng))
-        res = send_instances(
-            destination,
-            instances,
-            calling_ae_title=calling_ae_title,
-            already_acknowledged=acked,
-            **kwargs,
-        )
-        res.attempts = attempt + 1
-        acked = res.acknowledged
-        if not res.retryable:
-            break
-    assert res is not None
-    return res
 
 
 def find_stored_instances(

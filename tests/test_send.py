@@ -6,6 +6,7 @@ import random
 import socket
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -14,14 +15,16 @@ import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
+from dicom_node.db import JobState
+from dicom_node.deliver import AttemptResult, NextStep, RetryPolicy, decide
 from dicom_node.send import (
     Destination,
     FailureKind,
+    SendResult,
     associate,
     classify_status,
     next_retry_delay,
     send_instances,
-    send_with_retries,
 )
 from dicom_node.write import write_derived_series
 from tests.support.dcmtk import free_port, storescp
@@ -222,6 +225,43 @@ def test_partial_ack_then_resend_only_the_rest(derived_files, tmp_path):
     assert resent | first.acknowledged == _uids(derived_files)
 
 
+def _send_until_decided(
+    destination: Destination,
+    files: list[Path],
+    policy: RetryPolicy,
+    sleep,
+    rng: random.Random | None = None,
+) -> tuple[SendResult, int, NextStep]:
+    """Send, then resend what is still unacknowledged for as long as deliver.decide says to
+    retry: the node's delivery loop for one destination, without its database (``sleep`` stands
+    in for the scheduler's wait). Returns the last result, the attempts made and the decision."""
+    acked: set[str] = set()
+    failing_since: datetime | None = None
+    attempts = 0
+    while True:
+        attempts += 1
+        res = send_instances(
+            destination, files, calling_ae_title=CALLING, already_acknowledged=acked
+        )
+        acked = res.acknowledged
+        attempt = AttemptResult()
+        if res.failure is not None:
+            attempt.add_failure(res.failure.kind, res.failure.reason)
+        now = datetime.now(UTC)
+        step = decide(
+            attempt,
+            attempts_so_far=attempts,
+            failing_since=failing_since,
+            now=now,
+            policy=policy,
+            rng=rng,
+        )
+        if step.retry_in_s is None:
+            return res, attempts, step
+        failing_since = failing_since or now
+        sleep(step.retry_in_s)
+
+
 def test_retries_until_orthanc_comes_back(derived_files, tmp_path):
     pacs = OrthancServer(tmp_path / "orthanc", aet="PACS")
     delays: list[float] = []
@@ -232,16 +272,14 @@ def test_retries_until_orthanc_comes_back(derived_files, tmp_path):
             pacs.start()
 
     try:
-        res = send_with_retries(
+        res, attempts, step = _send_until_decided(
             Destination("PACS", pacs.host, pacs.dicom_port),
             derived_files,
-            calling_ae_title=CALLING,
-            max_attempts=5,
-            base_delay=1.0,
+            RetryPolicy(base_delay_s=1.0, max_attempts=5),
+            sleep_then_restart,
             rng=random.Random(1),
-            sleep=sleep_then_restart,
         )
-        assert res.ok and res.attempts == 3
+        assert res.ok and attempts == 3 and step.state is JobState.sent
         assert len(pacs.get("/instances")) == len(derived_files)
         # Stop and start on the same storage: still exactly one copy after a full resend.
         pacs.stop()
@@ -258,22 +296,23 @@ def test_retries_until_orthanc_comes_back(derived_files, tmp_path):
 
 def test_retries_stop_at_limit_and_on_permanent(derived_files, tmp_path):
     delays: list[float] = []
-    res = send_with_retries(
+    res, attempts, step = _send_until_decided(
         Destination("NOBODY", "127.0.0.1", free_port()),
         derived_files,
-        calling_ae_title=CALLING,
-        max_attempts=3,
-        sleep=delays.append,
+        RetryPolicy(max_attempts=3),
+        delays.append,
     )
-    assert res.attempts == 3 and res.retryable and len(delays) == 2
+    assert attempts == 3 and res.retryable and len(delays) == 2
+    assert step.state is JobState.failed and "after 3 attempts" in step.reason
     with storescp(tmp_path, extra_args=["--refuse"]) as scp:
-        res = send_with_retries(
+        res, attempts, step = _send_until_decided(
             Destination(scp.ae_title, scp.host, scp.port),
             derived_files,
-            calling_ae_title=CALLING,
-            sleep=delays.append,
+            RetryPolicy(max_attempts=5),
+            delays.append,
         )
-    assert res.attempts == 1 and res.failure.kind is FailureKind.PERMANENT and len(delays) == 2
+    assert attempts == 1 and res.failure.kind is FailureKind.PERMANENT and len(delays) == 2
+    assert step.state is JobState.failed
 
 
 def test_invalid_input_fails_permanently_without_connecting(sample_data):
