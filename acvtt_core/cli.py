@@ -158,8 +158,8 @@ def train(
     out: Path = typer.Option(..., "--out", help="Run folder (resumes from it)."),
     sampler: str | None = typer.Option(
         None,
-        help="selfsup | synthetic-z (stage 1), fusion (stage 2). Default: selfsup, fusion for "
-        "--stage 2.",
+        help="selfsup | selfsup-torch | synthetic-z (stage 1), fusion (stage 2). Default: "
+        "selfsup-torch on CUDA, selfsup on CPU, fusion for --stage 2.",
     ),
     stage: int = typer.Option(1, min=1, max=2, help="1: cross-view transfer, 2: fusion."),
     preset: str = typer.Option("compact", help="Architecture preset."),

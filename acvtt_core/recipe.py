@@ -5,7 +5,8 @@ point that `acvtt train` and `acvtt adapt` call.
 a checkpoint's weights), the named sampler over the training sources, the checkpoint metadata
 (training volumes, held-out cases, sampler, degradations), and runs `acvtt_core.train.train`,
 which resumes from the run folder. The shipped default model is stage 1 trained with the
-`selfsup` sampler (docs/MODEL.md).
+`selfsup` sampler (docs/MODEL.md); `selfsup-torch` makes the same samples on the training device
+(the GPU recipe, scripts/gpu_train.sh).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ DEGRADATIONS = {
 SAMPLERS = {
     "selfsup": "stage 1: in-plane self-supervision + synthetic z, decimation + slab averaging "
     "(selfsup.MixedSampler, made on the CPU; the default model's recipe)",
+    "selfsup-torch": "stage 1: the same samples made on the training device "
+    "(device_sampler.DeviceMixedSampler; the GPU recipe)",
     "synthetic-z": "stage 1: the paper's samples, synthetic z by decimation only "
     "(train.SyntheticZSampler)",
     "fusion": "stage 2: axial crops of a stage-1 predictor's coronal and sagittal results "
@@ -79,10 +82,10 @@ class Recipe:
 
 
 def default_sampler(stage: int, device: str) -> str:
-    """fusion for stage 2, selfsup for stage 1."""
+    """fusion for stage 2; stage 1 samples on the device when it is a GPU."""
     if stage == 2:
         return "fusion"
-    return "selfsup"
+    return "selfsup-torch" if device.startswith("cuda") else "selfsup"
 
 
 # -- sources ------------------------------------------------------------------------------------
@@ -189,6 +192,10 @@ def build_sampler(
     mixed["thin_mm"] = tuple(recipe.thin_mm)
     if name == "selfsup":
         return MixedSampler(list(sources), **mixed)
+    if name == "selfsup-torch":
+        from acvtt_core.device_sampler import DeviceMixedSampler
+
+        return DeviceMixedSampler(list(sources), **mixed, device=device)
     names = [s.name for s in sources]
     if name == "synthetic-z":
         return SyntheticZSampler([s.vol for s in sources], **common, names=names)

@@ -10,6 +10,7 @@ MODULES = [
     "checkpoint",
     "cli",
     "config",
+    "device_sampler",
     "evaluate",
     "infer",
     "metrics",
