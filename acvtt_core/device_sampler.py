@@ -159,17 +159,9 @@ class DeviceMixedSampler(MixedSampler):
     def _inplane(self, n: int, r: int, rng: np.random.Generator):
         src = self._pick(self._ip, rng)
         vol = self._vols[id(src)]
-        d, hh, ww = src.vol.shape
+        d = src.vol.shape[0]
         _, sy, sx = src.spacing
-        native = min(sy, sx)
-        lo = max(self.thin_mm[0], native)
-        hi = max(lo, self.thin_mm[1])
-        s_t = float(np.exp(rng.uniform(np.log(lo), np.log(hi))))
-        h_rows = int(np.floor((min(hh, ww) - 1) * native / s_t)) + 1
-        h = (min(self.crop + 1, h_rows) - 1) // r * r + 1
-        w, rc = min(self.crop, hh, ww), min(self.ref_crop, hh, ww)
-        if h < 2 * r + 1:
-            raise ValueError(f"{src.name}: slices too small for factor {r} at {s_t:.2f} mm")
+        s_t, h, w, rc = self._inplane_plan(src, r, rng)
         zs = rng.integers(d, size=n)
         transposed = rng.random(n) < 0.5  # degrade columns (x) instead of rows (y)
         modes = [self._degradation(rng, r) for _ in range(n)]
@@ -194,14 +186,6 @@ class DeviceMixedSampler(MixedSampler):
         self._count("inplane", src, modes)
         perm = torch.as_tensor(np.argsort(order), device=self.device)
         return torch.cat(xs)[perm], torch.cat(ts)[perm], refs.reshape(n, self.n_refs, rc, rc)
-
-    def _far_slices(self, z: int, d: int, rng: np.random.Generator) -> list[int]:
-        far = (
-            [i for i in range(d) if abs(i - z) >= self.ref_exclude]
-            or [i for i in range(d) if i != z]
-            or [z]
-        )
-        return [far[int(rng.integers(len(far)))] for _ in range(self.n_refs)]
 
     def _synthz(self, n: int, r: int, rng: np.random.Generator):
         src = self._pick(self._sz, rng)

@@ -243,9 +243,11 @@ class MixedSampler:
             out.append(a[y0 : y0 + rc, x0 : x0 + rc])
         return np.stack(out)
 
-    def _inplane_batch(self, n: int, r: int, rng: np.random.Generator):
-        src = self._pick(self._ip, rng)
-        d, hh, ww = src.vol.shape
+    def _inplane_plan(self, src: Source, r: int, rng: np.random.Generator):
+        """(thin spacing taught s_t, crop rows h, crop columns w, reference crop rc) of an
+        in-plane batch of `src` at factor r; s_t is log-uniform in thin_mm, never finer than
+        the slice's pixels."""
+        _, hh, ww = src.vol.shape
         _, sy, sx = src.spacing
         native = min(sy, sx)
         lo = max(self.thin_mm[0], native)
@@ -259,6 +261,22 @@ class MixedSampler:
         rc = min(self.ref_crop, hh, ww)
         if h < 2 * r + 1:
             raise ValueError(f"{src.name}: slices too small for factor {r} at {s_t:.2f} mm")
+        return s_t, h, w, rc
+
+    def _far_slices(self, z: int, d: int, rng: np.random.Generator) -> list[int]:
+        """n_refs reference slice indices at least ref_exclude slices away from slice z."""
+        far = (
+            [i for i in range(d) if abs(i - z) >= self.ref_exclude]
+            or [i for i in range(d) if i != z]
+            or [z]
+        )
+        return [far[int(rng.integers(len(far)))] for _ in range(self.n_refs)]
+
+    def _inplane_batch(self, n: int, r: int, rng: np.random.Generator):
+        src = self._pick(self._ip, rng)
+        d = src.vol.shape[0]
+        _, sy, sx = src.spacing
+        s_t, h, w, rc = self._inplane_plan(src, r, rng)
         xs, ts, refs = [], [], []
         for _ in range(n):
             z = int(rng.integers(d))
@@ -275,12 +293,7 @@ class MixedSampler:
             thick = degrade_rows(img[:, x0 : x0 + w], r, y0, k, mode, prof or "box", fwhm)
             xs.append(linear_upsample_z(thick, r))
             ts.append(img[y0 : y0 + h, x0 : x0 + w])
-            far = (
-                [i for i in range(d) if abs(i - z) >= self.ref_exclude]
-                or [i for i in range(d) if i != z]
-                or [z]
-            )
-            ridx = [far[int(rng.integers(len(far)))] for _ in range(self.n_refs)]
+            ridx = self._far_slices(z, d, rng)
             refs.append(self._ref_crops([src.vol[i] for i in ridx], rng, rc))
             self.counts[f"inplane:{src.name}:{mode}"] = (
                 self.counts.get(f"inplane:{src.name}:{mode}", 0) + 1

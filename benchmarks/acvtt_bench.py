@@ -6,7 +6,7 @@ python benchmarks/acvtt_bench.py --preset paper --input lung1_image.nrrd --facto
 
 import sys
 
-from acvtt_core.cli import app
+from acvtt_core.cli import main
 
 if __name__ == "__main__":
-    app(["bench", *sys.argv[1:]])
+    main(["bench", *sys.argv[1:]])  # main(): failures end in one "error:" line, no traceback
