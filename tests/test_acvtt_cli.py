@@ -22,7 +22,7 @@ sitk = pytest.importorskip("SimpleITK")
 def thick_ct(tmp_path_factory):
     """A 4.5 mm 'thick' crop of the real spine CT (every 3rd slice), with oblique-free geometry."""
     try:
-        from dicom_node.sample_data import fetch_sample_data
+        from dicom_node.devtools.sample_data import fetch_sample_data
 
         src = fetch_sample_data().spine_ct
     except Exception as exc:  # network-less machine without the cache
@@ -199,7 +199,7 @@ def test_train_command_resumes(tmp_path):
 
 def test_read_dicom_series_folder():
     try:
-        from dicom_node.sample_data import fetch_sample_data
+        from dicom_node.devtools.sample_data import fetch_sample_data
 
         folder = fetch_sample_data().ct_dicom_repaired
     except Exception as exc:
@@ -284,13 +284,13 @@ def test_documented_bench_commands_run(thick_ct, tmp_path, capsys):
         assert code == 0, err
         res = json.loads(out.read_text())
         preset = argv[argv.index("--preset") + 1]
-        assert res["seconds"] > 0 and res["flops"]["total_paper"] > 0
+        assert res["seconds"] > 0 and res["cpu_seconds"] > 0 and res["flops"]["total_paper"] > 0
         assert res["model"]["width"] == {"paper": 64, "compact": 8}[preset]
         if preset == "paper":
             assert res["weights"]["source"] == "random-init"
             assert "weights: random init" in stdout
         if "--skip-slow" not in argv:
-            assert res["speedup_vs_authors_loop"] > 0
+            assert res["speedup_vs_authors_loop"] > 0 and res["speedup_vs_authors_loop_cpu"] > 0
 
 
 def _assert_one_error_line(code: int, err: str, *needles: str) -> None:
