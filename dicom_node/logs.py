@@ -81,3 +81,6 @@ def configure_logging(level: int, fmt: str = "text") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    # Python warnings (a library's DeprecationWarning, ...) become records too: with JSON,
+    # every line of the log stays one object.
+    logging.captureWarnings(True)
