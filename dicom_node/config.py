@@ -31,6 +31,8 @@ from pydantic import (
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
+from dicom_node.web.auth import TokenFileError, read_token_file
+
 DEFAULT_CONFIG_PATH = Path("config/node.yaml")
 CONFIG_ENV = "DICOM_NODE_CONFIG"
 
@@ -547,8 +549,6 @@ def check_database_path(url: str) -> list[tuple[str, str]]:
 
 
 def _check_token_file(path: Path) -> list[tuple[str, str]]:
-    from dicom_node.web.auth import TokenFileError, read_token_file
-
     try:
         read_token_file(path)
     except TokenFileError as exc:

@@ -281,6 +281,8 @@ def make_session_factory(engine: Engine) -> sessionmaker[Session]:
 
 
 def alembic_config(url: str):
+    # alembic is imported here and in upgrade(): it takes about 0.35 s to load, and only schema
+    # upgrades (serve's start, `db upgrade`) need it, not every CLI command.
     from alembic.config import Config
 
     cfg = Config()

@@ -75,6 +75,8 @@ def derived_root(config: NodeConfig) -> Path:
 
 
 def _load_interpolator(model: ModelSection):
+    # Imported here, not at the top: acvtt_core.infer loads torch (about 2 s), which the CLI's
+    # other commands and a node without jobs never need.
     from acvtt_core.infer import load_interpolator
 
     settings = {
@@ -96,7 +98,7 @@ def cuda_device_count(device: str) -> int:
     if device == "cpu":
         return 0
     try:
-        import torch
+        import torch  # here, inside the try: a broken torch install must not stop the node
 
         return torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception as exc:  # a broken torch must not stop the node; loading reports it

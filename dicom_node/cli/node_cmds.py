@@ -11,6 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
+import pydicom.config
 import typer
 from rich.table import Table
 from sqlalchemy import func, select
@@ -42,7 +43,13 @@ from dicom_node.config import (
     load_config,
     resolve_config_path,
 )
+from dicom_node.infer import ModelPool, ModelUnavailable
 from dicom_node.logs import configure_logging
+from dicom_node.node import Node, StartupError, read_status, status_problem
+from dicom_node.send import destination_from_config
+from dicom_node.send import echo as send_echo
+from dicom_node.stow import StowTarget, stow_echo
+from dicom_node.web import HttpBindError
 
 series_app = typer.Typer(help="Inspect received series.", no_args_is_help=True)
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
@@ -60,7 +67,8 @@ def serve(
     config_path: Path | None = ConfigOption,
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR"),
 ) -> None:
-    """Run the node (receiver, and the pipeline when installed) until SIGTERM/SIGINT."""
+    """Run the node (receiver, pipeline, and the HTTP side when ``http.enabled``) until
+    SIGTERM/SIGINT."""
     config = get_config(config_path)
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
@@ -74,17 +82,11 @@ def serve(
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
-    import pydicom.config
-
-    from dicom_node.node import Node, StartupError
-
     # pydicom's warnings about invalid values quote the value, which may be a patient's name:
     # the node reads leniently and never logs them.
     pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     for warning in config_warnings(config):
         logging.getLogger("dicom_node").warning("config: %s", warning)
-    from dicom_node.web import HttpBindError
-
     try:
         Node(config).run_forever()
     except HttpBindError as exc:
@@ -108,8 +110,6 @@ def status(
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
     """Counts of studies/series/instances, free disk and the open associations."""
-    from dicom_node.node import read_status
-
     config = get_config(config_path)
     Session = sessions_for(config)
     try:
@@ -218,8 +218,6 @@ def health(
 ) -> None:
     """Health check for monitoring: exit 0 when the node runs and every loop works, 1 when the
     node is not running or a loop has stalled (each problem is printed)."""
-    from dicom_node.node import read_status, status_problem
-
     config = get_config(config_path)
     running = read_status(config)
     if running is None:
@@ -395,8 +393,6 @@ def config_check(config_path: Path | None = ConfigOption) -> None:
         print_config_errors(exc)
         raise typer.Exit(EXIT_CONFIG) from None
     _exit_on_problems(path, check_environment(config))
-    from dicom_node.infer import ModelPool, ModelUnavailable
-
     try:
         ident = ModelPool(config.model).identity()
     except ModelUnavailable as exc:
@@ -429,9 +425,6 @@ def echo(
     Uses the association set-up of sending (TCP_NODELAY, TLS with certificate and host name
     checks), so a passing echo means a send can get through.
     """
-    from dicom_node.send import destination_from_config
-    from dicom_node.send import echo as send_echo
-
     config = get_config(config_path)
     try:
         dcfg = config.destination(destination)
@@ -458,8 +451,6 @@ def echo(
 
 
 def _echo_dicomweb(dcfg: DicomWebDestination) -> None:
-    from dicom_node.stow import StowTarget, stow_echo
-
     try:
         target = StowTarget(dcfg)
     except OSError as exc:  # an unreadable credential file
