@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.sample_data import fetch_sample_data  # noqa: E402
+from dicom_node.devtools.sample_data import fetch_sample_data  # noqa: E402
 from tests.support.node import NodeProcess, send_with_storescu  # noqa: E402
 from tests.support.orthanc import OrthancServer  # noqa: E402
 

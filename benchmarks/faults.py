@@ -40,7 +40,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dicom_node.sample_data import fetch_sample_data  # noqa: E402
+from dicom_node.devtools.sample_data import fetch_sample_data  # noqa: E402
 from tests.support.dcmtk import free_port, wait_for_port  # noqa: E402
 from tests.support.node import (  # noqa: E402
     NodeProcess,

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import pydicom  # noqa: E402
 
 from dicom_node.config import parse_config  # noqa: E402
-from dicom_node.sample_data import fetch_sample_data  # noqa: E402
+from dicom_node.devtools.sample_data import fetch_sample_data  # noqa: E402
 from dicom_node.send import Destination, send_instances  # noqa: E402
 from dicom_node.stow import StowTarget, stow_instances  # noqa: E402
 from dicom_node.write import SourceImage, write_derived_series  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
-from dicom_node.sample_data import fetch_sample_data
+from dicom_node.devtools.sample_data import fetch_sample_data
 from dicom_node.write import write_derived_series
 
 

@@ -8,4 +8,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
-exec python -m dicom_node.demo "$@"
+exec python -m dicom_node.devtools.demo "$@"

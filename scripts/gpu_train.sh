@@ -6,7 +6,7 @@
 #   scripts/gpu_train.sh OUTDIR [MINUTES]          (MINUTES of training, default 5)
 #
 # Needs only the repository after ./scripts/setup.sh, plus the three training volumes in
-# var/sample-data/volumes (fetched with `python -m dicom_node.sample_data` when missing, which
+# var/sample-data/volumes (fetched with `python -m dicom_node.devtools.sample_data` when missing, which
 # needs the network; on an offline machine bring chest_cta_thin.nii.gz, lung1_image.nrrd and
 # spine_ct.nii.gz along, about 23 MB). Every failure ends in one line `gpu_train: error: ...`.
 # Settings (environment): PRESET=paper BATCH=16 CROP=256 LR=5e-4 COMPILE=0 (1: torch.compile)
@@ -59,7 +59,7 @@ VOLS=(chest_cta_thin.nii.gz lung1_image.nrrd spine_ct.nii.gz)
 for v in "${VOLS[@]}"; do
   if [ ! -f "$DATA/$v" ]; then
     echo "gpu_train: $DATA/$v missing, fetching the sample data"
-    "$PY" -m dicom_node.sample_data > "$OUT/sample_data.json" 2> "$OUT/sample_data.log" ||
+    "$PY" -m dicom_node.devtools.sample_data > "$OUT/sample_data.json" 2> "$OUT/sample_data.log" ||
       die "training volume $DATA/$v missing and the sample data cannot be fetched (see $OUT/sample_data.log)"
     [ -f "$DATA/$v" ] || die "training volume $DATA/$v missing after fetching the sample data"
   fi

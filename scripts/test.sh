@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 ./scripts/setup.sh
 . .venv/bin/activate
-python -m dicom_node.sample_data >/dev/null
+python -m dicom_node.devtools.sample_data >/dev/null
 ruff check .
 ruff format --check .
 python -m pytest "$@"

@@ -22,7 +22,7 @@ if [ -z "${_ACVTT_TRAIN_BG:-}" ]; then
   exit 0
 fi
 
-"$PY" -m dicom_node.sample_data > "$OUT/sample_data.json"
+"$PY" -m dicom_node.devtools.sample_data > "$OUT/sample_data.json"
 D=var/sample-data/volumes
 
 phase() {  # NAME BUDGET_MIN MAX_STEPS LR

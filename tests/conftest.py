@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dicom_node.sample_data import SampleData, fetch_sample_data
+from dicom_node.devtools.sample_data import SampleData, fetch_sample_data
 
 
 @pytest.fixture

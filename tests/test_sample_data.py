@@ -11,7 +11,7 @@ import sys
 import pydicom
 import pytest
 
-from dicom_node.sample_data import (
+from dicom_node.devtools.sample_data import (
     SHA256,
     TrainingData,
     _extract_members,
@@ -65,7 +65,7 @@ def test_repaired_pixels_are_unchanged(sample_data):
     assert (fixed.pixel_array == raw.pixel_array).all()
 
 
-# --- the volumes behind `python -m dicom_node.sample_data --training` (issue 15) ---
+# --- the volumes behind `python -m dicom_node.devtools.sample_data --training` (issue 15) ---
 
 
 @pytest.fixture(scope="module")
@@ -152,12 +152,14 @@ def test_corrupted_cached_volume_is_extracted_again(training_data, tmp_path):
 
 def test_training_flag_adds_the_new_volumes_to_the_cli_output(training_data):
     env = {**os.environ, "ACVTT_NODE_DATA": str(training_data.head_neck_ct.parent.parent)}
-    cmd = [sys.executable, "-m", "dicom_node.sample_data"]
-    plain = json.loads(subprocess.run(cmd, env=env, capture_output=True, check=True).stdout)
-    full = json.loads(
-        subprocess.run(cmd + ["--training"], env=env, capture_output=True, check=True).stdout
-    )
-    new = set(TrainingData.__dataclass_fields__)
-    assert not new & set(plain)
-    assert new <= set(full)
-    assert full["pelvis_rt_ct"] == str(training_data.pelvis_rt_ct)
+    # dicom_node.sample_data: the command as the docs long gave it, kept working
+    for module in ("dicom_node.devtools.sample_data", "dicom_node.sample_data"):
+        cmd = [sys.executable, "-m", module]
+        plain = json.loads(subprocess.run(cmd, env=env, capture_output=True, check=True).stdout)
+        full = json.loads(
+            subprocess.run(cmd + ["--training"], env=env, capture_output=True, check=True).stdout
+        )
+        new = set(TrainingData.__dataclass_fields__)
+        assert not new & set(plain)
+        assert new <= set(full)
+        assert full["pelvis_rt_ct"] == str(training_data.pelvis_rt_ct)

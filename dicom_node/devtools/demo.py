@@ -12,7 +12,8 @@
    preview to ``var/demo/preview.png`` and print a summary: slices in and out, spacing, seconds
    per stage and the latency from the last instance received to the last one acknowledged.
 
-Every run starts from an empty ``var/demo`` so that it always shows a fresh job.
+Every run starts from an empty ``var/demo`` so that it always shows a fresh job. The script runs
+``python -m dicom_node.devtools.demo``.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from dicom_node import db
-from dicom_node.sample_data import REPO_ROOT, fetch_sample_data
+from dicom_node.config import load_config
+from dicom_node.db import Job
+from dicom_node.devtools.sample_data import REPO_ROOT, fetch_sample_data
 
 STORESCU = "/usr/bin/storescu"
 DEST_AE = "DEMO_PACS"
@@ -201,9 +204,6 @@ def _wait_until(predicate, timeout: float) -> bool:
 
 
 def _wait_for_job(config_path: Path, proc: subprocess.Popen, timeout_s: float):
-    from dicom_node.config import load_config
-    from dicom_node.db import Job
-
     cfg = load_config(config_path)
     engine = db.make_engine(cfg.database.url, cfg.database.busy_timeout_ms)
     sessions = db.make_session_factory(engine)
