@@ -29,7 +29,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import (
     DeclarativeBase,
@@ -242,16 +242,27 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercise
 
 
 def make_engine(url: str, busy_timeout_ms: int = 30_000) -> Engine:
-    """Create an engine; for SQLite: WAL and busy timeout. No directory is created: a missing
-    one is a configuration error (:func:`dicom_node.config.check_database_path`)."""
+    """Create an engine. SQLite: WAL and a busy timeout. PostgreSQL: a row lock is waited for
+    at most ``busy_timeout_ms`` (``lock_timeout``), a connection attempt at most 10 s, and a
+    pooled connection is checked before use, so that the node carries on by itself after the
+    database server restarted. No directory is created: a missing one is a configuration error
+    (:func:`dicom_node.config.check_database_path`)."""
     kwargs: dict = {"future": True}
-    if url.startswith("sqlite"):
+    backend = make_url(url).get_backend_name()
+    if backend == "sqlite":
         kwargs["connect_args"] = {
             "timeout": busy_timeout_ms / 1000,
             "check_same_thread": False,
         }
+    elif backend == "postgresql":
+        kwargs["pool_pre_ping"] = True
+        kwargs["connect_args"] = {
+            "connect_timeout": 10,
+            # 0 would mean "wait forever" to PostgreSQL, never "do not wait".
+            "options": f"-c lock_timeout={max(1, busy_timeout_ms)}",
+        }
     engine = create_engine(url, **kwargs)
-    if url.startswith("sqlite"):
+    if backend == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
     return engine
 
@@ -273,6 +284,8 @@ def unwritable_reason(exc: OperationalError) -> str | None:
         return f"the database is read-only for this process: {first}"
     if "unable to open database file" in low:
         return f"cannot open the database file: {first} (check it and its directory)"
+    if "connection" in low and any(s in low for s in ("refused", "failed", "timeout", "timed")):
+        return f"cannot reach the database server: {first}"
     return None
 
 
@@ -298,11 +311,24 @@ def upgrade(url: str) -> None:
     command.upgrade(alembic_config(url), "head")
 
 
+def fit_audit_fields(fields: dict[str, object]) -> dict[str, object]:
+    """``fields`` with every string cut to its audit column's length: SQLite keeps a longer one,
+    PostgreSQL refuses the whole row, and an audit row must never fail over a peer's long
+    address or a malformed UID."""
+    out = dict(fields)
+    for name, value in fields.items():
+        column = AuditEvent.__table__.columns.get(name)
+        length = getattr(column.type, "length", None) if column is not None else None
+        if isinstance(value, str) and length is not None and len(value) > length:
+            out[name] = value[:length]
+    return out
+
+
 def audit(session: Session, kind: str, **fields: object) -> AuditEvent:
     """Add an audit event to ``session`` (the caller commits). ``detail`` dicts become JSON."""
     detail = fields.pop("detail", None)
     if detail is not None and not isinstance(detail, str):
         detail = json.dumps(detail, default=str)
-    ev = AuditEvent(kind=kind, detail=detail, **fields)
+    ev = AuditEvent(**fit_audit_fields({"kind": kind, "detail": detail, **fields}))
     session.add(ev)
     return ev

@@ -27,7 +27,15 @@ from sqlalchemy import Connection, Engine, bindparam, case, insert, literal, sel
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
-from dicom_node.db import AuditEvent, Instance, Series, SeriesState, Study, utcnow
+from dicom_node.db import (
+    AuditEvent,
+    Instance,
+    Series,
+    SeriesState,
+    Study,
+    fit_audit_fields,
+    utcnow,
+)
 from dicom_node.header import STATUS_SUCCESS, STATUS_UID_CONFLICT, Header
 from dicom_node.slices import as_int
 
@@ -98,8 +106,9 @@ class Indexer:
     lock is cheaper than SQLite's busy-sleep); a transient "database is locked" from another
     process, or a unique-key race, is retried.
 
-    ``time_budget_s`` bounds each write: waiting for the lock, SQLite's busy wait (its busy
-    timeout is set to what is left) and the retries together. The receiver sets it, because a
+    ``time_budget_s`` bounds each write: waiting for the lock, the database's own wait
+    (SQLite's busy timeout or PostgreSQL's statement timeout, set to what is left) and the
+    retries together. The receiver sets it, because a
     peer waits for the answer: a database held by another process then gives a prompt failure
     (0xA700) instead of a sender that times out. After a write ran out of time, an audit event
     gets one attempt without waiting, so that a failed store does not wait twice.
@@ -130,9 +139,8 @@ class Indexer:
             try:
                 with self.engine.connect() as conn:
                     try:
-                        if deadline is not None and self.engine.dialect.name == "sqlite":
-                            ms = max(0, int((deadline - time.monotonic()) * 1000))
-                            conn.exec_driver_sql(f"PRAGMA busy_timeout = {ms}")
+                        if deadline is not None:
+                            self._bound_wait(conn, deadline)
                         result = fn(conn)
                         conn.commit()
                         return result
@@ -151,6 +159,16 @@ class Indexer:
             time.sleep(delay)
             delay *= 2
         raise AssertionError("unreachable")
+
+    def _bound_wait(self, conn: Connection, deadline: float) -> None:
+        """Let this transaction wait for the database at most until ``deadline``: SQLite's
+        busy timeout, PostgreSQL's statement timeout (for this transaction only)."""
+        ms = max(0, int((deadline - time.monotonic()) * 1000))
+        if self.engine.dialect.name == "sqlite":
+            conn.exec_driver_sql(f"PRAGMA busy_timeout = {ms}")
+        elif self.engine.dialect.name == "postgresql":
+            # 0 would mean "no limit" to PostgreSQL.
+            conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, ms)}")
 
     def _series_id(self, conn: Connection, h: Header, calling_ae: str | None, now) -> int:
         """The series row id, creating study and series rows on first sight."""
@@ -395,4 +413,6 @@ def _audit(conn: Connection, kind: str, now, **fields: object) -> None:
     detail = fields.pop("detail", None)
     if detail is not None and not isinstance(detail, str):
         detail = json.dumps(detail, default=str)
-    conn.execute(_INSERT_AUDIT, {"kind": kind, "at": now, "detail": detail, **fields})
+    conn.execute(
+        _INSERT_AUDIT, fit_audit_fields({"kind": kind, "at": now, "detail": detail, **fields})
+    )

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time setup: Debian tools used by tests (dcmtk, dicom3tools, orthanc and its DICOMweb
-# plugin, prometheus, chromium and chromium-driver), a .venv with the project and its test
-# extras, and the CPU build of torch when no NVIDIA driver is present.
+# plugin, prometheus, chromium and chromium-driver, postgresql), a .venv with the project and
+# its test extras, and the CPU build of torch when no NVIDIA driver is present.
 # Idempotent: re-running only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,13 +17,16 @@ ls /usr/lib/orthanc/libOrthancDicomWeb.so* >/dev/null 2>&1 || need_apt+=(orthanc
 [ -x /usr/bin/prometheus ] || need_apt+=(prometheus)
 [ -x /usr/bin/chromium ] || need_apt+=(chromium)
 [ -x /usr/bin/chromedriver ] || need_apt+=(chromium-driver)
+# PostgreSQL: the tests start a private throw-away cluster (tests/support/postgres.py) from its
+# binaries; no system-wide PostgreSQL service is used or started.
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
   export DEBIAN_FRONTEND=noninteractive
   $SUDO apt-get update -qq
   # --no-install-recommends keeps orthanc's optional plugins out; policy-rc.d stops the
-  # packages from starting a system-wide Orthanc (port 4242) or Prometheus (9090) that would
-  # clash with tests.
+  # packages from starting a system-wide Orthanc (port 4242), Prometheus (9090) or PostgreSQL
+  # (5432) that would clash with tests.
   if [ ! -e /usr/sbin/policy-rc.d ]; then
     printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
     $SUDO chmod +x /usr/sbin/policy-rc.d

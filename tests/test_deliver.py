@@ -3,6 +3,7 @@ current-reason rule, and the health record of the unattended loops."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import sqlite3
 from datetime import datetime, timedelta
@@ -15,6 +16,7 @@ from dicom_node.deliver import AckRecorder, AttemptResult, RetryPolicy, decide
 from dicom_node.health import Health
 from dicom_node.jobs import acknowledged, queue_job, schedule_send_retry, transition
 from dicom_node.send import FailureKind
+from tests.support.postgres import both_databases
 
 T0 = datetime(2026, 12, 2, 3, 0, 0)
 POLICY = RetryPolicy(base_delay_s=2, max_delay_s=300, retry_window_s=4 * 3600)
@@ -91,8 +93,8 @@ def test_optional_attempt_cap():
 
 
 @pytest.fixture
-def sessions(tmp_path):
-    url = f"sqlite:///{tmp_path / 'node.db'}"
+def sessions(database_url, tmp_path):
+    url = database_url
     db.upgrade(url)
     engine = db.make_engine(url, busy_timeout_ms=200)
     yield db.make_session_factory(engine), tmp_path / "node.db"
@@ -116,6 +118,7 @@ def job_id(sessions):
         return job.id
 
 
+@both_databases
 def test_acks_are_committed_in_batches_while_the_send_runs(sessions, job_id):
     factory, _ = sessions
     rec = AckRecorder(factory, job_id, "pacs", batch=3, flush_s=3600)
@@ -129,6 +132,7 @@ def test_acks_are_committed_in_batches_while_the_send_runs(sessions, job_id):
     assert rec.committed == 3
 
 
+@both_databases
 def test_acks_flush_after_the_interval(sessions, job_id):
     factory, _ = sessions
     rec = AckRecorder(factory, job_id, "pacs", batch=1000, flush_s=0.0)
@@ -137,23 +141,42 @@ def test_acks_flush_after_the_interval(sessions, job_id):
         assert acknowledged(s, s.get(Job, job_id), "pacs") == {"9.1"}
 
 
+@contextlib.contextmanager
+def _database_locked(factory, sqlite_path):
+    """Another connection holds what an acknowledgement needs: SQLite's write lock, or on
+    PostgreSQL an exclusive lock on sent_instances (the engine's lock_timeout then gives up)."""
+    engine = factory.kw["bind"]
+    if engine.dialect.name == "sqlite":
+        locker = sqlite3.connect(sqlite_path, isolation_level=None)
+        locker.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql("LOCK TABLE sent_instances IN EXCLUSIVE MODE")
+        try:
+            yield
+        finally:
+            conn.rollback()
+
+
+@both_databases
 def test_acks_the_database_refused_are_kept_for_the_next_flush(sessions, job_id):
     factory, path = sessions
     rec = AckRecorder(factory, job_id, "pacs", batch=1, flush_s=3600)
-    locker = sqlite3.connect(path, isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
-    try:
+    with _database_locked(factory, path):  # another process holds the write lock
         rec.add("9.1", 0)  # the flush fails; the send must go on
         assert rec.committed == 0
-    finally:
-        locker.execute("ROLLBACK")
-        locker.close()
     assert rec.flush() and rec.committed == 1
     with factory() as s:
         rows = s.query(SentInstance).filter_by(job_id=job_id).all()
         assert [(r.sop_instance_uid, r.status) for r in rows] == [("9.1", 0)]
 
 
+@both_databases
 def test_a_sent_job_does_not_keep_the_reason_of_its_last_failure(sessions, job_id):
     factory, _ = sessions
     with factory() as s:

@@ -19,11 +19,17 @@ from dicom_node.jobs import (
     transition,
 )
 from dicom_node.uids import instances_hash
+from tests.support.postgres import DATABASE_KINDS
+
+
+@pytest.fixture(params=DATABASE_KINDS)
+def db_kind(request) -> str:
+    return request.param
 
 
 @pytest.fixture
-def session_factory(tmp_path):
-    url = f"sqlite:///{tmp_path / 'node.db'}"
+def session_factory(database_url):
+    url = database_url
     db.upgrade(url)
     engine = db.make_engine(url)
     yield db.make_session_factory(engine)

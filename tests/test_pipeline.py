@@ -26,6 +26,7 @@ from dicom_node.deliver import deliver_job
 from dicom_node.infer import ModelPool
 from dicom_node.jobs import claim
 from dicom_node.scheduler import Pipeline, evaluate_series, plan_and_queue
+from tests.support.postgres import both_databases
 
 
 class LinearStandIn:
@@ -73,12 +74,12 @@ class SCP:
 
 
 @pytest.fixture
-def env(tmp_path, sample_data):
+def env(tmp_path, sample_data, database_url):
     port = _free_port()
     config = parse_config(
         {
             "storage": {"spool_dir": str(tmp_path / "spool"), "retention_days": 0},
-            "database": {"url": f"sqlite:///{tmp_path / 'node.db'}"},
+            "database": {"url": database_url},
             "completion": {"quiet_seconds": 0},
             "destinations": [
                 {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}
@@ -162,6 +163,7 @@ def _run_next(pipeline, sessions) -> Job:
         return s.get(Job, job.id)
 
 
+@both_databases
 def test_series_to_sent_and_late_arrival_supersedes(env):
     config, sessions, pipeline, files, port = env
     series_id = _index(sessions, config, files[:4])
@@ -212,6 +214,7 @@ def test_series_to_sent_and_late_arrival_supersedes(env):
     assert not old_desc.startswith("REPLACES") and new_desc.startswith("REPLACES EARLIER: ")
 
 
+@both_databases
 def test_send_failures_transient_retry_and_permanent_fail_at_once(env):
     config, sessions, pipeline, files, port = env
     _index(sessions, config, files)
@@ -239,6 +242,7 @@ def test_send_failures_transient_retry_and_permanent_fail_at_once(env):
         assert j.state is JobState.failed and "permanently" in j.reason
 
 
+@both_databases
 def test_rejected_and_ignored_series(env, sample_data):
     config, sessions, pipeline, _, _ = env
     gap = sorted(p for p in Path(sample_data.pydicom_ct2).iterdir() if p.is_file())
@@ -250,6 +254,7 @@ def test_rejected_and_ignored_series(env, sample_data):
         assert s.scalars(select(Job)).first() is None
 
 
+@both_databases
 def test_pipeline_start_recovers_and_stops(env):
     config, sessions, pipeline, files, _ = env
     _index(sessions, config, files)
@@ -278,6 +283,7 @@ def test_pipeline_start_recovers_and_stops(env):
         pipeline.shutdown()
 
 
+@both_databases
 def test_enhanced_ct_input_gives_single_frame_derived_series(env, tmp_path):
     from tests.support.enhanced import write_enhanced_ct
 
@@ -324,6 +330,7 @@ def test_enhanced_ct_input_gives_single_frame_derived_series(env, tmp_path):
     assert errors == []
 
 
+@both_databases
 def test_unloadable_model_leaves_series_waiting_with_reason(env):
     config, sessions, _, files, _ = env
 
@@ -385,6 +392,7 @@ class RendezvousStandIn(LinearStandIn):
 
 
 @pytest.mark.parametrize("concurrency", [2, 1])
+@both_databases
 def test_model_concurrency_runs_jobs_side_by_side(env, tmp_path, concurrency):
     """With ``model.concurrency: 2`` two series are interpolated at the same time (each job
     waits inside the model for the other); with 1 they cannot meet, and both jobs fail."""
@@ -426,6 +434,7 @@ def test_model_concurrency_runs_jobs_side_by_side(env, tmp_path, concurrency):
         assert all("BrokenBarrierError" in r for r in reasons), reasons
 
 
+@both_databases
 def test_retention_removes_only_finished_files_and_reprocess_says_why(env, tmp_path):
     config, sessions, pipeline, files, port = env
     later = utcnow() + timedelta(days=8)
@@ -547,6 +556,7 @@ def test_node_feeds_the_model_its_training_slice_order(sample_data):
     assert float(np.abs(as_numbered - got).max()) > 1.0
 
 
+@both_databases
 def test_writer_repairs_are_noted_on_the_job(env, tmp_path):
     config, sessions, pipeline, files, _ = env
     bad = tmp_path / "bad"

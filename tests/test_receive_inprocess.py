@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import socket
+import sqlite3
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
 from pynetdicom import AE
+from sqlalchemy import select
 
 from dicom_node import db
 from dicom_node.config import parse_config
@@ -18,26 +20,30 @@ from dicom_node.node import Node, read_status, status_file_path
 from dicom_node.receive import Receiver
 from dicom_node.spool import Spool, UnsafePathError
 from tests.support.dcmtk import free_port
+from tests.support.postgres import both_databases
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 J2K = "1.2.840.10008.1.2.4.90"
 
 
-def _config(tmp_path: Path, **node):
+def _config(tmp_path: Path, database_url: str | None = None, **node):
     return parse_config(
         {
             "node": {"port": free_port(), **node},
             "allowed_callers": [{"ae_title": "PYNETDICOM", "host": "127.0.0.0/8"}],
             "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_bytes": 0},
-            "database": {"url": f"sqlite:///{tmp_path}/node.db"},
+            "database": {
+                "url": database_url or f"sqlite:///{tmp_path}/node.db",
+                "store_busy_timeout_ms": 1000,
+            },
             "completion": {"quiet_seconds": 100000},
         }
     )
 
 
 @pytest.fixture
-def receiver(tmp_path):
-    cfg = _config(tmp_path, max_associations=2)
+def receiver(tmp_path, database_url):
+    cfg = _config(tmp_path, database_url, max_associations=2)
     db.upgrade(cfg.database.url)
     r = Receiver(cfg, db.make_session_factory(db.make_engine(cfg.database.url)))
     r.start()
@@ -88,6 +94,60 @@ def test_store_after_disk_ran_low_gets_out_of_resources(receiver, sample_data):
         assoc.release()
     assert rsp.Status == 0xA700
     assert not list(receiver.spool.root.rglob("*.dcm"))
+
+
+@both_databases
+def test_stores_are_indexed_and_a_resend_is_a_duplicate(receiver, sample_data):
+    files = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[:3]
+    datasets = [pydicom.dcmread(f) for f in files]
+    assoc = _associate(receiver.port)
+    try:
+        assert assoc.is_established
+        statuses = [assoc.send_c_store(ds).Status for ds in [*datasets, datasets[0]]]
+    finally:
+        assoc.release()
+    assert statuses == [0x0000] * 4
+    with receiver.sessions() as s:
+        rows = s.scalars(select(db.Instance)).all()
+        assert sorted(r.sop_instance_uid for r in rows) == sorted(
+            ds.SOPInstanceUID for ds in datasets
+        )
+        (series,) = s.scalars(select(db.Series)).all()
+        assert series.revision == 3  # the identical resend changed nothing
+        kinds = s.scalars(select(db.AuditEvent.kind)).all()
+        assert kinds.count("duplicate") == 1
+
+
+@both_databases
+def test_store_while_the_database_is_locked_gets_out_of_resources_promptly(
+    receiver, sample_data, tmp_path
+):
+    """Another client holds the tables a store writes: the store is answered 0xA700 within
+    database.store_busy_timeout_ms (1 s here) and a little, and nothing is indexed."""
+    ds = pydicom.dcmread(sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[0])
+    engine = receiver.sessions.kw["bind"]
+    assoc = _associate(receiver.port)
+    try:
+        assert assoc.is_established
+        if engine.dialect.name == "sqlite":
+            locker = sqlite3.connect(tmp_path / "node.db", isolation_level=None)
+            locker.execute("BEGIN EXCLUSIVE")
+        else:
+            locker = engine.connect()
+            locker.exec_driver_sql("LOCK TABLE studies, series, instances IN EXCLUSIVE MODE")
+        t0 = time.monotonic()
+        try:
+            status = assoc.send_c_store(ds).Status
+        finally:
+            locker.rollback()
+            locker.close()
+        took = time.monotonic() - t0
+    finally:
+        assoc.release()
+    assert status == 0xA700
+    assert took < 1.0 + 3.0, took
+    with receiver.sessions() as s:
+        assert s.scalars(select(db.Instance)).all() == []
 
 
 def test_status_file_lists_open_associations(tmp_path):
