@@ -435,49 +435,7 @@ def send_instances(
     failure: SendFailure | None = None
     clean = True  # False when the peer stopped answering: abort, since a release would wait
     try:
-        for msg_id, i in enumerate(todo, start=1):
-            it = items[i]
-            try:
-                rsp = assoc.send_c_store(it.source, msg_id=msg_id)
-            except ValueError as exc:  # no accepted presentation context for this instance
-                outcomes[i] = InstanceOutcome(
-                    it.sop_instance, False, sent_now=True, detail=str(exc)
-                )
-                failure = SendFailure(
-                    FailureKind.PERMANENT,
-                    f"{destination} refused SOP class {it.sop_class} in transfer syntax "
-                    f"{it.transfer_syntax}: {exc}",
-                )
-                break
-            status = rsp.get("Status") if rsp is not None else None
-            if status is None:
-                outcomes[i] = InstanceOutcome(
-                    it.sop_instance, False, sent_now=True, detail="no response"
-                )
-                why = "aborted" if assoc.is_aborted else "timed out or closed"
-                clean = False
-                failure = SendFailure(
-                    FailureKind.TRANSIENT,
-                    f"association with {destination} {why} while sending "
-                    f"({sum(o.sent_now and o.acknowledged for o in outcomes.values())} "
-                    f"acknowledged)",
-                )
-                break
-            status = int(status)
-            kind = classify_status(status)
-            comment = str(rsp.get("ErrorComment", "") or "")
-            outcomes[i] = InstanceOutcome(
-                it.sop_instance, kind is None, status=status, sent_now=True, detail=comment
-            )
-            if kind is None and on_ack is not None:
-                on_ack(it.sop_instance, status)
-            if kind is not None:
-                failure = SendFailure(
-                    kind,
-                    f"{destination} answered 0x{status:04X} for {it.sop_instance}"
-                    + (f": {comment}" if comment else ""),
-                )
-                break
+        failure, clean = _store_each(assoc, destination, items, todo, outcomes, on_ack)
     finally:
         if assoc.is_established:
             if clean:
@@ -485,6 +443,57 @@ def send_instances(
             else:
                 assoc.abort()
     return result(failure, info.nodelay)
+
+
+def _store_each(
+    assoc: Association,
+    destination: Destination,
+    items: Sequence[_Item],
+    todo: Sequence[int],
+    outcomes: dict[int, InstanceOutcome],
+    on_ack: Callable[[str, int], None] | None,
+) -> tuple[SendFailure | None, bool]:
+    """C-STORE ``items[i]`` for each ``i`` in ``todo`` on an established association, recording
+    each in ``outcomes``, up to the first failure. Returns that failure (None when every instance
+    went) and whether the association can be released (False when the peer stopped answering)."""
+    for msg_id, i in enumerate(todo, start=1):
+        it = items[i]
+        try:
+            rsp = assoc.send_c_store(it.source, msg_id=msg_id)
+        except ValueError as exc:  # no accepted presentation context for this instance
+            outcomes[i] = InstanceOutcome(it.sop_instance, False, sent_now=True, detail=str(exc))
+            return SendFailure(
+                FailureKind.PERMANENT,
+                f"{destination} refused SOP class {it.sop_class} in transfer syntax "
+                f"{it.transfer_syntax}: {exc}",
+            ), True
+        status = rsp.get("Status") if rsp is not None else None
+        if status is None:
+            outcomes[i] = InstanceOutcome(
+                it.sop_instance, False, sent_now=True, detail="no response"
+            )
+            why = "aborted" if assoc.is_aborted else "timed out or closed"
+            return SendFailure(
+                FailureKind.TRANSIENT,
+                f"association with {destination} {why} while sending "
+                f"({sum(o.sent_now and o.acknowledged for o in outcomes.values())} "
+                f"acknowledged)",
+            ), False
+        status = int(status)
+        kind = classify_status(status)
+        comment = str(rsp.get("ErrorComment", "") or "")
+        outcomes[i] = InstanceOutcome(
+            it.sop_instance, kind is None, status=status, sent_now=True, detail=comment
+        )
+        if kind is None and on_ack is not None:
+            on_ack(it.sop_instance, status)
+        if kind is not None:
+            return SendFailure(
+                kind,
+                f"{destination} answered 0x{status:04X} for {it.sop_instance}"
+                + (f": {comment}" if comment else ""),
+            ), True
+    return None, True
 
 
 def find_stored_instances(
