@@ -37,7 +37,7 @@ from dicom_node.db import (
     utcnow,
 )
 from dicom_node.header import STATUS_SUCCESS, STATUS_UID_CONFLICT, Header
-from dicom_node.slices import as_int
+from dicom_node.slices import as_int, instance_label
 
 log = logging.getLogger(__name__)
 
@@ -360,11 +360,7 @@ class Refusal:
     @property
     def label(self) -> str:
         """The slice as a person finds it: instance number (else UID tail) and position."""
-        name = (
-            f"instance #{self.instance_number}"
-            if self.instance_number is not None
-            else f"instance …{self.sop_instance_uid[-12:]}"
-        )
+        name = "instance " + instance_label(self.instance_number, self.sop_instance_uid)
         if self.position is not None:
             name += " at (" + ", ".join(f"{v:.1f}" for v in self.position) + ") mm"
         return name

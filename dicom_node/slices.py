@@ -44,6 +44,7 @@ __all__ = [
     "as_text",
     "as_uid",
     "functional_group_item",
+    "instance_label",
     "instance_plane",
     "slice_refs_from_file",
     "value",
@@ -73,22 +74,21 @@ def value(ds: Dataset, keyword: str) -> Any:
     return found
 
 
-def as_int(v: Any) -> int | None:
+def _number(v: Any, kind: type[int] | type[float]) -> Any:
     if v is None or v == "":
         return None
     try:
-        return int(v)
+        return kind(v)
     except (TypeError, ValueError):
         return None
+
+
+def as_int(v: Any) -> int | None:
+    return _number(v, int)
 
 
 def as_float(v: Any) -> float | None:
-    if v is None or v == "":
-        return None
-    try:
-        return float(v)
-    except (TypeError, ValueError):
-        return None
+    return _number(v, float)
 
 
 def as_floats(v: Any, n: int) -> tuple[float, ...] | None:
@@ -150,6 +150,12 @@ def _from_group(ds: Dataset, frame: int, group: str, keyword: str) -> Any:
 # --- slices -------------------------------------------------------------------------------------
 
 
+def instance_label(instance_number: int | None, sop_instance_uid: str) -> str:
+    """How reasons name an instance without patient data: ``#`` and its InstanceNumber, else the
+    tail of its SOP Instance UID."""
+    return f"#{instance_number}" if instance_number is not None else f"…{sop_instance_uid[-12:]}"
+
+
 @dataclass(frozen=True)
 class SliceRef:
     """One image plane: a single-frame instance, or one frame of a multi-frame instance.
@@ -175,11 +181,7 @@ class SliceRef:
     @property
     def label(self) -> str:
         """Short human-readable name for reasons: instance number or UID tail, plus frame."""
-        base = (
-            f"#{self.instance_number}"
-            if self.instance_number is not None
-            else f"…{self.sop_instance_uid[-12:]}"
-        )
+        base = instance_label(self.instance_number, self.sop_instance_uid)
         return base if self.frame is None else f"{base} frame {self.frame + 1}"
 
     @property

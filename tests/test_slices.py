@@ -7,7 +7,6 @@ import hashlib
 from pathlib import Path
 
 import pydicom
-import pytest
 from pydicom.dataset import Dataset
 from sqlalchemy import select
 
@@ -26,21 +25,12 @@ from dicom_node.slices import (
     value,
 )
 from tests.support.enhanced import write_enhanced_ct
+from tests.test_validation_uid_conflict import indexer  # noqa: F401
 
 # The frames' own Pixel Measures in the Enhanced CT below; the converter's shared item says
 # 0.488281 mm and 2.5 mm (the real series' values).
 OWN_SPACING = (0.5, 0.5)
 OWN_THICKNESS = 1.25
-
-
-@pytest.fixture
-def indexer(tmp_path):
-    url = f"sqlite:///{tmp_path / 'node.db'}"
-    db.upgrade(url)
-    engine = db.make_engine(url)
-    sessions = db.make_session_factory(engine)
-    yield Indexer(sessions), sessions
-    engine.dispose()
 
 
 def _record(idx: Indexer, path: Path, spool: Path) -> None:
@@ -70,7 +60,7 @@ def _enhanced_with_own_measures(sources: list[Path], path: Path) -> Dataset:
     return ds
 
 
-def test_a_frames_own_functional_group_wins_over_the_shared_one(sample_data, tmp_path, indexer):
+def test_a_frames_own_functional_group_wins_over_the_shared_one(sample_data, tmp_path, indexer):  # noqa: F811
     """PS3.3 C.7.6.16: a functional group is in the shared or the per-frame groups, not both;
     where a file has both, the per-frame item is the frame's own description. The header the
     index keeps (its first frame's geometry) and every planned frame must read that item: the
@@ -97,7 +87,7 @@ def test_a_frames_own_functional_group_wins_over_the_shared_one(sample_data, tmp
     assert plan.pixel_spacing == OWN_SPACING and plan.slice_thickness_mm == OWN_THICKNESS
 
 
-def test_header_index_row_and_slice_describe_a_real_slice_alike(sample_data, tmp_path, indexer):
+def test_header_index_row_and_slice_describe_a_real_slice_alike(sample_data, tmp_path, indexer):  # noqa: F811
     """Each real CT slice read from its bytes (header.py), stored as an index row and read back
     (SliceRef.from_row) is the slice read from its file (SliceRef.from_dataset)."""
     idx, sessions = indexer
