@@ -192,7 +192,6 @@ def _hold(session: Session, rows: Sequence[Series], until: datetime, reason: str
         audit(
             session,
             "series_held",
-            "series_held",
             series_uid=ser.series_uid,
             detail={"until": ser.hold_until.isoformat(timespec="seconds"), "reason": reason},
         )
