@@ -33,7 +33,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import ColumnElement, delete, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -102,6 +104,36 @@ def _find(session: Session, key: JobKey) -> Job | None:
     ).first()
 
 
+_KEY_COLUMNS = ["source_series_uid", "instances_hash", "model_id", "model_version", "factor"]
+
+
+def _insert_unless_queued(session: Session, values: dict) -> bool:
+    """Insert a job row unless its key exists (False then), inside the caller's transaction.
+
+    INSERT ... ON CONFLICT DO NOTHING rather than a SAVEPOINT: with Python's sqlite3 driver the
+    outermost SAVEPOINT of a transaction that has only read so far is released as a COMMIT, so a
+    caller's later rollback (completion found the series changed meanwhile) would leave the job
+    behind, and a partial series would be processed.
+    """
+    dialect = session.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):  # pragma: no cover - the two supported engines
+        try:
+            with session.begin_nested():
+                session.add(Job(**values))
+                session.flush()
+        except IntegrityError:
+            return False
+        return True
+    insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+    stmt = (
+        insert(Job)
+        .values(**values)
+        .on_conflict_do_nothing(index_elements=_KEY_COLUMNS)
+        .returning(Job.id)
+    )
+    return session.execute(stmt).first() is not None
+
+
 def queue_job(
     session: Session,
     *,
@@ -128,33 +160,30 @@ def queue_job(
     previous = session.scalars(
         select(Job).where(Job.source_series_uid == series.series_uid).order_by(Job.id.desc())
     ).first()
-    job = Job(
-        series_id=series.id,
-        source_series_uid=key.source_series_uid,
-        instances_hash=key.instances_hash,
-        model_id=model_id,
-        model_version=model_version,
-        factor=key.factor,
-        rule_name=rule_name,
-        destinations=list(destinations),
-        priority=priority,
-        state=JobState.queued,
-        supersedes_job_id=previous.id if previous is not None else None,
-        stage_seconds={},
-        source_sop_uids=sop_uids,
-        derived_files=[],
-        summary=dict(summary or {}),
-    )
-    try:
-        with session.begin_nested():
-            session.add(job)
-            session.flush()
-    except IntegrityError:
-        # Someone queued the same key between our lookup and insert: theirs wins.
-        existing = _find(session, key)
-        if existing is None:  # pragma: no cover - the constraint fired, so the row exists
-            raise
-        return existing, False
+    values = {
+        "series_id": series.id,
+        "source_series_uid": key.source_series_uid,
+        "instances_hash": key.instances_hash,
+        "model_id": model_id,
+        "model_version": model_version,
+        "factor": key.factor,
+        "rule_name": rule_name,
+        "destinations": list(destinations),
+        "priority": priority,
+        "state": JobState.queued,
+        "supersedes_job_id": previous.id if previous is not None else None,
+        "stage_seconds": {},
+        "source_sop_uids": sop_uids,
+        "derived_files": [],
+        "summary": dict(summary or {}),
+    }
+    inserted = _insert_unless_queued(session, values)
+    # Ours, or the one someone queued between our lookup and insert (theirs wins).
+    job = _find(session, key)
+    if job is None:  # pragma: no cover - inserted, or the key existed
+        raise IntegrityError("queue_job", None, Exception("job key conflict"))
+    if not inserted:
+        return job, False
     audit(
         session,
         "job_queued",

@@ -150,3 +150,24 @@ def test_only_unacknowledged_instances_are_pending(session_factory, series):
         s.commit()
         done = acknowledged(s, job, "pacs")
         assert [u for u in ["9.1", "9.2"] if u not in done] == ["9.1", "9.2"]
+
+
+def test_a_rolled_back_queueing_leaves_no_job(session_factory, series):
+    # Completion queues a job, then finds that the series changed meanwhile and rolls back:
+    # the job must go too (with sqlite3 a SAVEPOINT used to commit it, and a partial series
+    # was processed).
+    with session_factory() as s:
+        s.scalars(select(Series)).all()  # the transaction has only read so far
+        job, created = _queue(s, series)
+        assert created and job.id is not None and job.source_sop_uids == sorted(UIDS)
+        s.rollback()
+    with session_factory() as s:
+        assert s.scalar(select(func.count(Job.id))) == 0
+
+
+def test_queueing_the_same_key_twice_returns_the_first(session_factory, series):
+    with session_factory() as s:
+        first, created = _queue(s, series)
+        again, created_again = _queue(s, series)
+        s.commit()
+        assert created and not created_again and again.id == first.id
