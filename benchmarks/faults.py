@@ -27,6 +27,7 @@ matrix (256x256, real pixels) so that each job takes seconds on a CPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import subprocess
@@ -289,22 +290,35 @@ def main() -> int:
     ap.add_argument("--outage-s", type=float, default=20.0, help="PACS downtime")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--keep", type=Path, help="work here and keep logs and stores (not a tmp dir)")
+    ap.add_argument(
+        "--only", choices=["receive", "send", "outage", "disk"], action="append", help="scenarios"
+    )
     args = ap.parse_args()
     rng = random.Random(args.seed)
     sources = sorted(Path(fetch_sample_data().ct_dicom_repaired).glob("*.dcm"))
     figures: list[Figures] = []
-    with tempfile.TemporaryDirectory(prefix="faults-") as tmp:
-        work = Path(tmp)
+    only = set(args.only or ["receive", "send", "outage", "disk"])
+    with contextlib.ExitStack() as stack:
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=False)
+            work = args.keep.resolve()
+        else:
+            work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="faults-")))
         pacs = Pacs(work, delay_s=0.05)
         pacs.start()
         node = _node(work / "node", pacs)
         try:
             node.start()
-            figures.append(crash_during_receive(node, pacs, sources, work, args.rounds, rng))
-            figures.append(crash_during_send(node, pacs, sources, work, args.rounds, rng))
-            figures.append(pacs_outage(node, pacs, sources, work, args.outage_s))
+            if "receive" in only:
+                figures.append(crash_during_receive(node, pacs, sources, work, args.rounds, rng))
+            if "send" in only:
+                figures.append(crash_during_send(node, pacs, sources, work, args.rounds, rng))
+            if "outage" in only:
+                figures.append(pacs_outage(node, pacs, sources, work, args.outage_s))
             node.stop()
-            figures.append(disk_full(sources, work, pacs))
+            if "disk" in only:
+                figures.append(disk_full(sources, work, pacs))
         finally:
             node.kill()
             pacs.kill()
