@@ -118,6 +118,7 @@ def jobs_show(
             later = s.scalars(select(Job).where(Job.supersedes_job_id == job.id)).first()
             d["superseded_by_job_id"] = later.id if later else None
             d["notes"] = ((job.summary or {}).get("plan") or {}).get("notes", [])
+            d["writer_notes"] = (job.summary or {}).get("writer_notes", [])
             d["factor_reason"] = (job.summary or {}).get("factor_reason")
     except SQLAlchemyError as exc:
         db_fail(exc)
@@ -163,6 +164,8 @@ def jobs_show(
         console.print(f"next send attempt: {d['next_send_at']} UTC")
     for note in d["notes"]:
         console.print(f"plan note: {note}")
+    for note in d["writer_notes"]:
+        console.print(f"writer note: {note}")
 
 
 # -- reprocess / resend --------------------------------------------------------------------------
