@@ -235,3 +235,64 @@ def test_example_config_documents_http(tmp_path):
     cfg = parse_config(data)
     assert "http" in data and "logging" in data
     assert cfg.http.bind_address == "127.0.0.1"
+
+
+# -- the application in-process: who may read ----------------------------------------------------
+
+
+def _serve(tmp_path, **http):
+    """The real application on a loopback port, over an empty index (no receiver, no model)."""
+    from datetime import UTC
+
+    from dicom_node.web.context import NodeView
+    from dicom_node.web.server import HttpServer
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    db.upgrade(url)
+    cfg = parse_config({**_config(tmp_path, port=_free_port(), **http), "database": {"url": url}})
+    view = NodeView(
+        config=cfg,
+        sessions=db.make_session_factory(db.make_engine(url)),
+        started=datetime.now(UTC),
+        runs_jobs=False,
+    )
+    server = HttpServer(view)
+    server.start()
+    return server, f"http://127.0.0.1:{server.port}"
+
+
+def test_reads_need_a_token_when_anonymous_read_is_off(tmp_path):
+    import requests
+
+    token_file = write_token_file(tmp_path, "alice")
+    server, base = _serve(tmp_path, anonymous_read=False, auth_token_file=str(token_file))
+    try:
+        for path in ("/", "/series", "/api/series", "/api/jobs", "/metrics", "/audit"):
+            assert requests.get(base + path, timeout=10).status_code == 401, path
+            bearer = {"Authorization": f"Bearer {TOKENS['alice']}"}
+            assert requests.get(base + path, headers=bearer, timeout=10).status_code == 200, path
+        assert requests.get(base + "/healthz", timeout=10).status_code == 200
+        # /readyz answers without a token: here 503, since this test runs no receiver.
+        ready = requests.get(base + "/readyz", timeout=10)
+        assert ready.status_code == 503 and ready.json()["reasons"] == [
+            f"receiver: not listening on 127.0.0.1:{11112}"
+        ]
+        login = requests.get(base + "/login", timeout=10)
+        assert login.status_code == 200
+        headers = login.headers
+        assert "frame-ancestors 'none'" in headers["content-security-policy"]
+        assert headers["x-frame-options"] == "DENY" and headers["cache-control"] == "no-store"
+    finally:
+        server.stop()
+
+
+def test_without_a_token_file_the_console_is_read_only(tmp_path):
+    import requests
+
+    server, base = _serve(tmp_path)
+    try:
+        assert "read-only" in requests.get(base + "/", timeout=10).text
+        r = requests.post(base + "/api/series/1.2.3/reprocess", json={}, timeout=10)
+        assert r.status_code == 401 and "auth_token_file is not set" in r.json()["error"]
+    finally:
+        server.stop()
