@@ -203,7 +203,7 @@ def _check_images_in_acquisition(stack: Sequence[ImagePlane]) -> tuple[str | Non
 
 
 def _resolve_duplicates(
-    stack: list[ImagePlane], normal: np.ndarray, tol: Tolerances
+    stack: list[ImagePlane], normal: tuple[float, float, float], tol: Tolerances
 ) -> tuple[list[ImagePlane] | None, str, list[str]]:
     """Apply the duplicate rule. Returns (kept slices or None, rejection reason, dropped notes)."""
     srt = geometry.sort_by_position([r.position for r in stack], normal)
@@ -242,7 +242,9 @@ def _resolve_duplicates(
     return kept, "", dropped
 
 
-def _stacking_order(stack: list[ImagePlane], normal: np.ndarray) -> list[ImagePlane]:
+def _stacking_order(
+    stack: list[ImagePlane], normal: tuple[float, float, float]
+) -> list[ImagePlane]:
     """Sort along the normal, then flip if the source numbers its slices the other way."""
     srt = geometry.sort_by_position([r.position for r in stack], normal)
     ordered = [stack[i] for i in srt.order]
@@ -336,7 +338,7 @@ def plan_slices(
     if reason:
         return Rejection(series_uid, reason, tuple(notes))
 
-    normal = geometry.slice_normal(stack[0].orientation)
+    normal = _vec3(geometry.slice_normal(stack[0].orientation))
     kept, reason, dup_dropped = _resolve_duplicates(stack, normal, tol)
     if kept is None:
         return Rejection(series_uid, reason, tuple(notes))
@@ -353,7 +355,7 @@ def plan_slices(
 def _plan_stack(
     series_uid: str,
     ordered: list[ImagePlane],
-    normal: np.ndarray,
+    normal: tuple[float, float, float],
     tol: Tolerances,
     notes: list[str],
     dropped: list[str],
@@ -390,7 +392,7 @@ def _plan_stack(
         series_uid=series_uid,
         slices=tuple(ordered),
         spacing_mm=float(sg.spacing.spacing),
-        normal=_vec3(normal),
+        normal=normal,
         slice_vector=_vec3(vec),
         tilt_deg=float(sg.tilt.angle_deg),
         tilted=bool(sg.tilt.tilted),
