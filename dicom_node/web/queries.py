@@ -4,7 +4,7 @@ Every function takes an open session and returns plain data (dicts of JSON-ready
 ``datetime`` objects for times: naive UTC, as the database keeps them). Each query is bounded
 (a page, a ``LIMIT``, an indexed count), so that a page costs the same with ten series or ten
 thousand: the overview and ``/metrics`` are measured with 10,000 of each by
-``benchmarks/http.py``.
+``benchmarks/console_http.py``.
 
 Nothing here returns patient data, except :func:`patient_of`, which the caller uses only for an
 authenticated person.

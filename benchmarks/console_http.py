@@ -1,6 +1,7 @@
 """HTTP side: time to scrape ``/metrics`` and to load the console's overview, with a full database.
 
-    python benchmarks/http.py [--series 10000] [--jobs 10000] [--acks-per-job 40] [--repeat 30]
+    python benchmarks/console_http.py [--series 10000] [--jobs 10000] [--acks-per-job 40]
+        [--repeat 30]
 
 Fills a fresh SQLite index (alembic schema, WAL, as the node runs it) with ``--series`` series of
 20 instances each, ``--jobs`` jobs in a realistic mix of states (90 % sent, 5 % failed with a
