@@ -296,3 +296,26 @@ def test_without_a_token_file_the_console_is_read_only(tmp_path):
         assert r.status_code == 401 and "auth_token_file is not set" in r.json()["error"]
     finally:
         server.stop()
+
+
+def test_destination_status_shows_dicomweb_destinations_by_url(tmp_path):
+    from dicom_node.web.queries import destination_status
+
+    url = f"sqlite:///{tmp_path / 'node.db'}"
+    db.upgrade(url)
+    token = tmp_path / "token"
+    token.write_text("t0ken-never-shown\n")
+    cfg = parse_config(
+        {"database": {"url": url},
+         "destinations": [
+             {"name": "pacs", "ae_title": "PACS", "host": "10.0.0.5", "port": 104},
+             {"name": "cloud", "type": "dicomweb", "url": "https://vna.example/dicom-web",
+              "auth": {"type": "bearer", "token_file": str(token)}}]}
+    )  # fmt: skip
+    sessions = db.make_session_factory(db.make_engine(url))
+    with sessions() as s:
+        rows = {r["name"]: r for r in destination_status(s, cfg, LastSuccess())}
+    assert rows["pacs"]["address"] == "PACS@10.0.0.5:104" and rows["pacs"]["type"] == "dimse"
+    assert rows["cloud"]["address"] == "https://vna.example/dicom-web"
+    assert rows["cloud"]["type"] == "dicomweb" and rows["cloud"]["tls"] is True
+    assert "t0ken" not in repr(rows)

@@ -21,7 +21,7 @@ from pathlib import Path
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from dicom_node.config import NodeConfig
+from dicom_node.config import Destination, NodeConfig
 from dicom_node.db import AuditEvent, Instance, Job, JobState, SentInstance, Series, Study
 from dicom_node.operations import job_as_dict
 
@@ -118,13 +118,21 @@ def destination_status(session: Session, config: NodeConfig, last: LastSuccess) 
         failure = next(
             (a for a in attempts if a.get("destination") == dest.name and a.get("failure")), None
         )
+        dimse = isinstance(dest, Destination)
         out.append(
             {
                 "name": dest.name,
-                "ae_title": dest.ae_title,
-                "host": dest.host,
-                "port": dest.port,
-                "tls": dest.tls is not None,
+                "type": dest.type,
+                # DIMSE: AE title, host and port; DICOMweb: the base URL (never a credential).
+                "address": (
+                    f"{dest.ae_title}@{dest.host}:{dest.port}{' (TLS)' if dest.tls else ''}"
+                    if dimse
+                    else dest.url
+                ),
+                "ae_title": dest.ae_title if dimse else None,
+                "host": dest.host if dimse else None,
+                "port": dest.port if dimse else None,
+                "tls": dest.tls is not None if dimse else dest.url.startswith("https:"),
                 "last_success": last_ok.get(dest.name),
                 "last_failure": failure["at"] if failure else None,
                 "last_failure_reason": failure["failure"] if failure else None,
