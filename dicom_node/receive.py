@@ -38,6 +38,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.uid import (
     CTImageStorage,
     EnhancedCTImageStorage,
@@ -54,6 +55,7 @@ from dicom_node.header import (
     STATUS_INVALID_UID,
     STATUS_OUT_OF_RESOURCES,
     STATUS_SUCCESS,
+    STATUS_UNDECODABLE,
     InvalidInstance,
     read_header,
 )
@@ -71,6 +73,9 @@ ACCEPTED_SOP_CLASSES = (
     LegacyConvertedEnhancedCTImageStorage,
 )
 
+# C-STORE "Refused: SOP Class not supported" (PS3.4 B.2.3): also a STOW-RS FailureReason.
+STATUS_SOP_CLASS_NOT_SUPPORTED = 0x0122
+
 # A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
 REJECT_CALLING_AE = (0x01, 0x01, 0x03)
 REJECT_CALLED_AE = (0x01, 0x01, 0x07)
@@ -78,6 +83,30 @@ REJECT_CONGESTION = (0x02, 0x03, 0x01)
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+@dataclass(frozen=True)
+class StoreResult:
+    """The answer to one store: DIMSE status, comment for the sender, what the index did, and
+    the series the instance went into (when stored)."""
+
+    status: int
+    comment: str | None
+    outcome: str
+    series_uid: str | None = None
+
+
+def _file_meta(part: bytes) -> tuple[FileMetaDataset, int]:
+    """The file meta information of a Part 10 file and where its data set starts."""
+    fp = io.BytesIO(part)
+    try:
+        read_preamble(fp, force=False)
+        meta = _read_file_meta_info(fp)
+    except Exception as exc:  # pydicom raises several kinds for a part that is not DICOM
+        raise InvalidInstance(STATUS_UNDECODABLE, "not a DICOM Part 10 file") from exc
+    if "TransferSyntaxUID" not in meta:
+        raise InvalidInstance(STATUS_UNDECODABLE, "no transfer syntax in the file meta")
+    return meta, fp.tell()
 
 
 @dataclass
@@ -447,6 +476,50 @@ class Receiver:
         self, event, calling_ae: str, peer: str, sop_uid: str
     ) -> tuple[int, str | None, str]:
         req = event.request
+        res = self.store_dataset(
+            req.DataSet.getvalue(),
+            str(req.AffectedSOPClassUID),
+            sop_uid,
+            str(event.context.transfer_syntax),
+            calling_ae,
+            peer,
+        )
+        info = self._assocs.get(id(event.assoc))
+        if info is not None and res.series_uid is not None:
+            info.series_uids.add(res.series_uid)
+        return res.status, res.comment, res.outcome
+
+    def store_part10(self, part: bytes, caller: str, peer: str) -> StoreResult:
+        """Store one DICOM Part 10 file received another way than C-STORE (a STOW-RS part),
+        through exactly the C-STORE path: the same checks, durable write, index and statuses.
+        ``caller`` stands where the calling AE title would (at most 16 characters)."""
+        try:
+            meta, offset = _file_meta(part)
+        except InvalidInstance as exc:
+            self.indexer.record_refusal(exc.status, exc.reason, "", caller, peer)
+            return StoreResult(exc.status, exc.reason, "rejected")
+        sop_class = str(meta.get("MediaStorageSOPClassUID", "") or "")
+        sop_uid = str(meta.get("MediaStorageSOPInstanceUID", "") or "")
+        if sop_class not in ACCEPTED_SOP_CLASSES:
+            reason = f"SOP class {sop_class or '(none)'} is not accepted (CT only)"
+            self.indexer.record_refusal(
+                STATUS_SOP_CLASS_NOT_SUPPORTED, reason, sop_uid, caller, peer
+            )
+            return StoreResult(STATUS_SOP_CLASS_NOT_SUPPORTED, reason, "rejected")
+        return self.store_dataset(
+            part[offset:], sop_class, sop_uid, str(meta.TransferSyntaxUID), caller, peer
+        )
+
+    def store_dataset(
+        self,
+        dataset: bytes,
+        sop_class: str,
+        sop_uid: str,
+        transfer_syntax: str,
+        calling_ae: str,
+        peer: str,
+    ) -> StoreResult:
+        """Write one encoded data set durably and index it; 0x0000 only once both are done."""
         if self._disk_low():
             self.indexer.record_event(
                 "store_refused",
@@ -456,16 +529,15 @@ class Receiver:
                 status=STATUS_OUT_OF_RESOURCES,
                 detail="free disk below storage.min_free_bytes",
             )
-            return STATUS_OUT_OF_RESOURCES, "free disk below minimum", "refused"
+            return StoreResult(STATUS_OUT_OF_RESOURCES, "free disk below minimum", "refused")
 
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = req.AffectedSOPClassUID
-        meta.MediaStorageSOPInstanceUID = req.AffectedSOPInstanceUID
-        meta.TransferSyntaxUID = event.context.transfer_syntax
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = transfer_syntax
         meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
         meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
         meta.SourceApplicationEntityTitle = calling_ae
-        dataset = req.DataSet.getvalue()
         data = b"".join((_PREAMBLE, encode_file_meta(meta), dataset))
 
         # The temp file is written and fsync'd on a pool thread while this one parses the
@@ -473,14 +545,9 @@ class Receiver:
         try:
             tmp_written = self._io_pool.submit(self.spool.write_temp, (data,))
         except RuntimeError:  # pool shut down: the node is stopping
-            return STATUS_OUT_OF_RESOURCES, "node is shutting down", "refused"
+            return StoreResult(STATUS_OUT_OF_RESOURCES, "node is shutting down", "refused")
         try:
-            header = read_header(
-                data,
-                str(req.AffectedSOPClassUID),
-                sop_uid,
-                dataset_offset=len(data) - len(dataset),
-            )
+            header = read_header(data, sop_class, sop_uid, dataset_offset=len(data) - len(dataset))
             path = self.spool.path_for(header.study_uid, header.series_uid, sop_uid)
         except (InvalidInstance, UnsafePathError) as exc:
             self._discard(tmp_written)
@@ -494,8 +561,12 @@ class Receiver:
                 peer,
                 header=exc.header if isinstance(exc, InvalidInstance) else None,
             )
-            return code, reason, "rejected"
+            return StoreResult(code, reason, "rejected")
+        return self._place_and_index(tmp_written, header, path, dataset, calling_ae, peer)
 
+    def _place_and_index(
+        self, tmp_written: Future, header, path: Path, dataset: bytes, calling_ae: str, peer: str
+    ) -> StoreResult:
         # Hash the data set as the peer sent it (not our file meta, which names the caller): the
         # same instance resent, from any AE, is recognised as a duplicate by the index.
         sha = hashlib.sha256(dataset).hexdigest()
@@ -526,32 +597,32 @@ class Receiver:
                 elif previous is not None:  # the index still describes the old file: put it back
                     os.replace(previous, path)
                     previous = None
-            if isinstance(exc, UidConflict):  # refused for good: the sender must fix its UIDs
-                self.indexer.record_uid_conflict(exc, calling_ae, peer)
-                return exc.status, exc.reason, "refused"
-            if isinstance(exc, SpoolError):
-                reason = str(exc.strerror)
-            else:
-                reason = _index_failure(exc)
-                log.error("%s sop_instance_uid=%s", reason, sop_uid)
-            self.indexer.record_event(
-                "store_failed",
-                series_uid=header.series_uid,
-                sop_instance_uid=sop_uid,
-                calling_ae=calling_ae,
-                peer=peer,
-                status=STATUS_OUT_OF_RESOURCES,
-                detail=reason,
-            )
-            return STATUS_OUT_OF_RESOURCES, reason, "failed"
+            return self._store_failed(exc, header, calling_ae, peer)
         finally:
             if previous is not None:
                 with contextlib.suppress(OSError):
                     previous.unlink()
-        info = self._assocs.get(id(event.assoc))
-        if info is not None:
-            info.series_uids.add(header.series_uid)
-        return STATUS_SUCCESS, None, outcome
+        return StoreResult(STATUS_SUCCESS, None, outcome, header.series_uid)
+
+    def _store_failed(self, exc: Exception, header, calling_ae: str, peer: str) -> StoreResult:
+        if isinstance(exc, UidConflict):  # refused for good: the sender must fix its UIDs
+            self.indexer.record_uid_conflict(exc, calling_ae, peer)
+            return StoreResult(exc.status, exc.reason, "refused")
+        if isinstance(exc, SpoolError):
+            reason = str(exc.strerror)
+        else:
+            reason = _index_failure(exc)
+            log.error("%s sop_instance_uid=%s", reason, header.sop_instance_uid)
+        self.indexer.record_event(
+            "store_failed",
+            series_uid=header.series_uid,
+            sop_instance_uid=header.sop_instance_uid,
+            calling_ae=calling_ae,
+            peer=peer,
+            status=STATUS_OUT_OF_RESOURCES,
+            detail=reason,
+        )
+        return StoreResult(STATUS_OUT_OF_RESOURCES, reason, "failed")
 
     @staticmethod
     def _keep_previous(path: Path) -> Path | None:
