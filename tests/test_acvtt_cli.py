@@ -319,7 +319,11 @@ def test_failures_end_in_one_error_line(thick_ct, tmp_path, capsys):
         (["eval", "--data", tmp_path / "missing.nrrd", "--baselines-only"], ["missing.nrrd"]),
         (["interpolate", src, tmp_path / "o.nii.gz"], ["--factor"]),
         (["no-such-command"], ["no-such-command"]),
+        (["train", "--data", src, "--out", tmp_path / "run", "--factor", "x"], ["--factor"]),
     ]  # fmt: skip
+    if not torch.cuda.is_available():
+        cases.append((["train", "--data", src, "--out", tmp_path / "run", "--device", "cuda"],
+                      ["CUDA"]))  # fmt: skip
     for argv, needles in cases:
         code, err, _ = _run_main(argv, capsys)
         _assert_one_error_line(code, err, *needles)
