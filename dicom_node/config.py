@@ -324,6 +324,10 @@ class HttpSection(_Strict):
     anonymous_read: bool = True
     console_refresh_s: int = Field(10, ge=0, le=3600, description="0 = no auto-refresh")
     session_hours: float = Field(8, gt=0, le=24 * 30)
+    # STOW-RS (POST /dicomweb/studies): a body larger than this is refused with 413, and only
+    # these token names may store (empty: any token in auth_token_file).
+    stow_max_bytes: int = Field(1 << 30, ge=1 << 20)
+    stow_callers: list[str] = []
 
     @field_validator("bind_address")
     @classmethod

@@ -130,6 +130,7 @@ class Node:
         self.pipeline.start()
         if self.http is not None:
             self.http.view.models = self.pipeline.models  # readiness and reprocess use it
+            self.http.view.store_part10 = self.receiver.store_part10  # STOW-RS
             self.http.start()
         self._write_status()
         self._status_thread = threading.Thread(

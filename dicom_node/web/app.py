@@ -7,7 +7,9 @@ Routes (details in docs/OPERATIONS.md, "Monitoring and the web console"):
   API's GETs (:mod:`dicom_node.web.api`) and the console's pages
   (:mod:`dicom_node.web.console`);
 * acting (always authenticated): ``POST /api/series/{uid}/reprocess``,
-  ``POST /api/jobs/{id}/resend`` and the console's forms for the same.
+  ``POST /api/jobs/{id}/resend`` and the console's forms for the same;
+* storing (a bearer token): ``POST /dicomweb/studies[/{study}]``, STOW-RS
+  (:mod:`dicom_node.web.stow`).
 
 A request is authenticated by an ``Authorization: Bearer TOKEN`` header or by a browser session
 cookie (:mod:`dicom_node.web.auth`). A form POST from a session must carry the session's CSRF
@@ -34,6 +36,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCol
 from prometheus_client import generate_latest as prometheus_text
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.body_limit import RequestBodyLimitMiddleware
 from starlette.requests import Request
 from starlette.responses import FileResponse, HTMLResponse, Response
 from starlette.routing import Route
@@ -43,7 +46,7 @@ from dicom_node import operations
 from dicom_node.db import audit
 from dicom_node.infer import ModelUnavailable
 from dicom_node.operations import ActionResult
-from dicom_node.web import api, console, metrics, queries
+from dicom_node.web import api, console, metrics, queries, stow
 from dicom_node.web.auth import Authenticator
 from dicom_node.web.base import JSON, MAX_BODY, Principal, Refused
 from dicom_node.web.context import NodeView
@@ -89,6 +92,20 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
+
+
+class BodyLimit:
+    """Request bodies are small (forms, JSON), except STOW-RS uploads under ``/dicomweb/``,
+    whose handler enforces ``http.stow_max_bytes`` itself (by Content-Length at once, and while
+    it reads the stream) so that it can say so in a STOW-RS answer."""
+
+    def __init__(self, app: ASGIApp, default: int):
+        self.app = app
+        self.small = RequestBodyLimitMiddleware(app, max_body_size=default)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        upload = scope["type"] == "http" and scope.get("path", "").startswith("/dicomweb/")
+        await (self.app if upload else self.small)(scope, receive, send)
 
 
 class WebApp:
@@ -250,7 +267,7 @@ class WebApp:
                 detail={"path": path[:200], "why": exc.message},
             )
         headers = {"www-authenticate": "Bearer"} if exc.status == 401 else None
-        if path.startswith("/api/") or path == "/metrics":
+        if path.startswith(("/api/", "/dicomweb/")) or path == "/metrics":
             return JSON({"error": exc.message}, status_code=exc.status, headers=headers)
         who = None
         with contextlib.suppress(Refused):  # a wrong token: show the page as to anyone
@@ -292,12 +309,15 @@ def create_app(view: NodeView) -> Starlette:
         Route("/static/console.css", css),
         *api.routes(web),
         *console.routes(web),
+        *stow.routes(web),
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(SecurityHeaders)],
+        middleware=[
+            Middleware(SecurityHeaders),
+            Middleware(BodyLimit, default=MAX_BODY),
+        ],
         exception_handlers={Refused: on_refused},
-        max_body_size=MAX_BODY,
     )
     app.state.web = web
     return app

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
 from dicom_node.infer import ModelPool
+from dicom_node.receive import StoreResult
 from dicom_node.web.queries import LastSuccess
 from dicom_node.web.readiness import Readiness, check_readiness, probe_engine
 
@@ -73,6 +74,8 @@ class NodeView:
     runs_jobs: bool = True
     health: Callable[[], dict] = lambda: {"healthy": True, "problems": [], "loops": {}}
     stopping: Callable[[], bool] = lambda: False
+    # Receiver.store_part10 where this process receives (STOW-RS stores through it).
+    store_part10: Callable[[bytes, str, str], StoreResult] | None = None
     last_success: LastSuccess = field(default_factory=LastSuccess, repr=False)
     _probe: Engine = field(init=False, repr=False)
 
