@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import tempfile
 from pathlib import Path
@@ -78,8 +79,21 @@ class NodeSection(_Strict):
     # A loop (completion, dispatch, send, a worker) failing or silent for this long makes the
     # node unhealthy in `dicom-node status` and `dicom-node health`.
     health_stall_after_s: float = Field(60, gt=0)
+    # This node's name in the shared database: the jobs it claims carry it. It must be unique
+    # among the nodes sharing a database and stable across restarts (a node restarting after a
+    # crash takes back its own interrupted jobs at once). Default: host name and AE title.
+    id: str | None = Field(None, min_length=1, max_length=128, pattern=r"^\S+$")
+    # A claimed job stays this node's while its heartbeat renews the lease (every lease_s / 3);
+    # a node that stops renewing (killed, cut off from the database) loses its jobs to the
+    # other nodes this long after its last renewal.
+    lease_s: float = Field(60, ge=3, le=3600)
 
     _ae = field_validator("ae_title")(_check_ae)
+
+    @property
+    def node_id(self) -> str:
+        """``id``, or ``<host name>/<AE title>`` when not set."""
+        return self.id or f"{socket.gethostname()}/{self.ae_title}"[:128]
 
     @field_validator("tls")
     @classmethod

@@ -178,6 +178,11 @@ class Job(Base):
     # Set while a send attempt runs: still set at the next attempt means that one was cut off
     # (a crash), so the destination is asked what it already holds before anything is resent.
     send_started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    # The claim (jobs.claim_next, jobs.claim_send): the node that holds the job to run or send
+    # it, until the lease expires; the holder's heartbeat renews it. Several nodes share one
+    # database, so a job is taken over only once its lease has run out (jobs.reap_expired).
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime)
     summary: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)

@@ -34,7 +34,7 @@ from dicom_node.complete import plan_indexed_series
 from dicom_node.config import ModelSection, NodeConfig, RuleAction
 from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState, audit, utcnow
 from dicom_node.health import Health
-from dicom_node.jobs import transition
+from dicom_node.jobs import holds, transition
 from dicom_node.load import LoadError, load_series
 from dicom_node.plan import Rejection, SeriesPlan
 from dicom_node.preview import write_preview_png
@@ -244,12 +244,14 @@ class Worker:
         *,
         health: Health | None = None,
         stop: threading.Event | None = None,
+        node_id: str | None = None,
     ):
         self.config = config
         self.session_factory = session_factory
         self.models = models
         self.health = health or Health()
         self.stop = stop or threading.Event()
+        self.node_id = node_id or config.node.node_id
 
     def run(self, job_id: int) -> JobState:
         """Run a ``running`` job to ``written`` (or ``failed``/``rejected``); returns the state.
@@ -312,9 +314,20 @@ class Worker:
         output: JobOutput | None = None,
     ) -> JobState:
         with self.session_factory() as s:
-            job = s.get(Job, job_id)
+            # Locked until the commit: a reaper cannot take the job over in between.
+            job = s.get(Job, job_id, with_for_update=True)
             if job is None:
                 return state
+            if job.state is not JobState.running or not holds(job, self.node_id):
+                # The lease ran out (this node was cut off or too slow to renew) and the job was
+                # queued again or taken over: the outcome is another run's to record.
+                log.warning(
+                    "job no longer held; outcome not recorded job_id=%s state=%s holder=%s",
+                    job_id,
+                    job.state.value,
+                    job.claimed_by,
+                )
+                return job.state
             stages = {**(job.stage_seconds or {}), **timer.seconds}
             series_uid = job.source_series_uid
             transition(s, job, state, reason, stage_seconds=stages)
@@ -338,7 +351,7 @@ class Worker:
     def _run(self, job_id: int, timer: _Timer, t_start) -> JobState:
         with self.session_factory() as s:
             job = s.get(Job, job_id)
-            if job is None or job.state is not JobState.running:
+            if job is None or job.state is not JobState.running or not holds(job, self.node_id):
                 return job.state if job is not None else JobState.failed
             series = s.get(Series, job.series_id)
             assert series is not None
@@ -390,6 +403,11 @@ class Worker:
         finally:
             self.models.release(interp)
 
+        if not self._still_held(job_id):
+            # Inference outlived the lease (this node was cut off from the database): another
+            # node runs the job now, and its files in the same folder must not be touched.
+            log.warning("job taken over during inference; nothing written job_id=%s", job_id)
+            return JobState.running  # another node's run (or the queue's) now
         out_dir = derived_root(self.config) / f"job-{job_id}"
         with timer.stage("write"):
             derived_uid, files, writer_notes = self._write(
@@ -421,6 +439,11 @@ class Worker:
             },
         )
         return self._finish(job_id, JobState.written, None, timer, t_start, output=output)
+
+    def _still_held(self, job_id: int) -> bool:
+        with self.session_factory() as s:
+            job = s.get(Job, job_id)
+            return job is not None and job.state is JobState.running and holds(job, self.node_id)
 
     def _rule_action(self, rule_name: str | None):
         for rule in self.config.rules:

@@ -11,9 +11,16 @@ States::
        \\________\\_________\\-------> failed (dead letter, reason kept)
     queued/running -> rejected (input unusable, reason kept)
 
-``running`` jobs found at start-up were interrupted by a crash and go back to ``queued``
-(:func:`recover_interrupted`). ``job.reason`` is the reason for the *current* state (cleared on
-every transition that gives none); every earlier reason stays in the audit trail.
+Claims: several nodes may share one database, so a node takes a job by a *claim* with a
+*lease*: :func:`claim_next` moves queued jobs to ``running`` with ``claimed_by`` (the node's
+``node.id``) and ``lease_expires_at``; :func:`claim_send` takes a ``written`` job's next send
+attempt the same way. The holder's heartbeat (:func:`renew`) extends its leases while it works.
+:func:`reap_expired` queues again only ``running`` jobs whose lease ran out (their node died or
+was cut off); a node starting up takes back at once the jobs it held itself before it stopped
+(:func:`reclaim_own`) and leaves those of live nodes alone.
+
+``job.reason`` is the reason for the *current* state (cleared on every transition that gives
+none); every earlier reason stays in the audit trail.
 
 A job for a new instance set of a series that already had a job *supersedes* the latest earlier
 one (``supersedes_job_id``). Send bookkeeping is per destination
@@ -53,7 +60,13 @@ __all__ = [
     "queue_job",
     "record_ack",
     "record_acks",
-    "recover_interrupted",
+    "claim_next",
+    "claim_send",
+    "holds",
+    "reap_expired",
+    "reclaim_own",
+    "release",
+    "renew",
     "missing_derived",
     "requeue",
     "resend",
@@ -220,6 +233,9 @@ def transition(
     # The reason describes the current state only; the history is in the audit trail (a job
     # that was finally sent must not still show the reason of its last failed attempt).
     job.reason = reason
+    if new is not JobState.running:
+        # Nobody holds a job that no stage is working on; claimed_by stays to show who last did.
+        job.lease_expires_at = None
     for k, v in fields.items():
         setattr(job, k, v)
     job.updated_at = utcnow()
@@ -233,14 +249,117 @@ def transition(
     return job
 
 
-def claim(session: Session, job_id: int) -> bool:
-    """Atomically move a queued job to running (attempts + 1). False if someone else did."""
+def _lease_until(lease_s: float, now: datetime | None = None) -> datetime:
+    return (now or utcnow()) + timedelta(seconds=lease_s)
+
+
+def _running_values(node_id: str, lease_s: float) -> dict[str, object]:
+    now = utcnow()
+    return {
+        "state": JobState.running,
+        "attempts": Job.attempts + 1,
+        "claimed_by": node_id,
+        "lease_expires_at": _lease_until(lease_s, now),
+        "reason": None,
+        "updated_at": now,
+    }
+
+
+def _audit_claims(session: Session, job_ids: list[int], node_id: str) -> None:
+    for job_id in job_ids:
+        audit(session, "job_claimed", job_id=job_id, detail={"node": node_id})
+
+
+def claim(session: Session, job_id: int, node_id: str, lease_s: float) -> bool:
+    """Atomically move a queued job to running for ``node_id`` (attempts + 1), leased for
+    ``lease_s``. False if someone else took it first. The caller commits."""
     res = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.queued)
-        .values(state=JobState.running, attempts=Job.attempts + 1, updated_at=utcnow())
+        .values(**_running_values(node_id, lease_s))
+    )
+    if res.rowcount == 1:
+        _audit_claims(session, [job_id], node_id)
+    return res.rowcount == 1
+
+
+def claim_next(session: Session, node_id: str, lease_s: float, limit: int) -> list[int]:
+    """Claim up to ``limit`` queued jobs in dispatch order for ``node_id``; returns their ids.
+    The caller commits.
+
+    PostgreSQL: ``SELECT ... FOR UPDATE SKIP LOCKED`` hands concurrent claimers different
+    rows without waiting on each other. SQLite (one writer at a time): the conditional UPDATE
+    of :func:`claim`, job by job.
+    """
+    if limit <= 0:
+        return []
+    if session.get_bind().dialect.name != "postgresql":
+        return [j.id for j in next_queued(session, limit) if claim(session, j.id, node_id, lease_s)]
+    ids = list(
+        session.scalars(
+            select(Job.id)
+            .where(Job.state == JobState.queued)
+            .order_by(Job.priority.desc(), Job.created_at, Job.id)
+            .limit(limit)
+            .with_for_update(skip_locked=True)
+        )
+    )
+    if ids:
+        session.execute(
+            update(Job).where(Job.id.in_(ids)).values(**_running_values(node_id, lease_s))
+        )
+        _audit_claims(session, ids, node_id)
+    return ids
+
+
+def claim_send(session: Session, job_id: int, node_id: str, lease_s: float) -> bool:
+    """Claim a ``written`` job's next send attempt for ``node_id``, unless another node holds
+    an unexpired lease on it (then False: two nodes never send the same job at once). The
+    caller commits; :func:`release` ends the claim after the attempt."""
+    now = utcnow()
+    res = session.execute(
+        update(Job)
+        .where(
+            Job.id == job_id,
+            Job.state == JobState.written,
+            Job.lease_expires_at.is_(None) | (Job.lease_expires_at < now),
+        )
+        .values(claimed_by=node_id, lease_expires_at=_lease_until(lease_s, now))
     )
     return res.rowcount == 1
+
+
+def release(session: Session, job_id: int, node_id: str) -> None:
+    """End ``node_id``'s claim on a job (after a send attempt). The caller commits."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.claimed_by == node_id).values(lease_expires_at=None)
+    )
+
+
+def renew(session: Session, node_id: str, job_ids: Iterable[int], lease_s: float) -> set[int]:
+    """Extend ``node_id``'s leases on ``job_ids`` (the heartbeat); returns the ids it still
+    holds. A job missing from the answer was taken over, or finished. The caller commits."""
+    job_ids = list(job_ids)
+    if not job_ids:
+        return set()
+    res = session.execute(
+        update(Job)
+        .where(
+            Job.id.in_(job_ids),
+            Job.claimed_by == node_id,
+            Job.lease_expires_at.is_not(None),
+            Job.state.in_([JobState.running, JobState.written]),
+        )
+        .values(lease_expires_at=_lease_until(lease_s))
+        .returning(Job.id)
+    )
+    return set(res.scalars())
+
+
+def holds(job: Job, node_id: str) -> bool:
+    """Whether ``node_id`` holds ``job``: claimed by it, or by nobody (claimed before claims
+    had owners)."""
+    return job.claimed_by is None or job.claimed_by == node_id
 
 
 def next_queued(session: Session, limit: int) -> list[Job]:
@@ -255,12 +374,69 @@ def next_queued(session: Session, limit: int) -> list[Job]:
     )
 
 
-def recover_interrupted(session: Session) -> list[int]:
-    """At start-up: every ``running`` job was interrupted by a crash; queue it again."""
-    jobs = session.scalars(select(Job).where(Job.state == JobState.running)).all()
-    for job in jobs:
-        transition(session, job, JobState.queued, "requeued at start-up: interrupted while running")
-    return [j.id for j in jobs]
+def _requeue_running(
+    session: Session, condition: ColumnElement[bool], reason: str, now: datetime
+) -> list[int]:
+    """Queue every ``running`` job matching ``condition`` again, each by a conditional UPDATE
+    (its holder's heartbeat or another node's reaper may get there first), audited like a
+    transition."""
+    rows = session.execute(
+        select(Job.id, Job.source_series_uid, Job.claimed_by)
+        .where(Job.state == JobState.running, condition)
+        .order_by(Job.id)
+    ).all()
+    done = []
+    for job_id, series_uid, holder in rows:
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.state == JobState.running, condition)
+            .values(
+                state=JobState.queued,
+                reason=reason,
+                claimed_by=None,
+                lease_expires_at=None,
+                updated_at=now,
+            )
+        )
+        if res.rowcount == 1:
+            done.append(job_id)
+            audit(
+                session,
+                "job_queued",
+                series_uid=series_uid,
+                job_id=job_id,
+                detail={"from": JobState.running.value, "reason": reason, "node": holder},
+            )
+    return done
+
+
+def reap_expired(session: Session, now: datetime | None = None) -> list[int]:
+    """Queue again every ``running`` job whose lease has expired: the node running it died,
+    hangs, or lost the database for longer than the lease. Jobs whose holder still renews
+    are left alone. Returns the requeued ids; the caller commits."""
+    now = now or utcnow()
+    expired = Job.lease_expires_at.is_(None) | (Job.lease_expires_at < now)
+    return _requeue_running(
+        session, expired, "requeued: its lease expired (the node running it stopped)", now
+    )
+
+
+def reclaim_own(session: Session, node_id: str) -> list[int]:
+    """At start-up: jobs that this node (the same ``node.id``) was running when it stopped go
+    back to the queue at once, without waiting for their leases; so do ``running`` jobs
+    without an owner (claimed before claims had owners). Its send claims end. Jobs that other
+    nodes hold are left alone. Returns the requeued ids; the caller commits."""
+    mine = (Job.claimed_by == node_id) | Job.claimed_by.is_(None)
+    requeued = _requeue_running(
+        session, mine, "requeued at start-up: interrupted while running", utcnow()
+    )
+    release_sends = (
+        update(Job)
+        .where(Job.state == JobState.written, Job.claimed_by == node_id)
+        .values(lease_expires_at=None)
+    )
+    session.execute(release_sends)
+    return requeued
 
 
 def requeue(session: Session, job: Job, reason: str, *, forget_sent: bool = False) -> Job:

@@ -1,6 +1,6 @@
 """The processing pipeline: APScheduler drives completion, dispatch, sending and clean-up.
 
-:class:`Pipeline` (started by :class:`dicom_node.node.Node` next to the receiver) runs four
+:class:`Pipeline` (started by :class:`dicom_node.node.Node` next to the receiver) runs five
 periodic tasks on a ``BackgroundScheduler``; each keeps its state in the database, so the node can
 stop at any moment and pick up where it left off. This module only schedules: a send attempt is
 deliver.py's, clean-up is retention.py's, a job run is infer.py's.
@@ -16,13 +16,21 @@ deliver.py's, clean-up is retention.py's, a job run is infer.py's.
 * **send** (every second, and at once after a job is written): one delivery attempt per due job
   (deliver.py: only unacknowledged instances go out, acknowledgements are recorded as they arrive,
   transient failures are retried with backoff for ``send.retry_window_s``).
+* **leases** (every ``node.lease_s / 3``, at most 10 s): running jobs whose lease expired, on
+  whichever node, go back to the queue (jobs.reap_expired). A heartbeat thread of its own renews
+  the leases of the jobs this node runs or sends, so that a long inference never loses one.
 * **clean-up** (hourly): retention.py.
+
+Several nodes may share one PostgreSQL database: dispatch claims jobs (``claimed_by`` = this
+node's ``node.id``, with a lease; ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL), and a
+send attempt claims its job the same way, so no two nodes run or send the same job at once.
 
 Every loop survives any exception: it logs it, records the reason on the job or series where
 there is one, reports to :class:`~dicom_node.health.Health` (a loop failing for a minute makes
 the node unhealthy in ``dicom-node status`` and ``dicom-node health``) and runs again.
 
-At start-up, jobs left ``running`` by a crash go back to ``queued``, and series that were still
+At start-up, jobs that this node (the same ``node.id``) left ``running`` go back to ``queued`` at
+once; jobs that other live nodes hold are left alone. Series that were still
 arriving are held back (the quiet period starts again; after a crash they wait
 ``completion.interrupted_hold_s``), so that a series cut off by the crash is not processed as if
 it were complete.
@@ -187,8 +195,17 @@ class Pipeline:
         self.models = models or ModelPool(config.model, size=self.concurrency)
         self.health = health or Health()
         self._stop = threading.Event()
+        # Several nodes may share the database: every job this node runs or sends is claimed
+        # under its id with a lease that the heartbeat renews.
+        self.node_id = config.node.node_id
+        self.lease_s = config.node.lease_s
         self.worker = Worker(
-            config, session_factory, self.models, health=self.health, stop=self._stop
+            config,
+            session_factory,
+            self.models,
+            health=self.health,
+            stop=self._stop,
+            node_id=self.node_id,
         )
         # The keyword override exists for tests; the config's ``send`` section is the source.
         policy = RetryPolicy.from_config(config.send)
@@ -205,7 +222,9 @@ class Pipeline:
         self._work: queue.Queue[int | None] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._running: set[int] = set()
+        self._sending: set[int] = set()
         self._lock = threading.Lock()
+        self._heartbeat: threading.Thread | None = None
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -217,11 +236,19 @@ class Pipeline:
         threading.Thread(target=self._preload, name="acvtt-preload", daemon=True).start()
         for i in range(self.concurrency):
             self._threads.append(self._start_worker_thread(i))
+        # Its own thread, not a scheduler task: a busy scheduler or a long CPU inference must
+        # never let a lease lapse while the job is still being worked on.
+        self.health.register("heartbeat", self.lease_s / 3)
+        self._heartbeat = threading.Thread(
+            target=self._heartbeat_loop, name="lease-heartbeat", daemon=True
+        )
+        self._heartbeat.start()
         dispatch_s, send_s, cleanup_s = self._intervals
         tasks: list[tuple[str, Callable[[], object], float]] = [
             ("completion", self.check_completion, self.config.completion.check_interval_s),
             ("dispatch", self.dispatch, dispatch_s),
             ("send", self.send_due, send_s),
+            ("leases", self.reap_expired_leases, max(0.5, min(self.lease_s / 3, 10.0))),
             ("cleanup", self.clean_up, cleanup_s),
         ]
         now = datetime.now()
@@ -234,7 +261,8 @@ class Pipeline:
         log.info("pipeline started workers=%d", self.concurrency)
 
     def _recover(self) -> None:
-        """Requeue jobs a crash left running; hold back series that were still arriving."""
+        """Requeue the jobs this node was running when it stopped (other nodes' jobs wait for
+        their leases); hold back series that were still arriving."""
         completion = self.config.completion
         wait, why = (
             (completion.interrupted_hold_s, "the node stopped while the series was arriving")
@@ -243,7 +271,7 @@ class Pipeline:
         )
         try:
             with self.session_factory() as s:
-                recovered = jobs_mod.recover_interrupted(s)
+                recovered = jobs_mod.reclaim_own(s, self.node_id)
                 held = hold_unfinished_series(s, utcnow() + timedelta(seconds=wait), why)
                 s.commit()
         except Exception as exc:
@@ -269,7 +297,8 @@ class Pipeline:
             log.exception("model could not be loaded; jobs will fail until it can")
 
     def shutdown(self) -> None:
-        """Stop scheduling. A job still running is left ``running`` and requeued at next start."""
+        """Stop scheduling. A job still running is left ``running``: this node takes it back when
+        it starts again, another node once its lease has expired."""
         self._stop.set()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
@@ -348,23 +377,22 @@ class Pipeline:
     # -- dispatch ----------------------------------------------------------------------------
     def dispatch(self) -> None:
         self._revive_workers()
-        self._requeue_orphans()
         with self._lock:
             free = self.concurrency - len(self._running)
         if free <= 0:
             return
         with self.session_factory() as s:
-            for job in jobs_mod.next_queued(s, free):
-                if jobs_mod.claim(s, job.id):
-                    with self._lock:
-                        self._running.add(job.id)
-                    try:
-                        s.commit()
-                    except Exception:
-                        with self._lock:
-                            self._running.discard(job.id)
-                        raise
-                    self._work.put(job.id)
+            claimed = jobs_mod.claim_next(s, self.node_id, self.lease_s, free)
+            with self._lock:
+                self._running.update(claimed)
+            try:
+                s.commit()
+            except Exception:
+                with self._lock:
+                    self._running.difference_update(claimed)
+                raise
+        for job_id in claimed:
+            self._work.put(job_id)
 
     def _revive_workers(self) -> None:
         """A worker thread must never end while the pipeline runs; if one did, say so and
@@ -375,23 +403,43 @@ class Pipeline:
                 self.health.failed(t.name, "worker thread had stopped; restarted")
                 self._threads[i] = self._start_worker_thread(i)
 
-    def _requeue_orphans(self, grace_s: float = 60.0) -> None:
-        """Jobs ``running`` in the database that no worker of this node holds (their worker
-        died mid-job) go back to the queue, so that none sits in ``running`` forever."""
-        cutoff = utcnow() - timedelta(seconds=grace_s)
+    # -- leases ------------------------------------------------------------------------------
+    def _heartbeat_loop(self) -> None:
+        """Renew the leases of the jobs this node runs or sends, every ``lease_s / 3``."""
+        while not self._stop.wait(self.lease_s / 3):
+            try:
+                self.renew_leases()
+            except Exception as exc:
+                log.exception("lease heartbeat failed")
+                self.health.failed("heartbeat", f"{type(exc).__name__}: {exc}")
+            else:
+                self.health.ok("heartbeat")
+
+    def renew_leases(self) -> set[int]:
+        """One heartbeat; returns the job ids whose leases were renewed."""
+        with self._lock:
+            held = self._running | self._sending
+        if not held:
+            return set()
         with self.session_factory() as s:
-            stale = s.scalars(
-                select(Job).where(Job.state == JobState.running, Job.updated_at < cutoff)
-            ).all()
-            with self._lock:
-                orphans = [j for j in stale if j.id not in self._running]
-            for job in orphans:
-                jobs_mod.transition(
-                    s, job, JobState.queued, "requeued: no worker was running it any more"
-                )
-            if orphans:
-                s.commit()
-                log.warning("requeued orphaned jobs %s", [j.id for j in orphans])
+            renewed = jobs_mod.renew(s, self.node_id, held, self.lease_s)
+            s.commit()
+        with self._lock:
+            # A job that finished meanwhile is no longer renewed: not a lost lease.
+            lost = (held - renewed) & (self._running | self._sending)
+        if lost:
+            log.warning("leases lost (jobs taken over by other nodes) job_ids=%s", sorted(lost))
+        return renewed
+
+    def reap_expired_leases(self) -> list[int]:
+        """Queue again the running jobs whose lease expired, whichever node held them."""
+        with self.session_factory() as s:
+            reaped = jobs_mod.reap_expired(s)
+            s.commit()
+        if reaped:
+            log.warning("requeued jobs whose lease expired %s", reaped)
+            self._wake("dispatch")
+        return reaped
 
     def _worker_loop(self) -> None:
         while True:
@@ -429,14 +477,38 @@ class Pipeline:
         for job_id in due:
             if self._stop.is_set():
                 return
+            if not self._claim_send(job_id):
+                continue  # another node is sending it
             try:
                 deliver_job(self.config, self.session_factory, job_id, policy=self.retry_policy)
             except Exception as exc:
                 log.exception("delivery failed job_id=%s", job_id)
                 errors += 1
                 self._delivery_error(job_id, exc)
+            finally:
+                self._release_send(job_id)
         if errors:
             raise RuntimeError(f"{errors} delivery attempt(s) failed; reasons are on the jobs")
+
+    def _claim_send(self, job_id: int) -> bool:
+        with self.session_factory() as s:
+            if not jobs_mod.claim_send(s, job_id, self.node_id, self.lease_s):
+                return False
+            with self._lock:
+                self._sending.add(job_id)
+            s.commit()
+        return True
+
+    def _release_send(self, job_id: int) -> None:
+        with self._lock:
+            self._sending.discard(job_id)
+        try:
+            with self.session_factory() as s:
+                jobs_mod.release(s, job_id, self.node_id)
+                s.commit()
+        except Exception:
+            # The lease then simply expires; the next attempt waits until it has.
+            log.exception("cannot release the send claim job_id=%s", job_id)
 
     def _delivery_error(self, job_id: int, exc: Exception) -> None:
         """An attempt that broke (not a peer's answer): retry later, with the reason on the job."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import pytest
 from sqlalchemy import func, select
 
@@ -11,10 +13,15 @@ from dicom_node.jobs import (
     InvalidTransition,
     acknowledged,
     claim,
+    claim_next,
+    claim_send,
     next_queued,
     queue_job,
+    reap_expired,
+    reclaim_own,
     record_ack,
-    recover_interrupted,
+    release,
+    renew,
     requeue,
     transition,
 )
@@ -99,20 +106,92 @@ def test_late_arrival_supersedes_previous_job(session_factory, series):
         assert first.supersedes_job_id is None
 
 
-def test_recovery_moves_running_back_to_queued(session_factory, series):
+def test_restart_takes_back_only_its_own_running_jobs(session_factory, series):
+    with session_factory() as s:
+        mine, _ = _queue(s, series)
+        theirs, _ = _queue(s, series, factor=3)
+        s.commit()
+        assert claim(s, mine.id, "node-a", 60)
+        assert claim(s, theirs.id, "node-b", 60)
+        s.commit()
+        assert not claim(s, mine.id, "node-b", 60)  # already running: nobody else takes it
+        s.refresh(mine)
+        assert mine.state is JobState.running and mine.attempts == 1
+        assert mine.claimed_by == "node-a" and mine.lease_expires_at > db.utcnow()
+    with session_factory() as s:  # node-a restarts; node-b lives on
+        assert reclaim_own(s, "node-a") == [mine.id]
+        s.commit()
+        mine, theirs = s.get(Job, mine.id), s.get(Job, theirs.id)
+        assert mine.state is JobState.queued and "interrupted" in mine.reason
+        assert mine.claimed_by is None and mine.lease_expires_at is None
+        assert theirs.state is JobState.running and theirs.claimed_by == "node-b"
+
+
+def test_reaper_requeues_only_expired_leases_and_a_heartbeat_keeps_one(session_factory, series):
+    with session_factory() as s:
+        a, _ = _queue(s, series)
+        b, _ = _queue(s, series, factor=3)
+        s.commit()
+        assert claim(s, a.id, "node-a", 60) and claim(s, b.id, "node-b", 60)
+        s.commit()
+    later = db.utcnow() + timedelta(seconds=45)
+    with session_factory() as s:
+        assert reap_expired(s, now=later) == []  # both leases still run
+        # node-b's heartbeat: it holds only its own job, now for 120 s from here
+        assert renew(s, "node-b", [a.id, b.id], 120) == {b.id}
+        s.commit()
+        assert reap_expired(s, now=db.utcnow() + timedelta(seconds=61)) == [a.id]
+        s.commit()
+        a, b = s.get(Job, a.id), s.get(Job, b.id)
+        assert a.state is JobState.queued and "lease expired" in a.reason
+        assert b.state is JobState.running
+        assert renew(s, "node-a", [a.id], 60) == set()  # node-a's lease is gone for good
+
+
+@pytest.mark.parametrize("concurrent", [False, True])
+def test_claim_next_hands_each_job_to_one_node(session_factory, series, concurrent):
+    if concurrent and session_factory.kw["bind"].dialect.name == "sqlite":
+        pytest.skip("SQLite has one writer: a second claim waits for the first to commit")
+    with session_factory() as s:
+        ids = [_queue(s, series, factor=f)[0].id for f in (2, 3, 4, 5)]
+        s.commit()
+    first, second = session_factory(), session_factory()
+    try:
+        got_a = claim_next(first, "node-a", 60, 3)
+        if not concurrent:
+            first.commit()
+        # ``concurrent``: node-a's claim is not committed yet; PostgreSQL skips its locked rows
+        # instead of waiting for them or handing them out twice
+        got_b = claim_next(second, "node-b", 3, 3)
+        first.commit()
+        second.commit()
+    finally:
+        first.close()
+        second.close()
+    assert len(got_a) == 3 and len(got_b) == 1
+    assert sorted(got_a + got_b) == sorted(ids)
+    with session_factory() as s:
+        owners = {j.id: j.claimed_by for j in s.scalars(select(Job))}
+        assert [owners[i] for i in got_a] == ["node-a"] * 3 and owners[got_b[0]] == "node-b"
+        claims = s.scalars(select(db.AuditEvent).where(db.AuditEvent.kind == "job_claimed"))
+        assert len(claims.all()) == 4
+
+
+def test_a_send_is_claimed_by_one_node_at_a_time(session_factory, series):
     with session_factory() as s:
         job, _ = _queue(s, series)
+        assert claim(s, job.id, "node-a", 60)
+        transition(s, job, JobState.written)
         s.commit()
-        assert claim(s, job.id)
+        assert job.lease_expires_at is None  # written and not being sent: nobody holds it
+        assert claim_send(s, job.id, "node-a", 60)
         s.commit()
-        assert not claim(s, job.id)  # already running: a second worker cannot take it
-        s.refresh(job)
-        assert job.state is JobState.running and job.attempts == 1
-    with session_factory() as s:  # "restart"
-        assert recover_interrupted(s) == [job.id]
+        assert not claim_send(s, job.id, "node-b", 60)
+        assert renew(s, "node-a", [job.id], 60) == {job.id}  # a long send keeps its claim
+        release(s, job.id, "node-a")
         s.commit()
-        job = s.get(Job, job.id)
-        assert job.state is JobState.queued and "interrupted" in job.reason
+        assert claim_send(s, job.id, "node-b", 60)
+        s.commit()
 
 
 def test_transitions_follow_the_life_cycle(session_factory, series):

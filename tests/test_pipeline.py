@@ -156,7 +156,7 @@ def _index(sessions, config, files):
 def _run_next(pipeline, sessions) -> Job:
     with sessions() as s:
         job = s.scalars(select(Job).where(Job.state == JobState.queued)).first()
-        assert claim(s, job.id)
+        assert claim(s, job.id, pipeline.node_id, 60)
         s.commit()
     assert pipeline.worker.run(job.id) is JobState.written
     with sessions() as s:
@@ -261,7 +261,7 @@ def test_pipeline_start_recovers_and_stops(env):
     pipeline.check_completion()
     with sessions() as s:
         job = s.scalars(select(Job)).one()
-        claim(s, job.id)
+        claim(s, job.id, pipeline.node_id, 60)
         s.commit()
     pipeline.start()
     try:

@@ -1,0 +1,207 @@
+"""Several nodes on one database: job claims with leases (issue 12, item 3).
+
+Two in-process :class:`~dicom_node.scheduler.Pipeline` instances with their own ``node.id``
+share one database, one spool and one destination (a recording pynetdicom SCP), as two worker
+nodes would. The model is a linear stand-in: these tests are about who runs what, not about
+inference. A "dead" node is one whose heartbeat stopped while its worker thread still sits in
+the model (as after SIGSTOP or a network cut): its lease runs out, another node takes the job
+over, and the stale worker's late result is dropped.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from dicom_node import db
+from dicom_node.config import parse_config
+from dicom_node.db import AuditEvent, Job, JobState, Series
+from dicom_node.infer import ModelPool
+from dicom_node.jobs import queue_job
+from dicom_node.scheduler import Pipeline
+from tests.support.polling import wait_until
+from tests.support.postgres import DATABASE_KINDS
+from tests.test_pipeline import SCP, LinearStandIn, _free_port, _index
+
+LEASE_S = 3.0  # the shortest the config allows; the reaper runs every second
+
+
+@pytest.fixture(params=DATABASE_KINDS)
+def db_kind(request) -> str:
+    return request.param
+
+
+class GatedStandIn(LinearStandIn):
+    """The linear stand-in, but each run waits until ``gate`` is set (or ``delay_s``)."""
+
+    def __init__(self, gate: threading.Event | None = None, delay_s: float = 0.0):
+        self.gate, self.delay_s = gate, delay_s
+        self.started = threading.Event()
+        self.runs = 0
+
+    def interpolate(self, volume, factor, progress=None):
+        self.runs += 1
+        self.started.set()
+        if self.gate is not None:
+            self.gate.wait(60)
+        elif self.delay_s:
+            threading.Event().wait(self.delay_s)
+        return super().interpolate(volume, factor, progress)
+
+
+@pytest.fixture
+def cluster(tmp_path, sample_data, database_url):
+    """``(make_pipeline, sessions, series_id, scp)``: pipelines share the database and spool."""
+    port = _free_port()
+    scp = SCP(port)
+
+    def config(node_id: str):
+        return parse_config(
+            {
+                "node": {"id": node_id, "lease_s": LEASE_S},
+                "storage": {"spool_dir": str(tmp_path / "spool"), "retention_days": 0},
+                "database": {"url": database_url},
+                "completion": {"quiet_seconds": 100000},  # jobs are queued by the test
+                "destinations": [
+                    {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}
+                ],
+            }
+        )
+
+    db.upgrade(database_url)
+    engine = db.make_engine(database_url)
+    sessions = db.make_session_factory(engine)
+    files = sorted(p for p in Path(sample_data.pydicom_ct5n).iterdir() if p.is_file())
+    series_id = _index(sessions, config("setup"), files)
+    pipelines: list[Pipeline] = []
+
+    def make_pipeline(node_id: str, model: LinearStandIn) -> Pipeline:
+        cfg = config(node_id)
+        pool = ModelPool(cfg.model, loader=lambda _m: (model, None))
+        pipeline = Pipeline(cfg, sessions, models=pool, send_base_delay_s=0.01)
+        pipelines.append(pipeline)
+        return pipeline
+
+    yield make_pipeline, sessions, series_id, scp
+    for p in pipelines:
+        p.shutdown()
+    scp.stop()
+    engine.dispose()
+
+
+def _queue_jobs(sessions, series_id: int, factors) -> list[int]:
+    with sessions() as s:
+        series = s.get(Series, series_id)
+        uids = [i.sop_instance_uid for i in series.instances]
+        ids = [
+            queue_job(
+                s,
+                series=series,
+                sop_uids=uids,
+                model_id=LinearStandIn.model_id,
+                model_version=LinearStandIn.model_version,
+                factor=f,
+                destinations=["pacs"],
+            )[0].id
+            for f in factors
+        ]
+        s.commit()
+    return ids
+
+
+def _claims(sessions) -> list[tuple[int, str]]:
+    """(job id, node) of every claim, oldest first."""
+    with sessions() as s:
+        events = s.scalars(
+            select(AuditEvent).where(AuditEvent.kind == "job_claimed").order_by(AuditEvent.id)
+        ).all()
+        return [(e.job_id, e.detail.split('"node": "')[1].split('"')[0]) for e in events]
+
+
+def _states(sessions, ids) -> dict[int, JobState]:
+    with sessions() as s:
+        return {j.id: j.state for j in s.scalars(select(Job).where(Job.id.in_(ids)))}
+
+
+def test_two_nodes_run_each_job_exactly_once_and_share_the_work(cluster):
+    make_pipeline, sessions, series_id, scp = cluster
+    ids = _queue_jobs(sessions, series_id, [2, 3, 4, 5, 6, 7])
+    nodes = [make_pipeline(n, GatedStandIn(delay_s=0.5)) for n in ("node-a", "node-b")]
+    for p in nodes:
+        p.start()
+    wait_until(
+        lambda: set(_states(sessions, ids).values()) == {JobState.sent},
+        120,
+        "every job sent",
+    )
+    claims = _claims(sessions)
+    per_job = Counter(job_id for job_id, _ in claims)
+    assert per_job == Counter(ids), claims  # each job claimed (and run) exactly once
+    assert {node for _, node in claims} == {"node-a", "node-b"}, claims  # both did some
+    with sessions() as s:
+        jobs = s.scalars(select(Job).where(Job.id.in_(ids))).all()
+        assert all(j.attempts == 1 and j.send_attempts == 1 for j in jobs)
+        expected = sum(len(j.derived_files) for j in jobs)
+    # no instance was sent twice: each send was claimed by one node
+    assert len(scp.received) == expected and len(set(scp.received)) == expected
+
+
+def test_a_dead_nodes_job_is_reaped_and_done_by_the_other(cluster):
+    make_pipeline, sessions, series_id, scp = cluster
+    (job_id,) = _queue_jobs(sessions, series_id, [2])
+    gate = threading.Event()
+    stuck = GatedStandIn(gate=gate)
+    dead = make_pipeline("node-a", stuck)
+    dead.start()
+    assert stuck.started.wait(30)  # node-a holds the job and sits in the model
+    dead.shutdown()  # its heartbeat stops; its worker thread is still inside the model
+    live = make_pipeline("node-b", GatedStandIn())
+    live.start()
+    wait_until(lambda: _states(sessions, [job_id])[job_id] is JobState.sent, 60, "job sent")
+    assert _claims(sessions) == [(job_id, "node-a"), (job_id, "node-b")]
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job.attempts == 2 and job.claimed_by == "node-b"
+        reaped = s.scalars(
+            select(AuditEvent).where(AuditEvent.kind == "job_queued", AuditEvent.job_id == job_id)
+        ).all()
+        assert any("lease expired" in (e.detail or "") for e in reaped)
+        sent_files = list(job.derived_files)
+    received = list(scp.received)
+    written = {f: (Path(job.derived_dir) / f).stat().st_mtime_ns for f in sent_files}
+    gate.set()  # the stale worker wakes up: its result must be neither written nor recorded
+    wait_until(lambda: not dead._running, 30, "the stale worker to finish")
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job.state is JobState.sent and job.claimed_by == "node-b"
+        assert list(job.derived_files) == sent_files
+        assert {f: (Path(job.derived_dir) / f).stat().st_mtime_ns for f in sent_files} == written
+    assert scp.received == received and len(set(received)) == len(received)
+
+
+def test_a_restarting_node_leaves_a_live_nodes_job_alone(cluster):
+    """node-a runs a job for longer than three leases (its heartbeat keeps it); node-b starts
+    meanwhile: neither its start-up recovery nor its reaper takes the job."""
+    make_pipeline, sessions, series_id, scp = cluster
+    (job_id,) = _queue_jobs(sessions, series_id, [2])
+    gate = threading.Event()
+    slow = GatedStandIn(gate=gate)
+    busy = make_pipeline("node-a", slow)
+    busy.start()
+    assert slow.started.wait(30)
+    restarted = make_pipeline("node-b", GatedStandIn())
+    restarted.start()
+    threading.Event().wait(3 * LEASE_S + 1)
+    with sessions() as s:
+        job = s.get(Job, job_id)
+        assert job.state is JobState.running and job.claimed_by == "node-a"
+        assert job.lease_expires_at > db.utcnow()
+    gate.set()
+    wait_until(lambda: _states(sessions, [job_id])[job_id] is JobState.sent, 60, "job sent")
+    assert _claims(sessions) == [(job_id, "node-a")]
+    with sessions() as s:
+        assert s.get(Job, job_id).attempts == 1
