@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 from dicom_node.devtools.sample_data import fetch_sample_data  # noqa: E402
 from tests.support.dcmtk import free_port, wait_for_port  # noqa: E402
+from tests.support.fs import fill  # noqa: E402
 from tests.support.node import (  # noqa: E402
     NodeProcess,
     half_size_series,
@@ -50,6 +51,7 @@ from tests.support.node import (  # noqa: E402
     send_with_storescu,
     start_storescu,
 )
+from tests.support.polling import wait_until  # noqa: E402
 from tests.support.recording_scp import read_record  # noqa: E402
 
 N_IN, N_OUT = 20, 39  # the series, and its derived series at factor 2
@@ -97,13 +99,11 @@ class Pacs:
 
 
 def _wait(predicate, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    return None
+    """What ``predicate`` returned once truthy, or None after ``timeout`` (a stall)."""
+    try:
+        return wait_until(predicate, timeout, "", interval)
+    except AssertionError:
+        return None
 
 
 def _job_state(node: NodeProcess, series_uid: str) -> str | None:
@@ -216,7 +216,7 @@ def disk_full(sources, work, pacs) -> Figures:
         files, uid = _series(sources, work, "disk-1")
         acked = send_with_storescu(files, node.port).acknowledged
         _wait(lambda: _job_state(node, uid) == "running", 300, 0.05)
-        filler, locker = _fill(mnt), _lock(mnt / "node.db")
+        filler, locker = fill(mnt), _lock(mnt / "node.db")
         time.sleep(10)  # the job ends meanwhile and cannot record its outcome
         locker.kill()
         filler.unlink()
@@ -234,18 +234,6 @@ def disk_full(sources, work, pacs) -> Figures:
     _delivery_figures(fig, pacs.deliveries()[start:], 2)
     fig.seconds = time.monotonic() - t0
     return fig
-
-
-def _fill(directory: Path) -> Path:
-    filler = directory / "filler.bin"
-    with open(filler, "wb", buffering=0) as f:
-        for chunk in (1 << 20, 1 << 12, 1):
-            try:
-                while True:
-                    f.write(b"\0" * chunk)
-            except OSError:
-                continue
-    return filler
 
 
 def _lock(db_path: Path) -> subprocess.Popen:

@@ -148,6 +148,20 @@ class SendResult:
         """SOP Instance UIDs still to send, in input order."""
         return [o.sop_instance_uid for o in self.outcomes if not o.acknowledged]
 
+    def log_summary(self, what: str) -> None:
+        """One log line: destination, counts, failure and seconds (never a credential)."""
+        f = self.failure
+        log.info(
+            "%s finished dest=%s n=%d acked=%d sent_now=%d failure=%s seconds=%.3f",
+            what,
+            self.destination,
+            len(self.outcomes),
+            len(self.acknowledged),
+            len(self.sent_now),
+            f"{f.kind.value}: {f.reason}" if f else "none",
+            self.elapsed_s,
+        )
+
     @property
     def sent_now(self) -> list[str]:
         """SOP Instance UIDs acknowledged in this attempt."""
@@ -387,15 +401,7 @@ def send_instances(
         res = SendResult(
             destination, full, failure, elapsed_s=time.monotonic() - t0, nodelay=nodelay
         )
-        log.info(
-            "send finished dest=%s n=%d acked=%d sent_now=%d failure=%s seconds=%.3f",
-            destination,
-            len(full),
-            len(res.acknowledged),
-            len(res.sent_now),
-            f"{failure.kind.value}: {failure.reason}" if failure else "none",
-            res.elapsed_s,
-        )
+        res.log_summary("send")
         return res
 
     bad = [

@@ -214,15 +214,7 @@ def stow_instances(
         for i in range(len(instances))
     ]
     res = SendResult(target, full, failure, elapsed_s=time.monotonic() - t0)
-    log.info(
-        "stow finished dest=%s n=%d acked=%d sent_now=%d failure=%s seconds=%.3f",
-        target,
-        len(full),
-        len(res.acknowledged),
-        len(res.sent_now),
-        f"{failure.kind.value}: {failure.reason}" if failure else "none",
-        res.elapsed_s,
-    )
+    res.log_summary("stow")
     return res
 
 

@@ -10,7 +10,6 @@ checked in-process with the same readiness code, so the running node's files are
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from datetime import UTC, datetime
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 from dicom_node import db
 from dicom_node.config import parse_config
 from dicom_node.web.context import NodeView
+from tests.support.fs import fill, tmpfs
 from tests.support.http import Web, http_overrides
 from tests.support.node import NodeProcess
 from tests.support.polling import wait_until
@@ -31,28 +31,8 @@ MIN_FREE = 24 * 1024 * 1024
 @pytest.fixture
 def small_fs(tmp_path):
     """A 64 MB tmpfs for the spool."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m,mode=0755", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "fs", 64) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill_below(directory: Path, keep_free: int) -> Path:
-    """A file that leaves ``keep_free`` bytes free on the file system."""
-    filler = directory / "filler.bin"
-    free = shutil.disk_usage(directory).free
-    with open(filler, "wb") as f:
-        f.write(b"\0" * (free - keep_free))
-    return filler
 
 
 def _reasons(web: Web) -> tuple[int, list[str]]:
@@ -80,7 +60,7 @@ def test_readyz_follows_disk_and_database(small_fs, tmp_path):
         assert set(body["checks"]) == {"database", "spool", "disk", "receiver", "model"}
         assert _metric(web, "dicom_node_ready") == 1.0
 
-        filler = _fill_below(small_fs, MIN_FREE // 2)
+        filler = fill(small_fs, keep_free=MIN_FREE // 2)
         status, reasons = _reasons(web)
         assert status == 503
         assert reasons == [reasons[0]] and reasons[0].startswith(

@@ -7,9 +7,7 @@ the real 20-slice CT series, and the shipped default model on the CPU.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import subprocess
 import sys
 import time
@@ -19,6 +17,7 @@ import pydicom
 import pytest
 
 from tests.support.dcmtk import free_port, wait_for_port
+from tests.support.fs import fill, tmpfs
 from tests.support.node import (
     REPO_ROOT,
     NodeProcess,
@@ -74,38 +73,8 @@ def _series_uid(path: Path) -> str:
 @pytest.fixture
 def small_fs(tmp_path):
     """A 96 MB tmpfs: the node's spool and database live on it, so the test can fill it."""
-    mnt = tmp_path / "fs"
-    mnt.mkdir()
-    res = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=96m,mode=0755", "tmpfs", str(mnt)],
-        capture_output=True,
-        text=True,
-    )
-    if res.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {res.stderr.strip()}")
-    try:
+    with tmpfs(tmp_path / "fs", 96) as mnt:
         yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-
-
-def _fill(directory: Path) -> Path:
-    """Write a file until the file system is full; returns it (remove it to free the space)."""
-    filler = directory / "filler.bin"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o644)
-    try:
-        for chunk in (1 << 20, 1 << 12, 1):
-            block = b"\0" * chunk
-            while True:
-                try:
-                    os.write(fd, block)
-                except OSError as exc:
-                    if exc.errno != errno.ENOSPC:
-                        raise
-                    break
-    finally:
-        os.close(fd)
-    return filler
 
 
 def _health(node: NodeProcess) -> subprocess.CompletedProcess:
@@ -153,7 +122,7 @@ def _disk_full_scenario(node: NodeProcess, small_fs: Path, sample_data) -> None:
     )
     # The disk fills and the database cannot take a commit (the lock makes that certain: a
     # full tmpfs alone may still fit a commit into the WAL file's existing pages).
-    filler = _fill(small_fs)
+    filler = fill(small_fs)
     locker = _lock_database(node.db_path)
     try:
         wait_until(

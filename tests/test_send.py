@@ -9,7 +9,6 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
@@ -26,8 +25,8 @@ from dicom_node.send import (
     next_retry_delay,
     send_instances,
 )
-from dicom_node.write import write_derived_series
 from tests.support.dcmtk import free_port, storescp
+from tests.support.derived import small_derived_series
 from tests.support.orthanc import OrthancServer
 
 CALLING = "ACVTT_NODE"
@@ -36,15 +35,7 @@ CALLING = "ACVTT_NODE"
 @pytest.fixture(scope="module")
 def derived_files(sample_data, tmp_path_factory) -> list[Path]:
     """A small derived series (9 uncompressed instances) written from the real CT headers."""
-    files = sorted(Path(sample_data.ct_dicom_repaired).glob("*.dcm"))[:5]
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    headers.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    for h in headers:
-        h.Rows, h.Columns = 32, 32
-    vol = np.linspace(-1000, 1000, 9 * 32 * 32, dtype=np.float32).reshape(9, 32, 32)
-    out = tmp_path_factory.mktemp("derived")
-    write_derived_series(headers, vol, factor=2, model_id="t", model_version="1", out_dir=out)
-    return sorted(out.glob("*.dcm"))
+    return small_derived_series(sample_data.ct_dicom_repaired, tmp_path_factory.mktemp("derived"))
 
 
 def _uids(paths) -> set[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pydicom
 import pytest
 
@@ -20,8 +19,8 @@ from dicom_node.stow import (
     stow_echo,
     stow_instances,
 )
-from dicom_node.write import SourceImage, write_derived_series
 from tests.support.dcmtk import free_port
+from tests.support.derived import small_derived_series
 from tests.support.orthanc import DICOMWEB_PLUGIN, OrthancServer
 
 pytestmark = pytest.mark.skipif(not DICOMWEB_PLUGIN, reason="orthanc-dicomweb not installed")
@@ -32,18 +31,7 @@ USER, PASSWORD = "node", "s3cret-pw"
 @pytest.fixture(scope="module")
 def derived_files(sample_data, tmp_path_factory) -> list[Path]:
     """A small derived series (9 instances) written from the real CT headers."""
-    files = sorted(Path(sample_data.ct_dicom_repaired).glob("*.dcm"))[:5]
-    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in files]
-    headers.sort(key=lambda d: float(d.ImagePositionPatient[2]))
-    for h in headers:
-        h.Rows, h.Columns = 32, 32
-    vol = np.linspace(-1000, 1000, 9 * 32 * 32, dtype=np.float32).reshape(9, 32, 32)
-    out = tmp_path_factory.mktemp("derived")
-    write_derived_series(
-        [SourceImage(h) for h in headers], vol, factor=2, model_id="t", model_version="1",
-        out_dir=out,
-    )  # fmt: skip
-    return sorted(out.glob("*.dcm"))
+    return small_derived_series(sample_data.ct_dicom_repaired, tmp_path_factory.mktemp("derived"))
 
 
 def _uids(paths) -> set[str]:
