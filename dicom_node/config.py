@@ -301,7 +301,7 @@ class RuleAction(_Strict):
 
 
 class Rule(_Strict):
-    name: str
+    name: str = Field(min_length=1, max_length=128)  # jobs.rule_name holds 128
     match: RuleMatch = RuleMatch()
     action: RuleAction
 

@@ -10,12 +10,14 @@ other finishes the job once the lease has expired, and the PACS (Orthanc) gets o
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import sqlalchemy as sa
 import yaml
 
 from dicom_node import db
+from dicom_node.web.readiness import PROBE_TIMEOUT_S, check_database, probe_engine
 from tests.support.dcmtk import free_port
 from tests.support.node import NodeProcess, make_instances, send_with_storescu
 from tests.support.orthanc import OrthancServer
@@ -139,3 +141,27 @@ def test_worker_killed_mid_job_its_lease_expires_and_the_other_node_finishes(
             for node in nodes.values():
                 node.kill()
             engine.dispose()
+
+
+def test_readiness_probe_on_postgresql_fails_fast_on_a_held_lock_and_a_dead_server(
+    postgres_cluster,
+):
+    url = postgres_cluster.create_database()
+    db.upgrade(url)
+    assert check_database(probe_engine(url)).ok
+    engine = db.make_engine(url)
+    try:
+        with engine.connect() as holder:
+            holder.exec_driver_sql("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+            t0 = time.monotonic()
+            check = check_database(probe_engine(url))
+            took = time.monotonic() - t0
+            holder.rollback()
+    finally:
+        engine.dispose()
+    assert not check.ok and "lock timeout" in check.detail, check
+    assert took < PROBE_TIMEOUT_S + 2, took
+    assert check_database(probe_engine(url)).ok
+    dead = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nodes"
+    check = check_database(probe_engine(dead))
+    assert not check.ok and "cannot use the database" in check.detail

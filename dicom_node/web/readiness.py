@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from sqlalchemy import create_engine, text
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import NullPool
 
 from dicom_node.config import sqlite_path
@@ -70,6 +70,15 @@ class Readiness:
 def probe_engine(url: str) -> Engine:
     """An engine whose every connection is new (no pool), with a short lock timeout."""
     path = sqlite_path(url)
+    if path is None and make_url(url).get_backend_name() == "postgresql":
+        # A server that does not answer, or a lock held by another client, fails the probe
+        # within the probe timeout instead of holding /readyz.
+        ms = int(PROBE_TIMEOUT_S * 1000)
+        args = {
+            "connect_timeout": max(2, round(PROBE_TIMEOUT_S)),
+            "options": f"-c lock_timeout={ms}",
+        }
+        return create_engine(url, poolclass=NullPool, connect_args=args)
     if path is None:
         return create_engine(url, poolclass=NullPool)
     uri = f"file:{quote(str(path.absolute()))}?mode=rw"  # rw without c: never create the file
