@@ -8,8 +8,11 @@ A job's whole state lives here, so any stage can stop and restart without losing
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
+import zlib
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -292,6 +295,28 @@ def unwritable_reason(exc: OperationalError) -> str | None:
     if "connection" in low and any(s in low for s in ("refused", "failed", "timeout", "timed")):
         return f"cannot reach the database server: {first}"
     return None
+
+
+@contextlib.contextmanager
+def one_node_at_a_time(engine: Engine, task: str) -> Iterator[bool]:
+    """Whether this process may run ``task`` now (completion checks, clean-up), for the length
+    of the block. On PostgreSQL, where several nodes share the database, a session advisory
+    lock named after ``task`` is tried on a connection of its own: one node gets True and the
+    others False (they skip this pass; it runs again soon). A node that dies loses the lock with
+    its connection. SQLite (one machine): always True."""
+    if engine.dialect.name != "postgresql":
+        yield True
+        return
+    key = zlib.crc32(f"dicom-node:{task}".encode())
+    with engine.connect() as conn:
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": key}).scalar())
+        conn.commit()  # the lock belongs to the session: no transaction stays open meanwhile
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:

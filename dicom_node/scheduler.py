@@ -24,6 +24,8 @@ deliver.py's, clean-up is retention.py's, a job run is infer.py's.
 Several nodes may share one PostgreSQL database: dispatch claims jobs (``claimed_by`` = this
 node's ``node.id``, with a lease; ``SELECT ... FOR UPDATE SKIP LOCKED`` on PostgreSQL), and a
 send attempt claims its job the same way, so no two nodes run or send the same job at once.
+Completion checks and clean-up run on one node at a time (a PostgreSQL advisory lock per task,
+db.one_node_at_a_time); the other nodes skip those passes.
 
 Every loop survives any exception: it logs it, records the reason on the job or series where
 there is one, reports to :class:`~dicom_node.health.Health` (a loop failing for a minute makes
@@ -51,8 +53,8 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session, sessionmaker
 
+from dicom_node import db, retention
 from dicom_node import jobs as jobs_mod
-from dicom_node import retention
 from dicom_node.complete import due_series, hold_unfinished_series, plan_indexed_series
 from dicom_node.config import NodeConfig
 from dicom_node.db import Job, JobState, Series, SeriesState, audit, utcnow
@@ -199,6 +201,7 @@ class Pipeline:
         # under its id with a lease that the heartbeat renews.
         self.node_id = config.node.node_id
         self.lease_s = config.node.lease_s
+        self._engine = session_factory.kw.get("bind") or session_factory().get_bind()
         self.worker = Worker(
             config,
             session_factory,
@@ -329,7 +332,13 @@ class Pipeline:
     # -- completion --------------------------------------------------------------------------
     def check_completion(self) -> None:
         """Evaluate every quiet series; a series whose check fails keeps the reason and waits.
-        Raises only when the database cannot be read at all (the loop reports it)."""
+        Raises only when the database cannot be read at all (the loop reports it). One node
+        at a time checks (the others skip the pass): two would plan the same series at once."""
+        with db.one_node_at_a_time(self._engine, "completion") as mine:
+            if mine:
+                self._check_completion()
+
+    def _check_completion(self) -> None:
         failed: list[str] = []
         queued = False
         with self.session_factory() as s:
@@ -526,4 +535,6 @@ class Pipeline:
 
     # -- clean-up ----------------------------------------------------------------------------
     def clean_up(self, now: datetime | None = None) -> int:
-        return retention.clean_up(self.config, self.session_factory, now)
+        """Retention clean-up, on one node at a time (0 when another node runs it)."""
+        with db.one_node_at_a_time(self._engine, "cleanup") as mine:
+            return retention.clean_up(self.config, self.session_factory, now) if mine else 0

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from dicom_node import db
 from dicom_node.config import parse_config
-from dicom_node.db import AuditEvent, Job, JobState, Series
+from dicom_node.db import AuditEvent, Job, JobState, Series, SeriesState
 from dicom_node.infer import ModelPool
 from dicom_node.jobs import queue_job
 from dicom_node.scheduler import Pipeline
@@ -59,13 +59,20 @@ def cluster(tmp_path, sample_data, database_url):
     port = _free_port()
     scp = SCP(port)
 
-    def config(node_id: str):
+    def config(node_id: str, quiet_seconds: float = 100000):  # jobs are queued by the test
         return parse_config(
             {
                 "node": {"id": node_id, "lease_s": LEASE_S},
                 "storage": {"spool_dir": str(tmp_path / "spool"), "retention_days": 0},
                 "database": {"url": database_url},
-                "completion": {"quiet_seconds": 100000},  # jobs are queued by the test
+                "completion": {"quiet_seconds": quiet_seconds},
+                "rules": [
+                    {
+                        "name": "thick",
+                        "match": {"modality": ["CT"]},
+                        "action": {"factor": 2, "destinations": ["pacs"]},
+                    }
+                ],
                 "destinations": [
                     {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": port}
                 ],
@@ -79,8 +86,8 @@ def cluster(tmp_path, sample_data, database_url):
     series_id = _index(sessions, config("setup"), files)
     pipelines: list[Pipeline] = []
 
-    def make_pipeline(node_id: str, model: LinearStandIn) -> Pipeline:
-        cfg = config(node_id)
+    def make_pipeline(node_id: str, model: LinearStandIn, **settings) -> Pipeline:
+        cfg = config(node_id, **settings)
         pool = ModelPool(cfg.model, loader=lambda _m: (model, None))
         pipeline = Pipeline(cfg, sessions, models=pool, send_base_delay_s=0.01)
         pipelines.append(pipeline)
@@ -205,3 +212,27 @@ def test_a_restarting_node_leaves_a_live_nodes_job_alone(cluster):
     assert _claims(sessions) == [(job_id, "node-a")]
     with sessions() as s:
         assert s.get(Job, job_id).attempts == 1
+
+
+def test_completion_runs_on_one_node_at_a_time(cluster, db_kind):
+    """While another node holds the completion task (PostgreSQL advisory lock), a pass does
+    nothing; once it is free, the series is planned and its job queued. SQLite is one machine's
+    database: there is nobody to wait for."""
+    make_pipeline, sessions, series_id, scp = cluster
+    pipeline = make_pipeline("node-a", GatedStandIn(), quiet_seconds=0)
+    engine = sessions.kw["bind"]
+    with db.one_node_at_a_time(engine, "completion") as other_node:
+        assert other_node
+        with sessions() as s:
+            before = s.get(Series, series_id).state
+        pipeline.check_completion()
+        with sessions() as s:
+            planned = s.get(Series, series_id).state is SeriesState.complete
+        assert before is not SeriesState.complete
+        assert planned is (db_kind == "sqlite")
+        with db.one_node_at_a_time(engine, "cleanup") as cleanup:
+            assert cleanup  # another task, another lock
+    pipeline.check_completion()
+    with sessions() as s:
+        assert s.get(Series, series_id).state is SeriesState.complete
+        assert len(s.scalars(select(Job)).all()) == 1
