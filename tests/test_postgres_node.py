@@ -22,6 +22,7 @@ from tests.support.dcmtk import free_port
 from tests.support.node import NodeProcess, make_instances, send_with_storescu
 from tests.support.orthanc import OrthancServer
 from tests.support.polling import wait_until
+from tests.support.postgres import PostgresCluster
 from tests.test_config_errors import base_config
 from tests.test_db_trouble import _serve_fails_at_once
 
@@ -165,3 +166,35 @@ def test_readiness_probe_on_postgresql_fails_fast_on_a_held_lock_and_a_dead_serv
     dead = f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nodes"
     check = check_database(probe_engine(dead))
     assert not check.ok and "cannot use the database" in check.detail
+
+
+def test_database_outage_gets_0xa700_and_the_node_recovers_by_itself(tmp_path, sample_data):
+    """The PostgreSQL server goes away while the node runs (its own cluster here, stopped with
+    ``pg_ctl stop``): stores are answered 0xA700 (senders retry) and nothing unindexed is
+    acknowledged; when the server is back on the same port, the node takes stores again without
+    a restart."""
+    sources = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))
+    files = make_instances(sources, 3, tmp_path / "in", seed="postgres-outage")
+    with PostgresCluster() as cluster:
+        url = cluster.create_database()
+        overrides = {
+            "database": {"url": url, "store_busy_timeout_ms": 2000},
+            "completion": {"quiet_seconds": 100000},
+        }
+        with NodeProcess(tmp_path / "node", overrides=overrides) as node:
+            assert send_with_storescu(files[:1], node.port).acknowledged == {files[0]}
+            cluster.stop_server()
+            t0 = time.monotonic()
+            during = send_with_storescu(files[1:2], node.port)
+            took = time.monotonic() - t0
+            assert during.statuses == {files[1]: 0xA700}, during.output[-2000:]
+            assert took < 2 + 10, took  # the store budget and a little, not a sender timeout
+            assert node.running
+            cluster.start_server()
+            after = send_with_storescu(files[1:], node.port)
+            assert after.acknowledged == set(files[1:]), after.output[-2000:]
+            listed = node.cli("series", "list", "--json")
+            assert listed.returncode == 0, listed.stderr
+            assert json.loads(listed.stdout)[0]["n_instances"] == 3
+            # the refused store left no file behind that the index does not know
+            assert len(list(node.spool.rglob("*.dcm"))) == 3

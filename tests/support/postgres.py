@@ -12,8 +12,9 @@ the tests run as root (PostgreSQL refuses to run as root): ``nobody``. The serve
 127.0.0.1 and a free port only, with its unix socket in the same temporary directory, and trusts
 every local connection (nothing else can reach it). It runs with ``fsync=off``: a test cluster
 never outlives its run, and the durability settings of a real one are not what the tests check.
-``stop()`` stops the server (``pg_ctl stop -m fast``) and removes the directory. Nothing here
-uses or needs a system-wide PostgreSQL service.
+``stop()`` stops the server (``pg_ctl stop -m fast``) and removes the directory;
+``stop_server()`` and ``start_server()`` take the server away and bring it back on the same port
+(a database outage). Nothing here uses or needs a system-wide PostgreSQL service.
 """
 
 from __future__ import annotations
@@ -96,6 +97,10 @@ class PostgresCluster:
             capture_output=True,
             cwd=self.root,
         )
+        return self.start_server()
+
+    def start_server(self) -> PostgresCluster:
+        """Start the server on the existing cluster (same port and data)."""
         options = " ".join(
             [
                 "-c listen_addresses=127.0.0.1",
@@ -149,7 +154,8 @@ class PostgresCluster:
         except OSError:
             return "(no log)"
 
-    def stop(self) -> None:
+    def stop_server(self) -> None:
+        """Stop the server and keep the cluster (``start_server`` brings it back)."""
         if self._started:
             # fast: ends open client connections (a test may leave a pooled one behind)
             subprocess.run(
@@ -161,6 +167,10 @@ class PostgresCluster:
                 timeout=60,
             )
             self._started = False
+
+    def stop(self) -> None:
+        """Stop the server and remove the cluster."""
+        self.stop_server()
         shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self) -> PostgresCluster:
