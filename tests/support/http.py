@@ -134,7 +134,14 @@ class Prometheus:
                 stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         wait_for_port("127.0.0.1", self.port, timeout=60, proc=self.proc)
-        return self
+        # Prometheus listens before its storage is open and answers 503 until then.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            with contextlib.suppress(requests.RequestException):
+                if requests.get(f"http://127.0.0.1:{self.port}/-/ready", timeout=5).ok:
+                    return self
+            time.sleep(0.2)
+        raise TimeoutError(f"Prometheus not ready after 60 s: {self.log_path.read_text()[-2000:]}")
 
     def __exit__(self, *exc) -> None:
         if self.proc is not None and self.proc.poll() is None:
