@@ -87,6 +87,10 @@ class NodeSection(_Strict):
     # a node that stops renewing (killed, cut off from the database) loses its jobs to the
     # other nodes this long after its last renewal.
     lease_s: float = Field(60, ge=3, le=3600)
+    # What this process does: a receiver receives, indexes and checks completion (queues jobs);
+    # a worker claims jobs and runs them (inference, write, preview, send); all does both.
+    # Several processes on one PostgreSQL split the roles among them.
+    role: Literal["all", "receiver", "worker"] = "all"
 
     _ae = field_validator("ae_title")(_check_ae)
 

@@ -122,15 +122,17 @@ class Node:
         crashed = status_file_path(cfg).exists()
         if cfg.http.enabled:
             self._bind_http()  # a port in use stops the start before anything else listens
-        self.receiver = Receiver(cfg, self._store_sessions, on_change=self._status_dirty.set)
-        self.receiver.start()
+        if cfg.node.role != "worker":  # a worker only claims and runs jobs: no DICOM port
+            self.receiver = Receiver(cfg, self._store_sessions, on_change=self._status_dirty.set)
+            self.receiver.start()
         self.pipeline = Pipeline(
             cfg, self.session_factory, previous_run_crashed=crashed, health=self.health
         )
         self.pipeline.start()
         if self.http is not None:
             self.http.view.models = self.pipeline.models  # readiness and reprocess use it
-            self.http.view.store_part10 = self.receiver.store_part10  # STOW-RS
+            if self.receiver is not None:
+                self.http.view.store_part10 = self.receiver.store_part10  # STOW-RS
             self.http.start()
         self._write_status()
         self._status_thread = threading.Thread(
@@ -200,6 +202,7 @@ class Node:
             models=None,  # the pipeline's, once it exists (start)
             health=self.health.snapshot,
             stopping=self._stop.is_set,
+            runs_jobs=cfg.node.role != "receiver",
         )
         self.http = HttpServer(view)
         try:

@@ -26,6 +26,9 @@ node's ``node.id``, with a lease; ``SELECT ... FOR UPDATE SKIP LOCKED`` on Postg
 send attempt claims its job the same way, so no two nodes run or send the same job at once.
 Completion checks and clean-up run on one node at a time (a PostgreSQL advisory lock per task,
 db.one_node_at_a_time); the other nodes skip those passes.
+``node.role`` splits the work: a ``receiver`` runs completion (and clean-up), a ``worker``
+dispatch, send and leases with the worker threads and the heartbeat; ``all`` (the default) runs
+everything.
 
 Every loop survives any exception: it logs it, records the reason on the job or series where
 there is one, reports to :class:`~dicom_node.health.Health` (a loop failing for a minute makes
@@ -201,6 +204,7 @@ class Pipeline:
         # under its id with a lease that the heartbeat renews.
         self.node_id = config.node.node_id
         self.lease_s = config.node.lease_s
+        self.role = config.node.role
         self._engine = session_factory.kw.get("bind") or session_factory().get_bind()
         self.worker = Worker(
             config,
@@ -234,7 +238,34 @@ class Pipeline:
         # APScheduler logs every run at INFO: several lines a second, drowning our own events.
         # Skipped overlapping runs are expected (a long completion check): not worth a warning.
         logging.getLogger("apscheduler").setLevel(logging.ERROR)
-        self._recover()
+        receives, works = self.role in ("all", "receiver"), self.role in ("all", "worker")
+        self._recover(receives=receives, works=works)
+        if works:
+            self._start_workers()
+        dispatch_s, send_s, cleanup_s = self._intervals
+        tasks: list[tuple[str, Callable[[], object], float]] = [
+            ("cleanup", self.clean_up, cleanup_s)
+        ]
+        if receives:
+            tasks.append(
+                ("completion", self.check_completion, self.config.completion.check_interval_s)
+            )
+        if works:
+            tasks += [
+                ("dispatch", self.dispatch, dispatch_s),
+                ("send", self.send_due, send_s),
+                ("leases", self.reap_expired_leases, max(0.5, min(self.lease_s / 3, 10.0))),
+            ]
+        now = datetime.now()
+        for name, fn, interval in tasks:
+            self.health.register(name, interval)
+            self._scheduler.add_job(
+                self._guarded(name, fn), "interval", seconds=interval, id=name, next_run_time=now
+            )
+        self._scheduler.start()
+        log.info("pipeline started role=%s workers=%d", self.role, self.concurrency if works else 0)
+
+    def _start_workers(self) -> None:
         # Load the model now, not when the first series completes (saves seconds of latency).
         threading.Thread(target=self._preload, name="acvtt-preload", daemon=True).start()
         for i in range(self.concurrency):
@@ -246,26 +277,10 @@ class Pipeline:
             target=self._heartbeat_loop, name="lease-heartbeat", daemon=True
         )
         self._heartbeat.start()
-        dispatch_s, send_s, cleanup_s = self._intervals
-        tasks: list[tuple[str, Callable[[], object], float]] = [
-            ("completion", self.check_completion, self.config.completion.check_interval_s),
-            ("dispatch", self.dispatch, dispatch_s),
-            ("send", self.send_due, send_s),
-            ("leases", self.reap_expired_leases, max(0.5, min(self.lease_s / 3, 10.0))),
-            ("cleanup", self.clean_up, cleanup_s),
-        ]
-        now = datetime.now()
-        for name, fn, interval in tasks:
-            self.health.register(name, interval)
-            self._scheduler.add_job(
-                self._guarded(name, fn), "interval", seconds=interval, id=name, next_run_time=now
-            )
-        self._scheduler.start()
-        log.info("pipeline started workers=%d", self.concurrency)
 
-    def _recover(self) -> None:
-        """Requeue the jobs this node was running when it stopped (other nodes' jobs wait for
-        their leases); hold back series that were still arriving."""
+    def _recover(self, *, receives: bool = True, works: bool = True) -> None:
+        """A worker requeues the jobs it was running when it stopped (other nodes' jobs wait
+        for their leases); a receiver holds back series that were still arriving."""
         completion = self.config.completion
         wait, why = (
             (completion.interrupted_hold_s, "the node stopped while the series was arriving")
@@ -274,8 +289,12 @@ class Pipeline:
         )
         try:
             with self.session_factory() as s:
-                recovered = jobs_mod.reclaim_own(s, self.node_id)
-                held = hold_unfinished_series(s, utcnow() + timedelta(seconds=wait), why)
+                recovered = jobs_mod.reclaim_own(s, self.node_id) if works else []
+                held = (
+                    hold_unfinished_series(s, utcnow() + timedelta(seconds=wait), why)
+                    if receives
+                    else 0
+                )
                 s.commit()
         except Exception as exc:
             # The loops retry against the database; the health report shows why.

@@ -1,4 +1,4 @@
-"""Several nodes on one database: job claims with leases (issue 12, item 3).
+"""Several nodes on one database: job claims with leases, roles (issue 12, items 2 and 3).
 
 Two in-process :class:`~dicom_node.scheduler.Pipeline` instances with their own ``node.id``
 share one database, one spool and one destination (a recording pynetdicom SCP), as two worker
@@ -15,6 +15,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import select
 
 from dicom_node import db
@@ -25,6 +26,7 @@ from dicom_node.jobs import queue_job
 from dicom_node.scheduler import Pipeline
 from tests.support.polling import wait_until
 from tests.support.postgres import DATABASE_KINDS
+from tests.test_config_errors import base_config, run_cli
 from tests.test_pipeline import SCP, LinearStandIn, _free_port, _index
 
 LEASE_S = 3.0  # the shortest the config allows; the reaper runs every second
@@ -59,10 +61,10 @@ def cluster(tmp_path, sample_data, database_url):
     port = _free_port()
     scp = SCP(port)
 
-    def config(node_id: str, quiet_seconds: float = 100000):  # jobs are queued by the test
-        return parse_config(
+    def config(node_id: str, quiet_seconds: float = 100000, role: str = "all"):
+        return parse_config(  # quiet_seconds: by default the test queues the jobs itself
             {
-                "node": {"id": node_id, "lease_s": LEASE_S},
+                "node": {"id": node_id, "lease_s": LEASE_S, "role": role},
                 "storage": {"spool_dir": str(tmp_path / "spool"), "retention_days": 0},
                 "database": {"url": database_url},
                 "completion": {"quiet_seconds": quiet_seconds},
@@ -236,3 +238,40 @@ def test_completion_runs_on_one_node_at_a_time(cluster, db_kind):
     with sessions() as s:
         assert s.get(Series, series_id).state is SeriesState.complete
         assert len(s.scalars(select(Job)).all()) == 1
+
+
+def test_a_receiver_queues_and_a_worker_runs(cluster, db_kind):
+    """node.role: the receiver's pipeline checks completion and queues the job but never claims
+    one; the worker's claims it, runs it and sends it."""
+    make_pipeline, sessions, series_id, scp = cluster
+    receiver = make_pipeline("rx", GatedStandIn(), quiet_seconds=0, role="receiver")
+    worker = make_pipeline("wk", GatedStandIn(), role="worker")
+    receiver.start()
+    worker.start()
+    names = {j.id for j in receiver._scheduler.get_jobs()}
+    assert names == {"completion", "cleanup"} and not receiver._threads
+    assert {"dispatch", "send", "leases"} <= {j.id for j in worker._scheduler.get_jobs()}
+    assert "completion" not in {j.id for j in worker._scheduler.get_jobs()}
+    wait_until(
+        lambda: (
+            (ids := list(_states(sessions, _all_job_ids(sessions)).values()))
+            and ids == [JobState.sent]
+        ),
+        60,
+        "the job to be sent",
+    )
+    assert [node for _, node in _claims(sessions)] == ["wk"]
+    with sessions() as s:
+        assert s.get(Series, series_id).state is SeriesState.processed
+
+
+def _all_job_ids(sessions) -> list[int]:
+    with sessions() as s:
+        return list(s.scalars(select(Job.id)))
+
+
+def test_serve_refuses_an_unknown_role(tmp_path):
+    config = tmp_path / "node.yaml"
+    config.write_text(yaml.safe_dump(base_config(tmp_path)))
+    proc = run_cli("serve", "--role", "sender", "--config", str(config), timeout=60)
+    assert proc.returncode == 2 and "unknown role 'sender'" in proc.stderr, proc.stderr

@@ -66,13 +66,20 @@ app.add_typer(db_app, name="db")
 def serve(
     config_path: Path | None = ConfigOption,
     log_level: str = typer.Option("INFO", "--log-level", help="DEBUG, INFO, WARNING, ERROR"),
+    role: str | None = typer.Option(
+        None, "--role", help="all, receiver or worker (default: node.role, else all)"
+    ),
 ) -> None:
     """Run the node (receiver, pipeline, and the HTTP side when ``http.enabled``) until
-    SIGTERM/SIGINT."""
+    SIGTERM/SIGINT. ``--role receiver`` receives and queues jobs, ``--role worker`` runs them."""
     config = get_config(config_path)
     level = getattr(logging, log_level.upper(), None)
     if not isinstance(level, int):
         fail(f"unknown log level {log_level!r}", EXIT_CONFIG)
+    if role is not None:
+        if role not in ("all", "receiver", "worker"):
+            fail(f"unknown role {role!r} (all, receiver or worker)", EXIT_CONFIG)
+        config = config.model_copy(update={"node": config.node.model_copy(update={"role": role})})
     # The same checks as `config check`, before anything listens or writes: a missing
     # directory or certificate is named by its key, not reported as "cannot listen".
     _exit_on_problems(resolve_config_path(config_path), check_environment(config, create=True))

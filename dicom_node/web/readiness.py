@@ -138,11 +138,12 @@ def check_readiness(view: NodeView, engine: Engine) -> Readiness:
     with contextlib.suppress(Exception):
         listening = bool(view.receiver_listening())
     port = f"{cfg.node.bind_address}:{cfg.node.port}"
-    checks.append(
-        Check("receiver", True, f"listening on {port}")
-        if listening
-        else Check("receiver", False, f"not listening on {port}")
-    )
+    if cfg.node.role != "worker":  # a worker has no DICOM port
+        checks.append(
+            Check("receiver", True, f"listening on {port}")
+            if listening
+            else Check("receiver", False, f"not listening on {port}")
+        )
     if view.runs_jobs:
         model = view.model_status()
         if model.loaded:
