@@ -19,6 +19,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -40,8 +41,14 @@ HEARTBEAT_S = 5.0
 
 
 def status_file_path(config: NodeConfig) -> Path:
-    """Where the running node publishes its status (inside the spool, which is writable)."""
-    return Path(config.storage.spool_dir) / STATUS_FILE
+    """Where the running node publishes its status (inside the spool, which is writable). With
+    ``node.id`` set, the file is the node's own (``.node-status.<id>.json``): nodes that share a
+    spool must not read each other's file as their own (a crash would go unnoticed, or a clean
+    stop of one would look like a crash of the other)."""
+    if config.node.id is None:
+        return Path(config.storage.spool_dir) / STATUS_FILE
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", config.node.id)
+    return Path(config.storage.spool_dir) / f"{Path(STATUS_FILE).stem}.{safe}.json"
 
 
 def status_problem(config: NodeConfig) -> str:

@@ -212,3 +212,24 @@ def test_spool_write_is_atomic_and_replaces(tmp_path):
     assert not list(spool.incoming.iterdir())
     (spool.incoming / "left-by-crash.part").write_bytes(b"x")
     assert spool.clean_incoming() == 1
+
+
+def test_nodes_sharing_a_spool_keep_their_own_status_files(tmp_path):
+    """Two nodes (node.id a and b) on one spool and one database: each publishes and reads its
+    own status, and one stopping cleanly leaves the other's file (no false crash at its next
+    start, no lost crash record)."""
+    configs = [_config(tmp_path, id=name) for name in ("node/a", "node-b")]
+    nodes = [Node(cfg) for cfg in configs]
+    for node in nodes:
+        node.start()
+    try:
+        paths = [status_file_path(cfg) for cfg in configs]
+        assert len(set(paths)) == 2 and all(p.parent == paths[0].parent for p in paths)
+        for cfg, node in zip(configs, nodes, strict=True):
+            assert read_status(cfg)["port"] == node.receiver.port
+        nodes[0].stop()
+        assert not paths[0].exists() and paths[1].exists()
+        assert read_status(configs[1])["port"] == nodes[1].receiver.port
+    finally:
+        for node in nodes:
+            node.stop()
