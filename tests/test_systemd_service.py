@@ -73,6 +73,7 @@ def _install(ns: sd.SystemdNamespace, config: dict) -> None:
     assert proc.returncode == 0, proc.stderr
     setup = ns.sh(f"cd /opt/dicom-node && PYTHON={SYSTEM_PYTHON} ./scripts/setup.sh", timeout=900)
     assert "setup complete" in setup.stdout, setup.stdout[-2000:]
+    ns.sh("install -d -m 0750 -o dicom-node -g dicom-node /var/lib/dicom-node")
     ns.sh("install -d -m 0750 -o root -g dicom-node /etc/dicom-node")
     subprocess.run(
         ["nsenter", "-t", str(ns.pid), "-p", "-m", "sh", "-c",
