@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import locale
 import os
 
 import pytest
 
 from dicom_node.devtools.sample_data import SampleData, fetch_sample_data
+
+
+@pytest.fixture(autouse=True)
+def keep_the_process_locale():
+    """Restore the C locale after each test. GDCM (under SimpleITK's DICOM writer) sets
+    LC_CTYPE to "C" and leaves it so: every later ``subprocess.run(text=True)`` in this process
+    would then decode UTF-8 output (rich's tables) as ASCII and fail."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 @pytest.fixture
