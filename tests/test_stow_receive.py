@@ -170,3 +170,34 @@ def test_orthanc_uploads_the_real_series_by_stow_rs(tmp_path, node, sample_data)
         interval=1,
     )
     assert job[1] == "no destinations: kept locally"
+
+
+def test_the_node_sends_to_a_bearer_token_server_and_a_wrong_token_is_permanent(
+    node, sample_data, tmp_path
+):
+    """The STOW-RS client (a dicomweb destination with a bearer token) against the node's own
+    STOW-RS endpoint, which checks bearer tokens."""
+    from dicom_node.config import parse_config
+    from dicom_node.send import FailureKind
+    from dicom_node.stow import StowTarget, stow_instances
+
+    files = sorted(Path(sample_data.ct_dicom_repaired).glob("*.dcm"))[:3]
+
+    def target(token: str) -> StowTarget:
+        path = tmp_path / f"token-{len(token)}-{token[:3]}"
+        path.write_text(token + "\n")
+        dest = {
+            "type": "dicomweb",
+            "name": "node",
+            "url": _url(node, "/dicomweb"),
+            "auth": {"type": "bearer", "token_file": str(path)},
+            "batch_size": 2,
+        }
+        return StowTarget(parse_config({"destinations": [dest]}).destination("node"))
+
+    wrong = stow_instances(target("not-a-valid-token-at-all-xyz"), files)
+    assert wrong.failure.kind is FailureKind.PERMANENT and "HTTP 401" in wrong.failure.reason
+    assert "not-a-valid" not in wrong.failure.reason
+    ok = stow_instances(target(TOKENS["alice"]), files)
+    assert ok.ok and len(ok.sent_now) == 3
+    assert node.sqlite("select count(*) from instances")[0][0] == 3
