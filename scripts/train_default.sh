@@ -7,6 +7,8 @@
 #      A  28 min, lr 1e-3 (then 2.5e-4 for the last quarter), at most 20,000 steps
 #      B  30 min, resumed, same settings (lr 2.5e-4 past step 15,000)
 #      C 118 min, resumed, lr 5e-4 (then 1.25e-4 for the last quarter), at most 70,000 steps
+#      D  50 min, C's weights + the Alderson phantom, fresh Adam, lr 2.5e-4 (36 min), 6.25e-5 (14):
+#         issue 15's candidate, NOT in the shipped weights (docs/MODEL.md, "More body regions")
 # 3) evaluate on the held-out patients with `acvtt eval` (see docs/MODEL.md).
 # Runs in the background with nohup; logs under OUT (git-ignored runs/ by default). Resumable:
 # rerun the same command and finished phases are skipped, an interrupted one resumes.
@@ -22,7 +24,7 @@ if [ -z "${_ACVTT_TRAIN_BG:-}" ]; then
   exit 0
 fi
 
-"$PY" -m dicom_node.devtools.sample_data > "$OUT/sample_data.json"
+"$PY" -m dicom_node.devtools.sample_data --training > "$OUT/sample_data.json"  # --training: phase D data
 D=var/sample-data/volumes
 
 phase() {  # NAME BUDGET_MIN MAX_STEPS LR
@@ -46,4 +48,18 @@ phase() {  # NAME BUDGET_MIN MAX_STEPS LR
 phase A 28 20000 1e-3
 phase B 30 20000 1e-3
 phase C 118 70000 5e-4
-echo "training done ($(date -u +%FT%TZ)): $OUT/last.safetensors"
+# Phase D (issue 15, docs/MODEL.md "More body regions"): continue C's weights with a fresh Adam,
+# adding the Alderson phantom (pelvis, lumbar spine) for in-plane self-supervision + synthetic z.
+# Held out besides the above: head_neck_ct (test), head_top_ct and pelvis_rt_ct (validation of
+# the data choice). training/README.md has the driver; its --state resumes on another machine.
+if [ ! -f "$OUT/phase-D.done" ]; then
+  OMP_NUM_THREADS=1 "$PY" training/continue_default.py --run "$OUT/phase-D" \
+    --base "$OUT/last.safetensors" \
+    --source "$D/chest_cta_thin.nii.gz:iz:1" --source "$D/lung1_image.nrrd:iz:1" \
+    --source "$D/spine_ct.nii.gz:z:0.3" --source "var/sample-data/dicom/alderson_ct:iz:1" \
+    --held-out lung2_image --held-out abdomen_ct --held-out ct_dicom_repaired \
+    --held-out head_neck_ct --held-out head_top_ct --held-out pelvis_rt_ct \
+    --phase 36:2.5e-4 --phase 14:6.25e-5
+  touch "$OUT/phase-D.done"
+fi
+echo "training done ($(date -u +%FT%TZ)): $OUT/phase-D/last.safetensors"
