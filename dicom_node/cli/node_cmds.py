@@ -427,7 +427,8 @@ def echo(
     config_path: Path | None = ConfigOption,
     timeout: float = typer.Option(10, "--timeout", help="seconds for connect and each reply"),
 ) -> None:
-    """C-ECHO a configured destination (exit 4 when it cannot be reached or refuses).
+    """C-ECHO a configured destination (exit 4 when it cannot be reached or refuses); for a
+    DICOMweb destination a QIDO-RS ``GET {url}/studies?limit=1`` with its credentials.
 
     Uses the association set-up of sending (TCP_NODELAY, TLS with certificate and host name
     checks), so a passing echo means a send can get through.
