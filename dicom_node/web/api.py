@@ -55,14 +55,19 @@ def overview(web: WebApp, request: Request) -> Response:
     return JSON(data)
 
 
-def series_list(web: WebApp, request: Request) -> Response:
+def _list(web: WebApp, request: Request, states, rows_of, key: str) -> Response:
+    """A paged JSON list of series or jobs, filtered by state."""
     web.reader(request)
-    state = query_state(request, SeriesState)
+    state = query_state(request, states)
     limit = query_int(request, "limit", 50, 1, 1000)
     offset = query_int(request, "offset", 0, 0, 10**9)
     with web.view.sessions() as s:
-        rows, total = queries.series_rows(s, state=state, limit=limit, offset=offset)
-    return JSON({"total": total, "limit": limit, "offset": offset, "series": rows})
+        rows, total = rows_of(s, state=state, limit=limit, offset=offset)
+    return JSON({"total": total, "limit": limit, "offset": offset, key: rows})
+
+
+def series_list(web: WebApp, request: Request) -> Response:
+    return _list(web, request, SeriesState, queries.series_rows, "series")
 
 
 def series_one(web: WebApp, request: Request) -> Response:
@@ -73,13 +78,7 @@ def series_one(web: WebApp, request: Request) -> Response:
 
 
 def jobs_list(web: WebApp, request: Request) -> Response:
-    web.reader(request)
-    state = query_state(request, JobState)
-    limit = query_int(request, "limit", 50, 1, 1000)
-    offset = query_int(request, "offset", 0, 0, 10**9)
-    with web.view.sessions() as s:
-        rows, total = queries.job_rows(s, state=state, limit=limit, offset=offset)
-    return JSON({"total": total, "limit": limit, "offset": offset, "jobs": rows})
+    return _list(web, request, JobState, queries.job_rows, "jobs")
 
 
 def job_one(web: WebApp, request: Request) -> Response:

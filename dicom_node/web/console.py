@@ -72,23 +72,28 @@ def overview(web: WebApp, request: Request) -> Response:
     )
 
 
-def series_list(web: WebApp, request: Request) -> Response:
+def _list_page(web: WebApp, request: Request, states, rows_of, template: str) -> Response:
+    """A paged list of series or jobs, filtered by state."""
     who = web.reader(request)
-    state = query_state(request, SeriesState)
+    state = query_state(request, states)
     offset = query_int(request, "offset", 0, 0, 10**9)
     with web.view.sessions() as s:
-        rows, total = queries.series_rows(s, state=state, limit=PAGE, offset=offset)
+        rows, total = rows_of(s, state=state, limit=PAGE, offset=offset)
     return web.page(
         request,
-        "series_list.html",
+        template,
         who,
         rows=rows,
         total=total,
         state=state,
         offset=offset,
         page=PAGE,
-        states=[s.value for s in SeriesState],
+        states=[s.value for s in states],
     )
+
+
+def series_list(web: WebApp, request: Request) -> Response:
+    return _list_page(web, request, SeriesState, queries.series_rows, "series_list.html")
 
 
 def series_page(web: WebApp, request: Request) -> Response:
@@ -98,22 +103,7 @@ def series_page(web: WebApp, request: Request) -> Response:
 
 
 def jobs_list(web: WebApp, request: Request) -> Response:
-    who = web.reader(request)
-    state = query_state(request, JobState)
-    offset = query_int(request, "offset", 0, 0, 10**9)
-    with web.view.sessions() as s:
-        rows, total = queries.job_rows(s, state=state, limit=PAGE, offset=offset)
-    return web.page(
-        request,
-        "jobs_list.html",
-        who,
-        rows=rows,
-        total=total,
-        state=state,
-        offset=offset,
-        page=PAGE,
-        states=[s.value for s in JobState],
-    )
+    return _list_page(web, request, JobState, queries.job_rows, "jobs_list.html")
 
 
 def job_page(web: WebApp, request: Request) -> Response:
