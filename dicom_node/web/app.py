@@ -108,6 +108,17 @@ class BodyLimit:
         await (self.app if upload else self.small)(scope, receive, send)
 
 
+@contextlib.contextmanager
+def _as_refusals():
+    """An operation's "no such thing" as 404, its "not possible now" as 409, with the reason."""
+    try:
+        yield
+    except operations.NotFound as exc:
+        raise Refused(404, str(exc)) from None
+    except operations.NotPossible as exc:
+        raise Refused(409, str(exc)) from None
+
+
 class WebApp:
     """The application's state: the node view, authentication, templates and metrics."""
 
@@ -202,15 +213,11 @@ class WebApp:
         if models is None:
             raise Refused(503, "this process runs no jobs")
         try:
-            with self.view.sessions() as s:
+            with _as_refusals(), self.view.sessions() as s:
                 result = operations.reprocess(
                     s, self.view.config, uid, models, force=force, by=who.name, via="http",
                     peer=self.peer(request),
                 )  # fmt: skip
-        except operations.NotFound as exc:
-            raise Refused(404, str(exc)) from None
-        except operations.NotPossible as exc:
-            raise Refused(409, str(exc)) from None
         except ModelUnavailable as exc:
             raise Refused(503, f"the model cannot be loaded: {exc}") from None
         log.info("reprocess by=%s series_uid=%s job_id=%s", who.name, uid, result.job_id)
@@ -219,16 +226,11 @@ class WebApp:
     def resend(
         self, request: Request, who: Principal, job_id: int, everything: bool
     ) -> ActionResult:
-        try:
-            with self.view.sessions() as s:
-                result = operations.resend(
-                    s, job_id, all_instances=everything, by=who.name, via="http",
-                    peer=self.peer(request),
-                )  # fmt: skip
-        except operations.NotFound as exc:
-            raise Refused(404, str(exc)) from None
-        except operations.NotPossible as exc:
-            raise Refused(409, str(exc)) from None
+        with _as_refusals(), self.view.sessions() as s:
+            result = operations.resend(
+                s, job_id, all_instances=everything, by=who.name, via="http",
+                peer=self.peer(request),
+            )  # fmt: skip
         log.info("resend by=%s job_id=%s all=%s", who.name, job_id, everything)
         return result
 
