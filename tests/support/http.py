@@ -21,12 +21,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pydicom
 import requests
 import yaml
-from pydicom.uid import generate_uid
 
 from tests.support.dcmtk import free_port, wait_for_port
+from tests.support.node import rewrite_series
 
 PROMETHEUS = "/usr/bin/prometheus"
 TOKENS = {"alice": "alice-" + "0123456789abcdef" * 2, "bob": "bob-" + "fedcba9876543210" * 2}
@@ -90,20 +89,11 @@ class Web:
 def patient_series(sources: list[Path], out_dir: Path, seed: str) -> list[Path]:
     """The real series under new UIDs, with :data:`PATIENT_NAME` and :data:`PATIENT_ID` (the
     sample data's are empty), pixel data and geometry untouched."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    study = generate_uid(entropy_srcs=[seed, "study"])
-    series = generate_uid(entropy_srcs=[seed, "series"])
-    paths = []
-    for i, src in enumerate(sorted(sources)):
-        ds = pydicom.dcmread(src)
+
+    def name(ds) -> None:
         ds.PatientName, ds.PatientID = PATIENT_NAME, PATIENT_ID
-        ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
-        ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop", str(i)])
-        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
-        path = out_dir / f"{i:05d}.dcm"
-        ds.save_as(path, enforce_file_format=True)
-        paths.append(path)
-    return paths
+
+    return rewrite_series(sorted(sources), out_dir, seed, name)
 
 
 class Prometheus:

@@ -32,8 +32,10 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -329,25 +331,22 @@ def make_instances(sources: list[Path], n: int, out_dir: Path, seed: str = "test
     return paths
 
 
-def half_size_series(sources: list[Path], out_dir: Path, seed: str, n: int | None = None):
-    """The real series at half the matrix (256x256, 2x2 block means of the real pixels, stored
-    uncompressed) under new UIDs: the same anatomy and geometry at a quarter of the CPU time."""
-    import numpy as np
+def rewrite_series(
+    sources: list[Path], out_dir: Path, seed: str, edit: Callable[[Any], None] | None = None
+) -> list[Path]:
+    """The ``sources`` as one new study and series (deterministic in ``seed``), each file with a
+    new SOP Instance UID, after ``edit(dataset)``; geometry and other attributes as they are."""
     import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+    from pydicom.uid import generate_uid
 
     out_dir.mkdir(parents=True, exist_ok=True)
     study = generate_uid(entropy_srcs=[seed, "study"])
     series = generate_uid(entropy_srcs=[seed, "series"])
     paths = []
-    for i, src in enumerate(sources[:n]):
+    for i, src in enumerate(sources):
         ds = pydicom.dcmread(src)
-        px = ds.pixel_array.astype(np.float32)
-        small = px.reshape(px.shape[0] // 2, 2, px.shape[1] // 2, 2).mean(axis=(1, 3))
-        ds.PixelData = np.round(small).astype(ds.pixel_array.dtype).tobytes()
-        ds.Rows, ds.Columns = small.shape
-        ds.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        if edit is not None:
+            edit(ds)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series
         ds.SOPInstanceUID = generate_uid(entropy_srcs=[seed, "sop", str(i)])
         ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
@@ -355,3 +354,20 @@ def half_size_series(sources: list[Path], out_dir: Path, seed: str, n: int | Non
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def half_size_series(sources: list[Path], out_dir: Path, seed: str, n: int | None = None):
+    """The real series at half the matrix (256x256, 2x2 block means of the real pixels, stored
+    uncompressed) under new UIDs: the same anatomy and geometry at a quarter of the CPU time."""
+    import numpy as np
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    def halve(ds) -> None:
+        px = ds.pixel_array.astype(np.float32)
+        small = px.reshape(px.shape[0] // 2, 2, px.shape[1] // 2, 2).mean(axis=(1, 3))
+        ds.PixelData = np.round(small).astype(ds.pixel_array.dtype).tobytes()
+        ds.Rows, ds.Columns = small.shape
+        ds.PixelSpacing = [float(v) * 2 for v in ds.PixelSpacing]
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+
+    return rewrite_series(sources[:n], out_dir, seed, halve)
