@@ -163,6 +163,12 @@ class AckRecorder:
         if due:
             self.flush()
 
+    def drain(self) -> list[tuple[str, int]]:
+        """Take the acknowledgements not committed yet (the caller commits them)."""
+        with self._lock:
+            pending, self._pending = list(self._pending.items()), {}
+        return pending
+
     def flush(self) -> bool:
         """Commit what is buffered; False (and the buffer kept) if the database refused."""
         with self._lock:
@@ -318,15 +324,13 @@ def _send_to(
             network_timeout=node.network_timeout_s,
             on_ack=recorder.add,
         )
-    recorder.flush()  # if this fails too, _record_outcome's commit retries the rest
     attempt.elapsed_s += res.elapsed_s
     acked_now = [o for o in res.outcomes if o.sent_now and o.acknowledged]
     refused = sum(1 for o in res.outcomes if o.sent_now and not o.acknowledged)
     metrics.sent(name, acknowledged=len(acked_now), failed=refused)
     with sessions() as s:
-        jobs_mod.record_acks(
-            s, job_id, name, [(o.sop_instance_uid, o.status or 0) for o in acked_now]
-        )
+        # What the recorder has not committed yet goes in with the attempt's audit event.
+        jobs_mod.record_acks(s, job_id, name, recorder.drain())
         audit(
             s,
             "send_attempt",
