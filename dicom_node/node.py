@@ -51,46 +51,40 @@ def status_file_path(config: NodeConfig) -> Path:
     return Path(config.storage.spool_dir) / f"{Path(STATUS_FILE).stem}.{safe}.json"
 
 
-def status_problem(config: NodeConfig) -> str:
-    """Why :func:`read_status` found no running node, in words for a health check."""
-    path = status_file_path(config)
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return "node is not running (no status file)"
-    try:
-        os.kill(int(data.get("pid")), 0)
-    except (TypeError, ValueError, ProcessLookupError):
-        return "node is not running (it stopped without cleaning up: a crash?)"
-    except PermissionError:
-        pass
-    age = time.time() - float(data.get("updated_unix", 0))
-    return (
-        f"node process {data.get('pid')} is alive but has not updated its status for "
-        f"{age:.0f} s (is the spool's disk full, or the process hung?)"
-    )
-
-
-def read_status(config: NodeConfig) -> dict | None:
-    """The running node's status, or None when no node is running for this config.
+def _check_status(config: NodeConfig) -> tuple[dict | None, str]:
+    """(the running node's status, "") or (None, why no node is running for this config).
 
     A file whose process is gone, or that was not refreshed for three heartbeats, means the
-    node died without cleaning up: it counts as not running.
+    node died without cleaning up or hangs: it counts as not running.
     """
     try:
         data = json.loads(status_file_path(config).read_text())
     except (OSError, ValueError):
-        return None
+        return None, "node is not running (no status file)"
     pid = data.get("pid")
     try:
         os.kill(int(pid), 0)
     except (TypeError, ValueError, ProcessLookupError):
-        return None
+        return None, "node is not running (it stopped without cleaning up: a crash?)"
     except PermissionError:
         pass  # alive, owned by another user
-    if time.time() - float(data.get("updated_unix", 0)) > 3 * HEARTBEAT_S:
-        return None
-    return data
+    age = time.time() - float(data.get("updated_unix", 0))
+    if age > 3 * HEARTBEAT_S:
+        return None, (
+            f"node process {pid} is alive but has not updated its status for "
+            f"{age:.0f} s (is the spool's disk full, or the process hung?)"
+        )
+    return data, ""
+
+
+def status_problem(config: NodeConfig) -> str:
+    """Why :func:`read_status` found no running node, in words for a health check."""
+    return _check_status(config)[1] or "node is running"
+
+
+def read_status(config: NodeConfig) -> dict | None:
+    """The running node's status, or None when no node is running for this config."""
+    return _check_status(config)[0]
 
 
 class StartupError(Exception):
