@@ -91,6 +91,9 @@ class NodeSection(_Strict):
     # a worker claims jobs and runs them (inference, write, preview, send); all does both.
     # Several processes on one PostgreSQL split the roles among them.
     role: Literal["all", "receiver", "worker"] = "all"
+    # How often the node refreshes its status file and its row in the nodes table; missing
+    # three in a row makes it stale (a crash, a hang, cut off) in `dicom-node status`.
+    heartbeat_s: float = Field(5, ge=0.2, le=60)
 
     _ae = field_validator("ae_title")(_check_ae)
 
