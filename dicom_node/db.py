@@ -1,4 +1,5 @@
-"""The index database: studies, series, instances, jobs and the audit trail (SQLAlchemy 2 ORM).
+"""The index database: studies, series, instances, jobs, the audit trail and the nodes that share
+it (SQLAlchemy 2 ORM).
 
 The schema is created and upgraded only by alembic (``dicom-node db upgrade``, or
 :func:`upgrade` at start-up); :func:`make_engine` configures SQLite for concurrent writers
@@ -239,6 +240,30 @@ class AuditEvent(Base):
     peer: Mapped[str | None] = mapped_column(String(64))
     status: Mapped[int | None] = mapped_column(Integer)
     detail: Mapped[str | None] = mapped_column(Text)
+
+
+class NodeRow(Base):
+    """A node process sharing this database, as it last reported itself (dicom_node/nodes.py).
+    ``stopped_at`` is None while it runs; a ``last_seen`` older than three ``heartbeat_s`` of a
+    node that never stopped means it crashed, hangs or is cut off from the database."""
+
+    __tablename__ = "nodes"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)  # node.id
+    host: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16))
+    version: Mapped[str] = mapped_column(String(64))
+    # What the node loaded: None until it loads a model (a receiver may never).
+    model_id: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    devices: Mapped[str | None] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    port: Mapped[int | None] = mapped_column(Integer)  # None for a worker (no DICOM port)
+    heartbeat_s: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(DateTime)
+    last_seen: Mapped[datetime] = mapped_column(DateTime)
+    stopped_at: Mapped[datetime | None] = mapped_column(DateTime)
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # pragma: no cover - exercised via engine

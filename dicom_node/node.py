@@ -10,7 +10,9 @@ rewritten atomically on every association change and every few seconds, so that
 ``dicom-node status`` and ``dicom-node health`` (other processes) can show the open associations
 and the health of every loop. A status file left behind at start-up means the previous run did
 not stop cleanly (a crash or ``kill -9``): the pipeline then holds back series that were still
-arriving (see scheduler.py).
+arriving (see scheduler.py). The node also keeps its row in the database's ``nodes`` table up
+to date (dicom_node/nodes.py), which ``dicom-node status`` reads to show every node sharing the
+database; the status file stays the local channel that works while the database is down.
 """
 
 from __future__ import annotations
@@ -28,16 +30,16 @@ from pathlib import Path
 
 from sqlalchemy.exc import OperationalError
 
-from dicom_node import db
+from dicom_node import db, nodes
 from dicom_node.config import NodeConfig
 from dicom_node.health import Health
 from dicom_node.receive import Receiver
+from dicom_node.receive_pool import ReceiverPool
 from dicom_node.scheduler import Pipeline
 
 log = logging.getLogger(__name__)
 
 STATUS_FILE = ".node-status.json"
-HEARTBEAT_S = 5.0
 
 
 def status_file_path(config: NodeConfig) -> Path:
@@ -69,7 +71,7 @@ def _check_status(config: NodeConfig) -> tuple[dict | None, str]:
     except PermissionError:
         pass  # alive, owned by another user
     age = time.time() - float(data.get("updated_unix", 0))
-    if age > 3 * HEARTBEAT_S:
+    if age > nodes.HEARTBEATS_UNTIL_STALE * config.node.heartbeat_s:
         return None, (
             f"node process {pid} is alive but has not updated its status for "
             f"{age:.0f} s (is the spool's disk full, or the process hung?)"
@@ -107,6 +109,7 @@ class Node:
         self._store_engine = None
         self._store_sessions = None
         self.receiver: Receiver | None = None
+        self.receiver_pool: ReceiverPool | None = None  # node.receiver_processes > 1
         self.pipeline: Pipeline | None = None
         self.http = None  # dicom_node.web.server.HttpServer when http.enabled
         self._web_engine = None
@@ -115,6 +118,7 @@ class Node:
         self._stop = threading.Event()
         self._status_dirty = threading.Event()
         self._status_thread: threading.Thread | None = None
+        self.presence: nodes.Presence | None = None  # this process's row in the nodes table
 
     def start(self) -> None:
         cfg = self.config
@@ -126,6 +130,10 @@ class Node:
         if cfg.node.role != "worker":  # a worker only claims and runs jobs: no DICOM port
             self.receiver = Receiver(cfg, self._store_sessions, on_change=self._status_dirty.set)
             self.receiver.start()
+            if cfg.node.receiver_processes > 1:  # more receiving processes on the same port
+                level = logging.getLogger().getEffectiveLevel()
+                self.receiver_pool = ReceiverPool(cfg, self.receiver.port, level, self.health)
+                self.receiver_pool.start()
         self.pipeline = Pipeline(
             cfg, self.session_factory, previous_run_crashed=crashed, health=self.health
         )
@@ -135,6 +143,13 @@ class Node:
             if self.receiver is not None:
                 self.http.view.store_part10 = self.receiver.store_part10  # STOW-RS
             self.http.start()
+        self.presence = nodes.Presence(
+            cfg,
+            self.session_factory,
+            port=self.receiver.port if self.receiver else None,
+            loaded_model=lambda: self.pipeline.models.loaded if self.pipeline else None,
+        )
+        self.presence.register()
         self._write_status()
         self._status_thread = threading.Thread(
             target=self._status_loop, name="node-status", daemon=True
@@ -149,11 +164,15 @@ class Node:
             except Exception:
                 log.exception("pipeline shutdown failed")
             self.pipeline = None
+        if self.receiver_pool is not None:  # SIGTERM: each lets its associations finish
+            self.receiver_pool.stop()
         if self.receiver is not None:
             self.receiver.stop()
         self._status_dirty.set()
         if self._status_thread is not None:
             self._status_thread.join(timeout=5)
+        if self.presence is not None:
+            self.presence.stop()
         if self.http is not None:  # last: /readyz says "shutting down" until here
             self.http.stop()
             self.http = None
@@ -257,9 +276,11 @@ class Node:
 
     def _status_loop(self) -> None:
         while not self._stop.is_set():
-            self._status_dirty.wait(HEARTBEAT_S)
+            self._status_dirty.wait(self.config.node.heartbeat_s)
             self._status_dirty.clear()
             if self._stop.is_set():
                 break
             self._write_status()
+            if self.presence is not None:
+                self.presence.beat()  # never blocks: the file stays fresh if the database hangs
             time.sleep(0.2)  # coalesce bursts of association changes

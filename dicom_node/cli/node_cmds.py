@@ -1,4 +1,5 @@
-"""Node administration commands: serve, status, series, config check, echo, db upgrade.
+"""Node administration commands: serve, status (the whole installation), health, series, config
+check, echo, db upgrade.
 
 Exit codes (see :mod:`dicom_node.cli.app`): 0 ok, 1 failed, 2 usage/config error, 3 not found,
 4 peer unreachable. Every error is one line on stderr.
@@ -17,7 +18,7 @@ from rich.table import Table
 from sqlalchemy import func, select
 from sqlalchemy.exc import SQLAlchemyError
 
-from dicom_node import db
+from dicom_node import db, nodes
 from dicom_node.cli.app import (
     EXIT_CONFIG,
     EXIT_FAILED,
@@ -49,7 +50,7 @@ from dicom_node.node import Node, StartupError, read_status, status_problem
 from dicom_node.send import destination_from_config
 from dicom_node.send import echo as send_echo
 from dicom_node.stow import StowTarget, stow_echo
-from dicom_node.web import HttpBindError
+from dicom_node.web import HttpBindError, queries
 
 series_app = typer.Typer(help="Inspect received series.", no_args_is_help=True)
 config_app = typer.Typer(help="Check the configuration.", no_args_is_help=True)
@@ -116,28 +117,16 @@ def status(
     config_path: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json", help="machine-readable output"),
 ) -> None:
-    """Counts of studies/series/instances, free disk and the open associations."""
+    """The whole installation from the database (every node sharing it, alive, stale or
+    stopped; the queue by job state; each destination's last success and failure), counts,
+    free disk, and this configuration's own node from its status file (open associations,
+    loop health)."""
     config = get_config(config_path)
-    Session = sessions_for(config)
     try:
-        with Session() as s:
-            counts = {
-                "studies": s.scalar(select(func.count(db.Study.id))),
-                "series": s.scalar(select(func.count(db.Series.id))),
-                "instances": s.scalar(select(func.count(db.Instance.id))),
-                "bytes": s.scalar(select(func.coalesce(func.sum(db.Instance.file_size), 0))),
-            }
-            by_state = dict(
-                s.execute(select(db.Series.state, func.count()).group_by(db.Series.state)).all()
-            )
-            jobs = dict(s.execute(select(db.Job.state, func.count()).group_by(db.Job.state)).all())
+        with sessions_for(config)() as s:
+            report = _database_report(s, config)
     except SQLAlchemyError as exc:
         db_fail(exc)
-    spool = Path(config.storage.spool_dir)
-    try:
-        free = shutil.disk_usage(spool if spool.exists() else spool.parent).free
-    except OSError:
-        free = None
     running = read_status(config)
     report = {
         "node": {
@@ -147,22 +136,64 @@ def status(
             "port": (running or {}).get("port", config.node.port),
             "started": running and running.get("started"),
         },
-        "counts": counts,
-        "series_by_state": {k.value: v for k, v in by_state.items()},
-        "jobs_by_state": {k.value: v for k, v in jobs.items()},
-        "disk": {
-            "spool": str(spool),
-            "free_bytes": free,
-            "min_free_bytes": config.storage.min_free_bytes,
-            "below_minimum": free is not None and free < config.storage.min_free_bytes,
-        },
+        **report,
+        "disk": _disk_report(config),
         "associations": (running or {}).get("associations", []),
         "health": (running or {}).get("health"),
     }
     if as_json:
         print(json.dumps(report, indent=2))
         return
-    n = report["node"]
+    _print_status(report)
+
+
+def _database_report(s, config) -> dict:
+    """What ``status`` reads from the database: counts, states, nodes and destinations."""
+    counts = {
+        "studies": s.scalar(select(func.count(db.Study.id))),
+        "series": s.scalar(select(func.count(db.Series.id))),
+        "instances": s.scalar(select(func.count(db.Instance.id))),
+        "bytes": s.scalar(select(func.coalesce(func.sum(db.Instance.file_size), 0))),
+    }
+    destinations = [
+        {
+            "name": d["name"],
+            "address": d["address"],
+            "last_success": _iso(d["last_success"]),
+            "last_failure": _iso(d["last_failure"]),
+            "last_failure_reason": d["last_failure_reason"],
+        }
+        for d in queries.destination_status(s, config, queries.LastSuccess())
+    ]
+    return {
+        "nodes": nodes.list_nodes(s),
+        "counts": counts,
+        "series_by_state": queries.count_by_state(s, "series"),
+        "jobs_by_state": queries.count_by_state(s, "jobs"),
+        "destinations": destinations,
+    }
+
+
+def _iso(at) -> str | None:
+    return None if at is None else at.isoformat(timespec="seconds") + "Z"  # naive UTC
+
+
+def _disk_report(config) -> dict:
+    spool = Path(config.storage.spool_dir)
+    try:
+        free = shutil.disk_usage(spool if spool.exists() else spool.parent).free
+    except OSError:
+        free = None
+    return {
+        "spool": str(spool),
+        "free_bytes": free,
+        "min_free_bytes": config.storage.min_free_bytes,
+        "below_minimum": free is not None and free < config.storage.min_free_bytes,
+    }
+
+
+def _print_status(report: dict) -> None:
+    n, counts = report["node"], report["counts"]
     if n["running"]:
         console.print(
             styled(
@@ -173,20 +204,16 @@ def status(
         )
     else:
         console.print(styled("node ", ("not running", "yellow"), f" ({n['ae_title']}@{n['port']})"))
+    _print_nodes(report["nodes"])
     console.print(
         f"studies {counts['studies']}  series {counts['series']}  instances {counts['instances']}"
         f"  ({counts['bytes'] / 1e6:.1f} MB)"
     )
-    if report["series_by_state"]:
-        console.print(
-            "series by state: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(report["series_by_state"].items()))
-        )
-    if report["jobs_by_state"]:
-        console.print(
-            "jobs by state: "
-            + ", ".join(f"{k} {v}" for k, v in sorted(report["jobs_by_state"].items()))
-        )
+    for key, label in (("series_by_state", "series"), ("jobs_by_state", "jobs")):
+        if report[key]:
+            by_state = ", ".join(f"{k} {v}" for k, v in sorted(report[key].items()))
+            console.print(f"{label} by state: {by_state}")
+    _print_destinations(report["destinations"])
     d = report["disk"]
     if d["free_bytes"] is not None:
         flag = (" BELOW MINIMUM: new associations refused", "red") if d["below_minimum"] else ""
@@ -205,6 +232,37 @@ def status(
             f"  {a['calling_ae']} from {a['peer']}:{a['port']} since {a['started']}"
             f" stored {a['stored']} failed {a['failed']}"
         )
+
+
+NODE_STATE_STYLES = {"alive": "green", "stale": "red", "stopped": "dim"}
+
+
+def _print_nodes(rows: list[dict]) -> None:
+    if not rows:
+        console.print("nodes in the database: none yet")
+        return
+    table = Table("node", "role", "host", "state", "last seen", "model", "devices")
+    for r in rows:
+        model = f"{r['model_id']} {r['model_version']}" if r["model_id"] else ""
+        table.add_row(
+            r["id"],
+            r["role"],
+            r["host"],
+            styled((r["state"], NODE_STATE_STYLES[r["state"]])),
+            f"{r['last_seen_age_s']:.0f} s ago",
+            model,
+            r["devices"] or "",
+        )
+    console.print(table)
+
+
+def _print_destinations(rows: list[dict]) -> None:
+    for d in rows:
+        ok = d["last_success"] or "never"
+        line = f"destination {d['name']} ({d['address']}): last success {ok}"
+        if d["last_failure"]:
+            line += f", last failure {d['last_failure']}: {d['last_failure_reason']}"
+        console.print(line, highlight=False)
 
 
 def _print_health(health: dict | None) -> None:
