@@ -35,7 +35,7 @@ from dicom_node.config import ModelSection, NodeConfig, RuleAction
 from dicom_node.db import Job, JobState, SentInstance, Series, SeriesState, audit, utcnow
 from dicom_node.health import Health
 from dicom_node.jobs import holds, transition
-from dicom_node.load import LoadError, load_series
+from dicom_node.load import LoadError, SourceUnreadable, load_series
 from dicom_node.plan import Rejection, SeriesPlan
 from dicom_node.preview import write_preview_png
 from dicom_node.web import metrics
@@ -380,6 +380,15 @@ class Worker:
                 loaded = load_series(plan)
             except LoadError as exc:
                 return self._finish(job_id, JobState.rejected, str(exc), timer, t_start)
+            except SourceUnreadable as exc:
+                # Failed, not rejected: the series is fine, this node cannot see it. Once the
+                # spool is back, a reprocess runs the same job.
+                why = (
+                    f"{exc.n_files} of {exc.n_total} source file(s) cannot be read on node "
+                    f"{self.node_id}: {exc.first}; every node must mount the shared spool at "
+                    f"{self.config.storage.spool_root} (docs/SCALING.md)"
+                )
+                return self._finish(job_id, JobState.failed, why, timer, t_start)
 
         interp = self.models.acquire()
         try:

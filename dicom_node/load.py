@@ -22,13 +22,23 @@ from dicom_node.header import PixelDataExtent, pixel_problem
 from dicom_node.plan import SeriesPlan
 from dicom_node.slices import SliceRef, functional_group_item
 
-__all__ = ["LoadError", "LoadedSeries", "load_series", "rescale_for"]
+__all__ = ["LoadError", "LoadedSeries", "SourceUnreadable", "load_series", "rescale_for"]
 
 
 class LoadError(RuntimeError):
     """A source file could not be read or decoded. The message is a sentence a person reads:
     it says that the whole series is rejected, names the slice by instance number and position
     (never patient data), and why."""
+
+
+class SourceUnreadable(RuntimeError):
+    """A source file cannot be opened at all on this node (gone, a directory in its place, no
+    permission): the file system's fault (a shared spool not mounted, or not the same one),
+    not the series'. The message names the slice and the operating system's error."""
+
+    def __init__(self, n_files: int, n_total: int, first: str) -> None:
+        super().__init__(f"{n_files} of {n_total} source file(s) cannot be read: {first}")
+        self.n_files, self.n_total, self.first = n_files, n_total, first
 
 
 class _Unusable(Exception):
@@ -78,6 +88,8 @@ def _read(path: str) -> tuple[Dataset, np.ndarray]:
     """Decode one file; raises :class:`_Unusable` with a readable reason."""
     try:
         ds = pydicom.dcmread(path)
+    except OSError:
+        raise  # the file system's problem, not the data's: load_series says which
     except Exception as exc:
         raise _Unusable(f"its file cannot be read ({_decoder_says(exc)})") from exc
     # The receiver refuses these already; files indexed before it did, or sent in a transfer
@@ -123,26 +135,36 @@ def load_series(
     progress: Callable[[int, int], None] | None = None,
 ) -> LoadedSeries:
     """Decode every slice of ``plan`` into HU. Files are decoded in parallel threads (the
-    decoders release the GIL for most of their work). Raises :class:`LoadError`."""
+    decoders release the GIL for most of their work). Raises :class:`SourceUnreadable` when
+    a file cannot be opened, else :class:`LoadError` when one cannot be used."""
     paths = list(dict.fromkeys(s.file_path for s in plan.slices))
     workers = workers or min(len(paths), os.cpu_count() or 1, 8) or 1
     decoded: dict[str, tuple[Dataset, np.ndarray]] = {}
     failed: dict[str, str] = {}  # path -> why, in plan order
+    unreadable: dict[str, OSError] = {}
 
-    def one(path: str) -> tuple[str, tuple[Dataset, np.ndarray] | str]:
+    def one(path: str) -> tuple[str, tuple[Dataset, np.ndarray] | str | OSError]:
         try:
             return path, _read(path)
         except _Unusable as exc:
             return path, str(exc)
+        except OSError as exc:
+            return path, exc
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         for i, (path, result) in enumerate(pool.map(one, paths), 1):
-            if isinstance(result, str):
+            if isinstance(result, OSError):
+                unreadable[path] = result
+            elif isinstance(result, str):
                 failed[path] = result
             else:
                 decoded[path] = result
             if progress is not None:
                 progress(i, len(paths))
+    if unreadable:  # before judging the data: the files it would judge are not all there
+        path, exc = next(iter(unreadable.items()))
+        ref = next(r for r in plan.slices if r.file_path == path)
+        raise SourceUnreadable(len(unreadable), len(paths), f"{_slice_name(ref)}: {exc}")
     if failed:  # one broken slice rejects the whole series: the first named, the rest counted
         raise _unusable_error(failed, plan)
 
