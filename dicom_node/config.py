@@ -91,6 +91,10 @@ class NodeSection(_Strict):
     # a worker claims jobs and runs them (inference, write, preview, send); all does both.
     # Several processes on one PostgreSQL split the roles among them.
     role: Literal["all", "receiver", "worker"] = "all"
+    # Receiving processes on this host (roles all and receiver): more than 1 runs that many
+    # processes listening on the same port with SO_REUSEPORT, and Linux spreads new
+    # associations among them, so that receiving is not bound to one Python interpreter.
+    receiver_processes: int = Field(1, ge=1, le=16)
     # How often the node refreshes its status file and its row in the nodes table; missing
     # three in a row makes it stale (a crash, a hang, cut off) in `dicom-node status`.
     heartbeat_s: float = Field(5, ge=0.2, le=60)

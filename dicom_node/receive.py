@@ -47,6 +47,7 @@ from pydicom.uid import (
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
 
 from dicom_node.complete import hold_series
 from dicom_node.config import NodeConfig
@@ -160,10 +161,47 @@ def _data_set_size(req) -> int:
     return data.getbuffer().nbytes if isinstance(data, io.BytesIO) else 0
 
 
+class _SharedPortServer(ThreadedAssociationServer):
+    """pynetdicom's server with SO_REUSEPORT set before bind: several processes listen on one
+    port (``node.receiver_processes``) and Linux spreads new connections among them."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
+class _SharedPortAE(AE):
+    """An AE whose non-blocking server (``start_server(block=False)``) is a
+    :class:`_SharedPortServer`; everything else is pynetdicom's own."""
+
+    def make_server(self, address, *args, server_class=None, **kwargs):
+        if server_class is ThreadedAssociationServer:
+            server_class = _SharedPortServer
+        return super().make_server(address, *args, server_class=server_class, **kwargs)
+
+
+def check_port_free(address: str, port: int) -> None:
+    """Raise OSError (EADDRINUSE) when something listens on ``address:port`` already.
+
+    With SO_REUSEPORT a second node started on the same port by the same user would join the
+    first one's listeners silently instead of failing; a plain bind (which no SO_REUSEPORT
+    listener admits) keeps "address already in use" a start-up error."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no user
+        probe.bind((address, port))
+
+
 class Receiver:
     """The node's storage SCP. ``start()`` returns at once; ``stop()`` closes it down.
 
     ``on_change`` is called (from a network thread) whenever an association opens or closes.
+
+    With ``node.receiver_processes`` above 1 the listening socket has SO_REUSEPORT, and
+    ``extra_process`` says that this is one of the additional receiving processes
+    (:mod:`dicom_node.receive_pool`): it leaves the spool's temp files alone (the main
+    process cleans them at start-up, before any other process receives) and joins the port
+    the main process holds.
     """
 
     def __init__(
@@ -171,8 +209,11 @@ class Receiver:
         config: NodeConfig,
         session_factory,
         on_change: Callable[[], None] | None = None,
+        extra_process: bool = False,
     ):
         self.config = config
+        self.shared_port = config.node.receiver_processes > 1
+        self.extra_process = extra_process
         self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
         # A store waits at most database.store_busy_timeout_ms for the index database: a
         # database locked by another process gets the sender a prompt 0xA700, not a timeout.
@@ -194,7 +235,7 @@ class Receiver:
     # -- set-up --------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
         n = self.config.node
-        ae = AE(ae_title=n.ae_title)
+        ae = _SharedPortAE(ae_title=n.ae_title) if self.shared_port else AE(ae_title=n.ae_title)
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_associations = n.max_associations
@@ -225,9 +266,13 @@ class Receiver:
 
     def start(self) -> None:
         """Listen on the configured address and port (non-blocking)."""
-        removed = self.spool.clean_incoming()
-        if removed:
-            log.info("removed %d partial files from an earlier crash", removed)
+        n = self.config.node
+        if not self.extra_process:
+            removed = self.spool.clean_incoming()
+            if removed:
+                log.info("removed %d partial files from an earlier crash", removed)
+            if self.shared_port and n.port != 0:
+                check_port_free(n.bind_address, n.port)
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -239,7 +284,6 @@ class Receiver:
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
         ]
-        n = self.config.node
         self._server = self.ae.start_server(
             (n.bind_address, n.port),
             block=False,
@@ -247,11 +291,12 @@ class Receiver:
             ssl_context=self._ssl_context(),
         )
         log.info(
-            "listening ae_title=%s address=%s port=%d max_associations=%d",
+            "listening ae_title=%s address=%s port=%d max_associations=%d pid=%d",
             n.ae_title,
             n.bind_address,
             self.port,
             n.max_associations,
+            os.getpid(),
         )
 
     @property
@@ -370,7 +415,12 @@ class Receiver:
         )
         with self._lock:
             self._assocs[id(event.assoc)] = info
-        log.info("association established calling_ae=%s peer=%s", info.calling_ae, info.peer)
+        log.info(
+            "association established calling_ae=%s peer=%s pid=%d",
+            info.calling_ae,
+            info.peer,
+            os.getpid(),
+        )
         self._changed()
 
     def _on_released(self, event) -> None:
