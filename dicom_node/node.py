@@ -35,7 +35,6 @@ from dicom_node.config import NodeConfig
 from dicom_node.health import Health
 from dicom_node.receive import Receiver
 from dicom_node.receive_pool import ReceiverPool
-from dicom_node.receive_pool import ReceiverPool
 from dicom_node.scheduler import Pipeline
 
 log = logging.getLogger(__name__)
@@ -111,7 +110,6 @@ class Node:
         self._store_sessions = None
         self.receiver: Receiver | None = None
         self.receiver_pool: ReceiverPool | None = None  # node.receiver_processes > 1
-        self.receiver_pool: ReceiverPool | None = None  # node.receiver_processes > 1
         self.pipeline: Pipeline | None = None
         self.http = None  # dicom_node.web.server.HttpServer when http.enabled
         self._web_engine = None
@@ -132,10 +130,6 @@ class Node:
         if cfg.node.role != "worker":  # a worker only claims and runs jobs: no DICOM port
             self.receiver = Receiver(cfg, self._store_sessions, on_change=self._status_dirty.set)
             self.receiver.start()
-            if cfg.node.receiver_processes > 1:  # more receiving processes on the same port
-                level = logging.getLogger().getEffectiveLevel()
-                self.receiver_pool = ReceiverPool(cfg, self.receiver.port, level, self.health)
-                self.receiver_pool.start()
             if cfg.node.receiver_processes > 1:  # more receiving processes on the same port
                 level = logging.getLogger().getEffectiveLevel()
                 self.receiver_pool = ReceiverPool(cfg, self.receiver.port, level, self.health)
@@ -170,8 +164,6 @@ class Node:
             except Exception:
                 log.exception("pipeline shutdown failed")
             self.pipeline = None
-        if self.receiver_pool is not None:  # SIGTERM: each lets its associations finish
-            self.receiver_pool.stop()
         if self.receiver_pool is not None:  # SIGTERM: each lets its associations finish
             self.receiver_pool.stop()
         if self.receiver is not None:
