@@ -17,6 +17,8 @@ model is loaded).
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -217,8 +219,10 @@ def test_two_receivers_two_workers_four_series_each_processed_exactly_once(
         ]
         nodes = [*receivers, *workers]
         try:
-            for node in nodes:
-                node.start(timeout=120)
+            t0 = time.monotonic()
+            with ThreadPoolExecutor(len(nodes)) as pool:  # in parallel: each loads torch
+                list(pool.map(lambda node: node.start(timeout=120), nodes))
+            print(f"four nodes ready in {time.monotonic() - t0:.1f} s")
             rx1, rx2 = (r.port for r in receivers)
             a = series["A"]
             sends = [(a[0::2], rx1), (a[1::2], rx2), (series["B"], rx1), (series["C"], rx2),
@@ -227,7 +231,9 @@ def test_two_receivers_two_workers_four_series_each_processed_exactly_once(
                 results = list(pool.map(lambda s: send_with_storescu(*s), sends))
             for (files, _), result in zip(sends, results, strict=True):
                 assert result.acknowledged == set(files), result.output[-2000:]
+            t0 = time.monotonic()
             jobs = wait_until(lambda: _all_final(engine, 4), 300, "four finished jobs", 1)
+            print(f"four series received, processed and sent in {time.monotonic() - t0:.1f} s")
             for node in nodes:
                 assert node.running, node.log_tail()
             derived = {
@@ -251,6 +257,7 @@ def test_two_receivers_two_workers_four_series_each_processed_exactly_once(
         n_out = (SLICES - 1) * job["factor"] + 1
         assert derived.get(job["derived_series_uid"]) == n_out, (name, derived, job)
     assert len(derived) == 4, derived
+    print({name: jobs[uid]["claimed_by"] for name, uid in uids.items()})
     assert {j["claimed_by"] for j in jobs.values()} == {"wk-1", "wk-2"}, jobs
     with engine.connect() as conn:
         queued_a = conn.execute(
@@ -260,3 +267,30 @@ def test_two_receivers_two_workers_four_series_each_processed_exactly_once(
             {"u": uids["A"]},
         ).scalar_one()
     assert queued_a == 1  # the split series was completed once, with all its instances
+
+
+# -- nodes starting at once --------------------------------------------------------------------
+
+
+def test_nodes_starting_at_once_on_an_empty_database_all_get_the_schema(postgres_cluster):
+    """Every node upgrades the schema when it starts; several starting together on a new
+    database (a first installation, all started by one playbook) used to collide on the tables
+    they all created (``duplicate key value violates unique constraint
+    "pg_type_typname_nsp_index"``) and all but one exited. Four upgrades at once, three times."""
+    for _ in range(3):
+        url = postgres_cluster.create_database()
+        # Processes, as nodes are (alembic's context is one per process, not per thread).
+        code = "import sys; from dicom_node import db; db.upgrade(sys.argv[1])"
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE, text=True)
+            for _ in range(4)
+        ]
+        errors = [p.communicate(timeout=120)[1] for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, errors
+        engine = db.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                versions = conn.execute(sa.text("select version_num from alembic_version")).all()
+        finally:
+            engine.dispose()
+        assert len(versions) == 1, versions
