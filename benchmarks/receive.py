@@ -1,35 +1,42 @@
-"""Receive throughput: this node (durable acks) vs dcmtk storescp vs Orthanc, on loopback.
+"""Receive throughput: this node (durable acks, one and several processes) vs Orthanc, on loopback.
 
-    python benchmarks/receive.py [--instances 300] [--trials 3] [--senders 1]
+    python benchmarks/receive.py [--instances 300] [--trials 3] [--senders 1,4,8]
+        [--receiver-processes N] [--receivers dicom-node,dicom-node-multi,orthanc,...]
 
 Sends the same real 512x512 CT slices (the 20-slice JPEG 2000 sample series, cycled and given
-new UIDs, pixel data untouched) with dcmtk ``storescu`` over one association to each receiver,
-all with ``TCP_NODELAY=1``:
+new UIDs, pixel data untouched) with dcmtk ``storescu`` to each receiver, all with
+``TCP_NODELAY=1``:
 
-* this node (``dicom-node serve`` subprocess, fsync on, every 0x0000 means file + index row
-  durable);
-* dcmtk ``storescp +xa`` writing files (no fsync; with ``--fork`` when there are several
-  senders, as it otherwise serves one association at a time);
-* Debian Orthanc with its default SQLite index;
-* for reference, this node with ``storage.fsync: false`` (files not fsync'd; the index commit
-  still is), to show what durability costs;
-* for reference, a do-nothing pynetdicom C-STORE SCP (same library, same TCP_NODELAY and PDU
-  settings, answers 0x0000 without storing anything): the ceiling that pynetdicom's polling
-  reactors put on any handler, this node's included.
+* ``dicom-node``: this node (``dicom-node serve`` subprocess, one process, fsync on, every
+  0x0000 means file + index row durable);
+* ``dicom-node-multi``: the same with ``node.receiver_processes: N`` (``--receiver-processes``,
+  default the number of CPUs): N processes on one port (SO_REUSEPORT), printed as
+  ``dicom-node xN``;
+* ``storescp``: dcmtk ``storescp +xa`` writing files (no fsync; with ``--fork`` when there are
+  several senders, as it otherwise serves one association at a time);
+* ``orthanc``: Debian Orthanc with its default SQLite index;
+* ``node-nofsync``, for reference: this node with ``storage.fsync: false`` (files not fsync'd;
+  the index commit still is), to show what durability costs;
+* ``pynetdicom-noop``, for reference: a do-nothing pynetdicom C-STORE SCP (same library, same
+  TCP_NODELAY and PDU settings, answers 0x0000 without storing anything): the ceiling that
+  pynetdicom's polling reactors put on any handler, this node's included.
 
-The nodes load the model in the background at start-up (a torch import of several seconds of
-CPU); timing starts only once both have logged ``model loaded``, so that start-up is not measured.
+``--receivers`` picks a subset (default all). The nodes load the model in the background at
+start-up (a torch import of several seconds of CPU); timing starts only once each has logged
+``model loaded``, so that start-up is not measured.
 
 Each trial sends a fresh set of UIDs to every receiver in turn (so nobody sees resends, and
-load drift on the machine hits all of them alike). Prints instances/s per trial, the median and
-best, and the ratios to this node.
+load drift on the machine hits all of them alike). Prints instances/s per trial and, per sender
+count, the median and best, the ratio to Orthanc and, with one sender, the milliseconds per
+instance (single-association latency).
 
 ``--senders N`` (N > 1) measures several senders at once, as when a PACS pushes several series
 in parallel: each trial starts N ``storescu`` processes together, each sending its own
 ``--instances`` instances (its own study and series, distinct UIDs) over its own association, to
 each receiver in turn. The rate is then the aggregate: N x ``--instances`` over the wall time from
 the first start to the last exit. Every sender must exit 0 with every instance answered 0x0000.
-N is at most the node's default ``node.max_associations`` (32). Orthanc keeps its default
+``--senders 1,4,8`` measures each count in turn, in one run, against the same receivers. N is at
+most the node's default ``node.max_associations`` (32). Orthanc keeps its default
 ``DicomThreadsCount`` (4), so above 4 senders some of its associations wait for a free thread.
 """
 
@@ -38,6 +45,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -181,7 +189,17 @@ def wait_for_model(node: NodeProcess, timeout: float = 300) -> None:
         time.sleep(0.5)
 
 
-def main() -> None:
+def _senders_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from None
+    if not values or not all(1 <= v <= MAX_SENDERS for v in values):
+        raise argparse.ArgumentTypeError(f"each sender count must be 1..{MAX_SENDERS}")
+    return values
+
+
+def _parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "--instances", type=int, default=300, help="instances each sender sends (default 300)"
@@ -189,100 +207,160 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=3, help="trials per receiver (default 3)")
     ap.add_argument(
         "--senders",
-        type=int,
-        default=1,
-        metavar="N",
+        type=_senders_list,
+        default=[1],
+        metavar="N[,N...]",
         help="storescu processes sending at once, each its own --instances over its own "
         "association; the rate is then the aggregate, N x --instances over the wall time from "
-        f"first start to last exit (default 1, at most {MAX_SENDERS})",
+        "first start to last exit. A list (1,4,8) measures each count in the same run "
+        f"(default 1, each at most {MAX_SENDERS})",
+    )
+    ap.add_argument(
+        "--receiver-processes",
+        type=int,
+        default=os.cpu_count() or 1,
+        metavar="N",
+        help="node.receiver_processes of the multi-process node (default: the number of CPUs, "
+        f"{os.cpu_count()} here)",
+    )
+    ap.add_argument(
+        "--receivers",
+        default=",".join(RECEIVERS),
+        help="which receivers to measure, comma-separated, from: "
+        f"{', '.join(RECEIVERS)} (default all; dicom-node-multi is the node with "
+        "--receiver-processes)",
     )
     ap.add_argument("--noop-scp", type=int, metavar="PORT", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.noop_scp:
+        return args
+    args.receivers = [r.strip() for r in args.receivers.split(",") if r.strip()]
+    unknown = set(args.receivers) - set(RECEIVERS)
+    if unknown:
+        ap.error(f"unknown receivers {sorted(unknown)} (choose from {', '.join(RECEIVERS)})")
+    if not 1 <= args.receiver_processes <= 16:
+        ap.error("--receiver-processes must be between 1 and 16")
+    return args
+
+
+# Every receiver the benchmark knows, in sending order.
+RECEIVERS = (
+    "dicom-node",
+    "dicom-node-multi",
+    "storescp",
+    "orthanc",
+    "node-nofsync",
+    "pynetdicom-noop",
+)
+
+
+def _start_receivers(
+    stack: contextlib.ExitStack, args: argparse.Namespace, tmp: Path
+) -> dict[str, tuple[int, str, NodeProcess | None]]:
+    """Start the chosen receivers; name -> (port, called AE title, the node if it is one)."""
+    quiet = {"completion": {"quiet_seconds": 100000}}  # measure receiving only
+    nodes = {
+        "dicom-node": {"storage": {"fsync": True}},
+        "dicom-node-multi": {
+            "storage": {"fsync": True},
+            "node": {"receiver_processes": args.receiver_processes},
+        },
+        "node-nofsync": {"storage": {"fsync": False}},
+    }
+    out: dict[str, tuple[int, str, NodeProcess | None]] = {}
+    for name in args.receivers:
+        if name in nodes:
+            node = stack.enter_context(NodeProcess(tmp / name, overrides={**nodes[name], **quiet}))
+            out[name] = (node.port, NodeProcess.AE_TITLE, node)
+        elif name == "orthanc":
+            orthanc = stack.enter_context(OrthancServer(tmp / "orthanc", aet="ORTHANC"))
+            out[name] = (orthanc.dicom_port, "ORTHANC", None)
+        elif name == "storescp":
+            fork = ["--fork"] if max(args.senders) > 1 else []
+            scp = stack.enter_context(
+                storescp(tmp / "storescp", ae_title="STORESCP", extra_args=fork)
+            )
+            out[name] = (scp.port, "STORESCP", None)
+        elif name == "pynetdicom-noop":
+            out[name] = (stack.enter_context(noop_scp()), NOOP_AE, None)
+    for _port, _ae, node in out.values():
+        if node is not None:
+            wait_for_model(node)
+    return out
+
+
+def _report(args: argparse.Namespace, rates: dict[int, dict[str, list[float]]]) -> None:
+    """Per sender count: median and best instances/s, the ratio to Orthanc and, with one
+    sender, the milliseconds per instance (single-association latency)."""
+    multi = f"dicom-node x{args.receiver_processes}"
+    for senders, by_receiver in rates.items():
+        med = {k: statistics.median(v) for k, v in by_receiver.items()}
+        best = {k: max(v) for k, v in by_receiver.items()}
+        if senders == 1:
+            how = "one storescu association"
+        else:
+            how = (
+                f"{senders} storescu associations at once (aggregate rate: all "
+                f"{senders * args.instances} over first start to last exit)"
+            )
+        print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000) per sender, {how}")
+        print(f"{'receiver':<18} {'median/s':>9} {'best/s':>8} {'/ orthanc':>10} {'ms/inst':>8}")
+        for k in by_receiver:
+            label = multi if k == "dicom-node-multi" else k
+            ratio = f"{med[k] / med['orthanc']:10.2f}" if "orthanc" in med else f"{'-':>10}"
+            ms = f"{1000 / med[k]:8.1f}" if senders == 1 else f"{'-':>8}"
+            print(f"{label:<18} {med[k]:9.0f} {best[k]:8.0f} {ratio} {ms}")
+
+
+def main() -> None:
+    args = _parse_args()
+    if args.noop_scp:
         run_noop_scp(args.noop_scp)
         return
-    if not 1 <= args.senders <= MAX_SENDERS:
-        ap.error(f"--senders must be between 1 and {MAX_SENDERS}")
 
     sources = sorted(fetch_sample_data().ct_dicom_repaired.glob("*.dcm"))
-    rates: dict[str, list[float]] = {}  # receiver -> instances/s per trial, in sending order
+    # sender count -> receiver -> instances/s per trial, in sending order
+    rates: dict[int, dict[str, list[float]]] = {n: {} for n in args.senders}
     with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=REPO / "var") as tmp:
         tmp = Path(tmp)
-        # per trial, one batch per sender, each its own study and series
-        sets = [
-            [
-                make_instances(
-                    sources,
-                    args.instances,
-                    tmp / f"set{t}-{s}",
-                    seed=f"bench-{t}-{s}-{time.time()}",
-                )
-                for s in range(args.senders)
-            ]
-            for t in range(args.trials)
-        ]
         logs = tmp / "storescu-logs"
-        quiet = {"completion": {"quiet_seconds": 100000}}  # measure receiving only
-        node = NodeProcess(tmp / "node", overrides={"storage": {"fsync": True}, **quiet})
-        nofsync = NodeProcess(tmp / "nofsync", overrides={"storage": {"fsync": False}, **quiet})
-        orthanc = OrthancServer(tmp / "orthanc", aet="ORTHANC")
-        with (
-            node,
-            nofsync,
-            orthanc,
-            storescp(
-                tmp / "storescp",
-                ae_title="STORESCP",
-                extra_args=["--fork"] if args.senders > 1 else [],
-            ) as scp,
-            noop_scp() as noop_port,
-        ):
-            wait_for_model(node)
-            wait_for_model(nofsync)
-            for t, batches in enumerate(sets):
-                for key, port, ae in (
-                    ("dicom-node", node.port, NodeProcess.AE_TITLE),
-                    ("storescp", scp.port, "STORESCP"),
-                    ("orthanc", orthanc.dicom_port, "ORTHANC"),
-                    ("node-nofsync", nofsync.port, NodeProcess.AE_TITLE),
-                    ("pynetdicom-noop", noop_port, NOOP_AE),
-                ):
-                    rates.setdefault(key, []).append(_send(batches, port, ae, logs))
-                print(
-                    f"trial {t + 1}: " + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates.items()),
-                    flush=True,
-                )
-            indexed = node.sqlite("select count(*) from instances")[0][0]
-            if indexed != args.instances * args.trials * args.senders:
-                raise SystemExit(f"node indexed {indexed} instances, expected all of them")
+        with contextlib.ExitStack() as stack:
+            receivers = _start_receivers(stack, args, tmp)
+            for senders in args.senders:
+                for t in range(args.trials):
+                    # one batch per sender, each its own study and series, fresh UIDs
+                    batches = [
+                        make_instances(
+                            sources,
+                            args.instances,
+                            tmp / f"set{senders}-{t}-{s}",
+                            seed=f"bench-{senders}-{t}-{s}-{time.time()}",
+                        )
+                        for s in range(senders)
+                    ]
+                    for key, (port, ae, _node) in receivers.items():
+                        rates[senders].setdefault(key, []).append(_send(batches, port, ae, logs))
+                    print(
+                        f"senders {senders} trial {t + 1}: "
+                        + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates[senders].items()),
+                        flush=True,
+                    )
+                    for batch in batches:  # the senders' copies; every receiver has its own
+                        shutil.rmtree(batch[0].parent)
+            expected = args.instances * args.trials * sum(args.senders)
+            for key, (_port, _ae, node) in receivers.items():
+                if node is not None:
+                    indexed = node.sqlite("select count(*) from instances")[0][0]
+                    if indexed != expected:
+                        raise SystemExit(f"{key} indexed {indexed} instances, expected {expected}")
 
         fsync_ms = fsync_floor_ms(tmp / "fsync-probe")
 
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    best = {k: max(v) for k, v in rates.items()}
-    if args.senders == 1:
-        how = "one storescu association"
-    else:
-        how = (
-            f"each of {args.senders} storescu associations at once "
-            f"(aggregate rate: all {args.senders * args.instances} over first start to last exit)"
-        )
-    print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000), {how}")
-    print(f"{'receiver':<16} {'median/s':>9} {'best/s':>8} {'dicom-node / it':>16}")
-    for k in rates:
-        print(f"{k:<16} {med[k]:9.0f} {best[k]:8.0f} {med['dicom-node'] / med[k]:16.2f}")
-    node_ms = 1000 / med["dicom-node"]
-    if args.senders == 1:
-        floor = f"about {2 * fsync_ms:.1f} ms of the node's {node_ms:.1f} ms per instance"
-    else:
-        floor = (
-            f"about {2 * fsync_ms:.1f} ms per instance on each association; the node's "
-            f"{args.senders} associations overlap theirs ({node_ms:.1f} ms per instance in "
-            "aggregate)"
-        )
+    _report(args, rates)
     print(
         f"\nfsync on the spool disk now: {fsync_ms:.2f} ms (median); a durable ack waits for two "
-        f"fsync phases in series (temp file, then directory entry + index commit), {floor}"
+        f"fsync phases in series (temp file, then directory entry + index commit): about "
+        f"{2 * fsync_ms:.1f} ms per instance on each association"
     )
 
 
