@@ -153,7 +153,8 @@ def _database_report(s, config) -> dict:
         "studies": s.scalar(select(func.count(db.Study.id))),
         "series": s.scalar(select(func.count(db.Series.id))),
         "instances": s.scalar(select(func.count(db.Instance.id))),
-        "bytes": s.scalar(select(func.coalesce(func.sum(db.Instance.file_size), 0))),
+        # int(): PostgreSQL sums a bigint column as numeric, which JSON cannot hold (Decimal)
+        "bytes": int(s.scalar(select(func.coalesce(func.sum(db.Instance.file_size), 0)))),
     }
     destinations = [
         {
