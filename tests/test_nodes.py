@@ -300,3 +300,31 @@ def test_two_real_nodes_alive_then_killed_stale_and_stopped(tmp_path, postgres_c
         text = receiver.cli("status")
         assert text.returncode == 0 and "stale" in text.stdout and "stopped" in text.stdout
     engine.dispose()
+
+
+def test_nodes_in_the_json_api_and_in_metrics(tmp_path):
+    import requests
+
+    from tests.test_http_units import _serve
+
+    server, base = _serve(tmp_path)  # its database: tmp_path / node.db
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'node.db'}")
+    try:
+        with db.make_session_factory(engine)() as s:
+            nodes.register(s, _facts("recv-1", "receiver"))
+            nodes.register(s, _facts("work-1", "worker"))
+            nodes.register(s, _facts("old-1", "worker"), now=T0)  # never stopped: stale
+            nodes.mark_stopped(s, "recv-1")
+            s.commit()
+        listed = requests.get(base + "/api/nodes", timeout=10).json()["nodes"]
+        assert {n["id"]: n["state"] for n in listed} == {
+            "old-1": "stale",
+            "recv-1": "stopped",
+            "work-1": "alive",
+        }
+        scrape = requests.get(base + "/metrics", timeout=10).text
+        for state, n in (("alive", 1), ("stale", 1), ("stopped", 1)):
+            assert f'dicom_node_nodes{{state="{state}"}} {n}.0' in scrape, scrape
+    finally:
+        server.stop()
+        engine.dispose()

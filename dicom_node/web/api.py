@@ -17,6 +17,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
+from dicom_node import nodes
 from dicom_node.db import Job, JobState, SeriesState
 from dicom_node.operations import ActionResult
 from dicom_node.web import queries
@@ -42,6 +43,7 @@ def routes(web: WebApp) -> list[Route]:
         Route("/api/jobs/{job_id:int}/preview.png", bind(preview)),
         Route("/api/jobs/{job_id:int}/resend", bind(resend), methods=["POST"]),
         Route("/api/destinations", bind(destinations)),
+        Route("/api/nodes", bind(nodes_list)),
         Route("/api/audit", bind(audit_list)),
     ]
 
@@ -111,6 +113,14 @@ def destinations(web: WebApp, request: Request) -> Response:
     with web.view.sessions() as s:
         data = queries.destination_status(s, web.view.config, web.view.last_success)
     return JSON({"destinations": data})
+
+
+def nodes_list(web: WebApp, request: Request) -> Response:
+    """Every node sharing the database, with its state (dicom_node/nodes.py)."""
+    web.reader(request)
+    with web.view.sessions() as s:
+        data = nodes.list_nodes(s)
+    return JSON({"nodes": data})
 
 
 def audit_list(web: WebApp, request: Request) -> Response:

@@ -7,8 +7,8 @@ Two kinds, on purpose:
   instances, send retries. receive.py, deliver.py and infer.py call the small hook functions
   below; each costs a dictionary look-up and an addition under a lock (a few microseconds). They
   start at zero with the process, as Prometheus counters do (``rate()`` handles restarts).
-* **State** (:class:`NodeCollector`) is read when Prometheus scrapes: series and jobs by state
-  and each destination's last success come from the database, so they stay right across
+* **State** (:class:`NodeCollector`) is read when Prometheus scrapes: series, jobs and nodes
+  by state and each destination's last success come from the database, so they stay right across
   restarts and whichever process changed them (the CLI's reprocess, another node); free spool
   space, open associations and readiness come from the running node.
 
@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from dicom_node.db import JobState, SeriesState
+from dicom_node.nodes import nodes_by_state
 
 if TYPE_CHECKING:
     from dicom_node.web.context import NodeView
@@ -182,6 +183,7 @@ class NodeCollector:
                 series = queries.count_by_state(s, "series")
                 jobs = queries.count_by_state(s, "jobs")
                 last_ok = view.last_success.get(s, view.config)
+                node_states = nodes_by_state(s)
         except Exception as exc:  # a scrape must still answer: the gauge says why it is thin
             log.warning("metrics: cannot read the database: %s", exc)
             up.add_metric([], 0)
@@ -191,6 +193,15 @@ class NodeCollector:
             yield up
             yield _by_state("dicom_node_series", "Series by state.", series, SeriesState)
             yield _by_state("dicom_node_jobs", "Jobs by state.", jobs, JobState)
+            g = GaugeMetricFamily(
+                "dicom_node_nodes",
+                "Nodes sharing the database, by state (alive, stale: missed three heartbeats "
+                "without stopping, stopped).",
+                labels=["state"],
+            )
+            for state, n in node_states.items():
+                g.add_metric([state], n)
+            yield g
             g = GaugeMetricFamily(
                 "dicom_node_destination_last_success_timestamp_seconds",
                 "When a destination last acknowledged an instance (Unix time); absent if never.",
