@@ -233,3 +233,39 @@ def test_nodes_sharing_a_spool_keep_their_own_status_files(tmp_path):
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_the_data_set_is_hashed_before_the_header_parse(receiver, sample_data, monkeypatch):
+    """The temp file's write and fsync run on a pool thread, which needs the GIL to start. The
+    header parse is pure Python and holds it, so the store hashes the data set first: sha256
+    lets go of the GIL and the write starts at once (measured: 1.7 ms later otherwise, see
+    docs/SCALING.md, "Where receive time goes"). The index keeps the hash of the data set as
+    the peer sent it."""
+    import hashlib
+
+    import dicom_node.receive as receive
+
+    calls: list[str] = []
+    real_read_header = receive.read_header
+
+    def read_header(*args, **kwargs):
+        calls.append("read_header")
+        return real_read_header(*args, **kwargs)
+
+    def sha256(data):
+        calls.append(f"sha256 {len(data)}")
+        return hashlib.sha256(data)
+
+    monkeypatch.setattr(receive, "read_header", read_header)
+    monkeypatch.setattr(receive, "hashlib", type("hashlib", (), {"sha256": staticmethod(sha256)}))
+    part10 = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[0].read_bytes()
+    # The data set follows the preamble, "DICM" and the file meta group, whose length is the
+    # value of its first element, (0002,0000) UL, 12 bytes long itself.
+    assert part10[128:136] == b"DICM\x02\x00\x00\x00"
+    dataset = part10[144 + int.from_bytes(part10[140:144], "little") :]
+    result = receiver.store_part10(part10, "PYNETDICOM", "127.0.0.1")
+    assert result.status == 0x0000, result
+    assert calls == [f"sha256 {len(dataset)}", "read_header"]
+    with receiver.sessions() as s:
+        (row,) = s.scalars(select(db.Instance)).all()
+    assert row.sha256 == hashlib.sha256(dataset).hexdigest()
