@@ -12,7 +12,7 @@ CPU: the whole machine's busy share over the window (/proc/stat, all cores), and
 CPU seconds over the window (its process tree, psutil). The node has no setting for inference
 threads: each worker's torch uses its default intra-op thread count, printed below.
 
-    python benchmarks/workers.py [--series 8] [--full-size] [--workers 1 2]
+    python benchmarks/workers.py [--series 8] [--full-size] [--workers 1 2] [--torch-threads T]
 
 Pause other CPU work first (this machine has 2 cores).
 """
@@ -55,6 +55,7 @@ class Result:
     run_s: float  # first send -> every job done: the window of the CPU figures
     machine_busy: float  # share of all cores over run_s, 0..1
     worker_cpu_s: list[float]  # each worker's process tree over run_s
+    receiver_cpu_s: float
     inference_s: list[float]  # per job, from stage_seconds
     jobs_per_worker: dict[str, int]
 
@@ -68,6 +69,13 @@ def _cpu_times() -> tuple[float, float]:
     fields = [float(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     idle = fields[3] + fields[4]  # idle + iowait
     return sum(fields) - idle, sum(fields)
+
+
+def _busy_for(seconds: float) -> float:
+    busy0, total0 = _cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = _cpu_times()
+    return (busy1 - busy0) / (total1 - total0)
 
 
 def _tree_cpu_s(pid: int) -> float:
@@ -128,6 +136,7 @@ def run(k: int, series: list[list[Path]], cluster: PostgresCluster, tmp: Path) -
             list(pool.map(lambda node: node.start(timeout=180), nodes))
         t0, (busy0, total0) = time.monotonic(), _cpu_times()
         cpu0 = [_tree_cpu_s(w.proc.pid) for w in workers]
+        rx0 = _tree_cpu_s(receiver.proc.pid)
         for files in series:
             sent = send_with_storescu(files, receiver.port)
             if len(sent.acknowledged) != len(files):
@@ -144,6 +153,7 @@ def run(k: int, series: list[list[Path]], cluster: PostgresCluster, tmp: Path) -
             time.sleep(0.5)
         t1, (busy1, total1) = time.monotonic(), _cpu_times()
         cpu1 = [_tree_cpu_s(w.proc.pid) for w in workers]
+        rx1 = _tree_cpu_s(receiver.proc.pid)
         bad = [j for j in jobs if j["state"] != "sent"]
         if bad:
             raise SystemExit(f"jobs did not finish: {bad}\n{workers[0].log_tail()}")
@@ -160,6 +170,7 @@ def run(k: int, series: list[list[Path]], cluster: PostgresCluster, tmp: Path) -
         jobs=len(jobs),
         window_s=window,
         run_s=t1 - t0,
+        receiver_cpu_s=rx1 - rx0,
         machine_busy=(busy1 - busy0) / (total1 - total0),
         worker_cpu_s=[b - a for a, b in zip(cpu0, cpu1, strict=True)],
         inference_s=[float(j["stage_seconds"].get("inference", 0)) for j in jobs],
@@ -179,7 +190,15 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=8, help="series per run (the same set)")
     ap.add_argument("--full-size", action="store_true", help="512x512 (default: 256x256)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for every node (default: unset, torch's own default)",
+    )
     args = ap.parse_args()
+    if args.torch_threads is not None:
+        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the nodes inherit it
     sources = sorted(Path(fetch_sample_data().ct_dicom_repaired).glob("*.dcm"))
     size = "512x512" if args.full_size else "256x256"
     print(f"{args.series} real CT series, {len(sources)} slices each at {size}, factor 2 to 1 mm;")
@@ -188,6 +207,7 @@ def main() -> None:
         f"CPU: {os.cpu_count()} cores; torch intra-op threads per worker (its default: the "
         f"node sets none): {torch_threads()}; OMP_NUM_THREADS={omp}"
     )
+    print(f"machine CPU busy before the run (5 s): {100 * _busy_for(5):.0f} %")
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="workers-bench-") as tmp, PostgresCluster() as pg:
         series = _series(sources, Path(tmp) / "in", args.series, args.full_size)
@@ -206,6 +226,12 @@ def main() -> None:
                 + ", ".join(
                     f"{c:.1f} s = {100 * c / r.run_s:.0f} % of one core" for c in r.worker_cpu_s
                 )
+            )
+            cores = os.cpu_count() or 1
+            rest = r.machine_busy * cores * r.run_s - sum(r.worker_cpu_s) - r.receiver_cpu_s
+            print(
+                f"  receiver {r.receiver_cpu_s:.1f} s; everything else (PostgreSQL, storescu, "
+                f"any other load) {rest:.1f} s"
             )
     if len(results) >= 2:
         base = results[0]
