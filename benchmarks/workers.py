@@ -44,7 +44,7 @@ from tests.support.node import (  # noqa: E402
     send_with_storescu,
 )
 from tests.support.postgres import PostgresCluster  # noqa: E402
-from tests.test_scale_out import WorkerProcess, _node_config  # noqa: E402
+from tests.test_scale_out import WorkerProcess, node_config  # noqa: E402
 
 
 @dataclass
@@ -122,11 +122,9 @@ def run(k: int, series: list[list[Path]], cluster: PostgresCluster, tmp: Path) -
     url = cluster.create_database()
     db.upgrade(url)  # once, before the nodes start
     spool = tmp / f"spool-{k}"
-    receiver = NodeProcess(
-        tmp / f"rx-{k}", overrides=_node_config("rx", "receiver", url, spool, [])
-    )
+    receiver = NodeProcess(tmp / f"rx-{k}", overrides=node_config("rx", "receiver", url, spool, []))
     workers = [
-        WorkerProcess(tmp / f"wk-{k}-{i}", _node_config(f"wk-{i}", "worker", url, spool, []))
+        WorkerProcess(tmp / f"wk-{k}-{i}", node_config(f"wk-{i}", "worker", url, spool, []))
         for i in range(1, k + 1)
     ]
     nodes = [receiver, *workers]

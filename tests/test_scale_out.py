@@ -12,6 +12,9 @@ model is loaded).
 - Two receivers and two workers, four series, one of them arriving half over each receiver at
   the same time: each series gets one job that runs once, both workers run some, and Orthanc
   holds exactly four derived series with the right instance counts.
+- Nodes starting at once on a new database all get the schema (they take turns upgrading it).
+
+``WorkerProcess`` and ``node_config`` serve benchmarks/workers.py too.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class WorkerProcess(NodeProcess):
         return subprocess.CompletedProcess([], 0 if ready else 1, "", "")
 
 
-def _node_config(node_id: str, role: str, url: str, spool: Path, destinations: list[dict]) -> dict:
+def node_config(node_id: str, role: str, url: str, spool: Path, destinations: list[dict]) -> dict:
     return {
         "node": {"id": node_id, "role": role, "lease_s": 10},
         "storage": {"spool_dir": str(spool)},
@@ -137,10 +140,8 @@ def test_a_worker_that_cannot_read_a_source_file_fails_that_job_and_carries_on(
         n: half_size_series(sources, tmp_path / n, seed=f"spool-{n}", n=SLICES) for n in names
     }
     uids = {n: _series_uid(files[0]) for n, files in series.items()}
-    receiver = NodeProcess(
-        tmp_path / "rx", overrides=_node_config("rx", "receiver", url, spool, [])
-    )
-    worker = WorkerProcess(tmp_path / "wk", _node_config("wk", "worker", url, spool, []))
+    receiver = NodeProcess(tmp_path / "rx", overrides=node_config("rx", "receiver", url, spool, []))
+    worker = WorkerProcess(tmp_path / "wk", node_config("wk", "worker", url, spool, []))
     try:
         receiver.start()
         for files in series.values():
@@ -210,11 +211,11 @@ def test_two_receivers_two_workers_four_series_each_processed_exactly_once(
             {"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": pacs.dicom_port}
         ]
         receivers = [
-            NodeProcess(tmp_path / n, overrides=_node_config(n, "receiver", url, spool, pacs_dest))
+            NodeProcess(tmp_path / n, overrides=node_config(n, "receiver", url, spool, pacs_dest))
             for n in ("rx-1", "rx-2")
         ]
         workers = [
-            WorkerProcess(tmp_path / n, _node_config(n, "worker", url, spool, pacs_dest))
+            WorkerProcess(tmp_path / n, node_config(n, "worker", url, spool, pacs_dest))
             for n in ("wk-1", "wk-2")
         ]
         nodes = [*receivers, *workers]
