@@ -41,6 +41,7 @@ from dicom_node.send import (
     next_retry_delay,
     send_instances,
 )
+from dicom_node.spool import StoredPathError
 from dicom_node.stow import StowTarget
 from dicom_node.web import metrics
 
@@ -210,7 +211,12 @@ def deliver_job(
         job = s.get(Job, job_id)
         if job is None or job.state is not JobState.written:
             return job.state if job else JobState.failed
-        files = jobs_mod.derived_paths(job)
+        try:
+            files = jobs_mod.derived_paths(job, config.storage.spool_root)
+        except StoredPathError as exc:
+            jobs_mod.transition(s, job, JobState.failed, f"derived files not read: {exc}")
+            s.commit()
+            return JobState.failed
         missing = [f for f in files if not f.exists()]
         if not files or missing:
             jobs_mod.transition(

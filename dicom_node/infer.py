@@ -38,6 +38,7 @@ from dicom_node.jobs import holds, transition
 from dicom_node.load import LoadError, SourceUnreadable, load_series
 from dicom_node.plan import Rejection, SeriesPlan
 from dicom_node.preview import write_preview_png
+from dicom_node.spool import to_stored
 from dicom_node.web import metrics
 from dicom_node.write import SourceImage, write_derived_series
 
@@ -193,9 +194,9 @@ class JobOutput:
     """What a job run hands to delivery: typed columns, plus figures for display."""
 
     derived_series_uid: str
-    derived_dir: str
+    derived_dir: str  # relative to the spool root, as the database keeps it
     derived_files: list[str]
-    preview_path: str | None
+    preview_path: str | None  # relative to the spool root too
     display: dict
 
     def apply(self, job: Job) -> None:
@@ -385,7 +386,7 @@ class Worker:
                 # spool is back, a reprocess runs the same job.
                 why = (
                     f"{exc.n_files} of {exc.n_total} source file(s) cannot be read on node "
-                    f"{self.node_id}: {exc.first}; every node must mount the shared spool at "
+                    f"{self.node_id}: {exc.first}; this node must mount the shared spool at "
                     f"{self.config.storage.spool_root} (docs/SCALING.md)"
                 )
                 return self._finish(job_id, JobState.failed, why, timer, t_start)
@@ -432,11 +433,12 @@ class Worker:
         preview_path: str | None = None
         with timer.stage("preview"):
             preview_path = self._preview(loaded.volume, volume, plan, factor, out_dir)
+        spool_root = self.config.storage.spool_root
         output = JobOutput(
             derived_series_uid=derived_uid,
-            derived_dir=str(out_dir),
+            derived_dir=to_stored(out_dir, spool_root),
             derived_files=files,
-            preview_path=preview_path,
+            preview_path=to_stored(preview_path, spool_root) if preview_path else None,
             display={
                 "n_in": plan.n_slices,
                 "n_out": int(volume.shape[0]),

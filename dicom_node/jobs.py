@@ -30,6 +30,9 @@ and SOP instance (:class:`~dicom_node.db.SentInstance`), recorded as acknowledge
 The stages hand each other typed columns, not dict keys: completion writes
 ``job.source_sop_uids`` (the exact input), the worker writes ``job.derived_files`` (names in
 ``job.derived_dir``, read by delivery and the CLI). ``job.summary`` is for display only.
+``job.derived_dir`` and ``job.preview_path`` are kept relative to the spool root, so that nodes
+mounting the shared spool at different paths all find them: read them through
+:func:`derived_dir_path`, :func:`derived_paths` and :func:`preview_file`.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from dicom_node.db import Job, JobState, SentInstance, Series, audit, utcnow
+from dicom_node.spool import StoredPathError, from_stored
 from dicom_node.uids import instances_hash
 
 __all__ = [
@@ -56,7 +60,9 @@ __all__ = [
     "acknowledged",
     "claim",
     "job_key",
+    "derived_dir_path",
     "derived_paths",
+    "preview_file",
     "queue_job",
     "record_ack",
     "record_acks",
@@ -505,9 +511,12 @@ class NotPossible(ValueError):
     """An operator's request that the job's state does not allow (the message says why)."""
 
 
-def missing_derived(job: Job) -> str | None:
+def missing_derived(job: Job, spool_root: Path) -> str | None:
     """Why the job's derived series cannot be sent (None when every file is there)."""
-    files = derived_paths(job)
+    try:
+        files = derived_paths(job, spool_root)
+    except StoredPathError as exc:
+        return f"job {job.id}'s derived series cannot be read: {exc}"
     if not files:
         return f"job {job.id} has no derived series; reprocess the series"
     missing = [f for f in files if not f.exists()]
@@ -519,13 +528,13 @@ def missing_derived(job: Job) -> str | None:
     return None
 
 
-def resend(session: Session, job: Job, *, all_instances: bool = False) -> Job:
+def resend(session: Session, job: Job, spool_root: Path, *, all_instances: bool = False) -> Job:
     """Send a job's derived series again: only what each destination has not acknowledged, or
     everything with ``all_instances`` (same UIDs: a PACS replaces, never duplicates). Raises
     :class:`NotPossible` when there is nothing to send. The caller commits."""
     if job.state not in (JobState.written, JobState.sent, JobState.failed):
         raise NotPossible(f"job {job.id} is {job.state.value}: nothing to resend yet")
-    why = missing_derived(job)
+    why = missing_derived(job, spool_root)
     if why:
         raise NotPossible(why)
     if all_instances:
@@ -541,11 +550,30 @@ def resend(session: Session, job: Job, *, all_instances: bool = False) -> Job:
     )
 
 
-def derived_paths(job: Job) -> list[Path]:
-    """The job's derived files (empty until the worker wrote them)."""
-    if not job.derived_dir:
+def derived_dir_path(job: Job, spool_root: Path) -> Path | None:
+    """The folder of the job's derived series on this node (None until the worker wrote it).
+    Raises :class:`~dicom_node.spool.StoredPathError` for a value that leaves the spool."""
+    return from_stored(job.derived_dir, spool_root) if job.derived_dir else None
+
+
+def derived_paths(job: Job, spool_root: Path) -> list[Path]:
+    """The job's derived files on this node (empty until the worker wrote them). Raises
+    :class:`~dicom_node.spool.StoredPathError` for a folder that leaves the spool or a file
+    name that is not a plain name in it."""
+    folder = derived_dir_path(job, spool_root)
+    if folder is None:
         return []
-    return [Path(job.derived_dir) / name for name in job.derived_files or []]
+    names = list(job.derived_files or [])
+    for name in names:
+        if not name or Path(name).name != name or name in (".", ".."):
+            raise StoredPathError(f"derived file name {name!r:.200} is not a plain name")
+    return [folder / name for name in names]
+
+
+def preview_file(job: Job, spool_root: Path) -> Path | None:
+    """The job's preview PNG on this node (None when it has none). Raises
+    :class:`~dicom_node.spool.StoredPathError` for a value that leaves the spool."""
+    return from_stored(job.preview_path, spool_root) if job.preview_path else None
 
 
 def schedule_send_retry(

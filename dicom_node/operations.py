@@ -10,6 +10,7 @@ show --json``, ``jobs list --json`` and the API give.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from sqlalchemy import select
@@ -21,6 +22,7 @@ from dicom_node.db import Job, JobState, Series, SeriesState, audit
 from dicom_node.infer import ModelPool
 from dicom_node.jobs import NotPossible
 from dicom_node.scheduler import plan_and_queue
+from dicom_node.spool import StoredPathError, from_stored
 
 __all__ = ["ActionResult", "NotFound", "NotPossible", "job_as_dict", "reprocess", "resend"]
 
@@ -112,6 +114,7 @@ def reprocess(
 
 def resend(
     session: Session,
+    config: NodeConfig,
     job_id: int,
     *,
     all_instances: bool = False,
@@ -125,7 +128,7 @@ def resend(
     job = session.get(Job, job_id)
     if job is None:
         raise NotFound(f"no job {job_id}")
-    jobs.resend(session, job, all_instances=all_instances)
+    jobs.resend(session, job, config.storage.spool_root, all_instances=all_instances)
     audit(
         session,
         "resend",
@@ -138,10 +141,22 @@ def resend(
     return ActionResult("resend", job.id, job.state, f"job {job.id} will be sent again")
 
 
+def _on_this_node(stored: str | None, spool_root: Path) -> str | None:
+    try:
+        return str(from_stored(stored, spool_root)) if stored else None
+    except StoredPathError:
+        return None  # a value that leaves the spool is not shown as a place to look
+
+
 def job_as_dict(
-    job: Job, acked: dict[str, int] | None = None, superseded_uid: str | None = None
+    job: Job,
+    spool_root: Path,
+    acked: dict[str, int] | None = None,
+    superseded_uid: str | None = None,
 ) -> dict:
-    """The job's columns and display figures, JSON-ready (times are UTC, without an offset)."""
+    """The job's columns and display figures, JSON-ready (times are UTC, without an offset).
+    ``derived_dir`` and ``preview_path`` are given as paths on this node (under ``spool_root``);
+    the database keeps them relative to the spool."""
     summary = job.summary or {}
     d = {
         "id": job.id,
@@ -159,8 +174,8 @@ def job_as_dict(
         "send_attempts": job.send_attempts,
         "next_send_at": job.next_send_at.isoformat() if job.next_send_at else None,
         "derived_series_uid": job.derived_series_uid,
-        "derived_dir": job.derived_dir,
-        "preview_path": job.preview_path,
+        "derived_dir": _on_this_node(job.derived_dir, spool_root),
+        "preview_path": _on_this_node(job.preview_path, spool_root),
         "supersedes_job_id": job.supersedes_job_id,
         "stage_seconds": job.stage_seconds or {},
         "n_in": summary.get("n_in", len(job.source_sop_uids or [])),

@@ -17,6 +17,8 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from dicom_node.config import NodeConfig
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState, audit, utcnow
+from dicom_node.jobs import derived_dir_path
+from dicom_node.spool import StoredPathError
 
 __all__ = ["clean_up"]
 
@@ -36,7 +38,7 @@ def clean_up(
     cutoff = (now or utcnow()) - timedelta(days=days)
     with sessions() as s:
         removed = _remove_sources(s, config.storage.spool_root, cutoff)
-        removed += _remove_derived(s, cutoff)
+        removed += _remove_derived(s, config.storage.spool_root, cutoff)
         if removed:
             audit(s, "retention_cleanup", detail={"files": removed, "cutoff": cutoff})
             s.commit()
@@ -61,10 +63,16 @@ def _remove_sources(s: Session, spool_root: Path, cutoff: datetime) -> int:
     return removed
 
 
-def _remove_derived(s: Session, cutoff: datetime) -> int:
+def _remove_derived(s: Session, spool_root: Path, cutoff: datetime) -> int:
     removed = 0
     for job in s.scalars(select(Job).where(Job.updated_at < cutoff, Job.state.not_in(_BUSY))).all():
-        if job.derived_dir and Path(job.derived_dir).exists():
-            removed += sum(1 for _ in Path(job.derived_dir).iterdir())
-            shutil.rmtree(job.derived_dir, ignore_errors=True)
+        try:
+            folder = derived_dir_path(job, spool_root)
+        except StoredPathError as exc:
+            # Never delete outside the spool, whatever the database says.
+            log.warning("retention skips job_id=%s: %s", job.id, exc)
+            continue
+        if folder is not None and folder.exists():
+            removed += sum(1 for _ in folder.iterdir())
+            shutil.rmtree(folder, ignore_errors=True)
     return removed

@@ -33,6 +33,10 @@ class UnsafePathError(ValueError):
     """A UID was not valid, so no path may be built from it."""
 
 
+class StoredPathError(ValueError):
+    """A path kept in the database does not lie inside the spool, so it is not followed."""
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -171,3 +175,34 @@ class Spool:
     def free_bytes(self) -> int:
         """Bytes available to us on the spool's file system."""
         return shutil.disk_usage(self.root).free
+
+
+# -- paths the database keeps -----------------------------------------------------------------
+# Every node may mount the shared spool at its own path, so the database keeps paths relative to
+# the spool root and each node joins them with its own ``storage.spool_root``.
+
+
+def to_stored(path: Path | str, spool_root: Path) -> str:
+    """The form of ``path`` (a file or folder inside the spool) that the database keeps: relative
+    to ``spool_root``, with ``/`` separators. Raises :class:`StoredPathError` for a path outside
+    the spool."""
+    path = Path(os.path.normpath(path))
+    for candidate, root in ((path, spool_root), (path.resolve(), spool_root.resolve())):
+        if candidate.is_relative_to(root) and candidate != root:
+            return candidate.relative_to(root).as_posix()
+    raise StoredPathError(f"{path} is not inside the spool {spool_root}")
+
+
+def from_stored(stored: str, spool_root: Path) -> Path:
+    """The path on this node of a path the database keeps.
+
+    A relative value (written since paths are kept relative) is joined with ``spool_root``; one
+    that climbs out of it (``..``) raises :class:`StoredPathError` and is never followed. An
+    absolute value (a row written before) is used as is: such rows stay readable on the node that
+    wrote them, and no rewrite of old rows is needed."""
+    path = Path(stored)
+    if path.is_absolute():
+        return path
+    if not stored or ".." in path.parts:
+        raise StoredPathError(f"stored path {stored!r:.200} leaves the spool; not followed")
+    return spool_root / path

@@ -9,6 +9,7 @@ reprocess is sent while Orthanc is down).
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -208,7 +209,9 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs, web_pacs):
         listed = node.cli("jobs", "list", "--json")
         assert listed.returncode == 0, listed.stderr
         assert '"state": "sent"' in listed.stdout
-        preview = node.sqlite("select preview_path from jobs where id = ?", job["id"])[0][0]
+        shown = node.cli("jobs", "show", str(job["id"]), "--json")
+        assert shown.returncode == 0, shown.stderr
+        preview = json.loads(shown.stdout)["preview_path"]  # on this node, under its spool
         assert preview and Path(preview).exists()
         rules = node.cli("rules", "test", src_uid)
         assert rules.returncode == 0 and "MATCH" in rules.stdout, rules.stdout

@@ -22,7 +22,7 @@ from dicom_node import db
 from dicom_node.config import parse_config
 from dicom_node.db import AuditEvent, Job, JobState, Series, SeriesState
 from dicom_node.infer import ModelPool
-from dicom_node.jobs import queue_job
+from dicom_node.jobs import derived_dir_path, queue_job
 from dicom_node.scheduler import Pipeline
 from tests.support.polling import wait_until
 from tests.support.postgres import DATABASE_KINDS
@@ -182,14 +182,15 @@ def test_a_dead_nodes_job_is_reaped_and_done_by_the_other(cluster):
         ).all()
         assert any("lease expired" in (e.detail or "") for e in reaped)
         sent_files = list(job.derived_files)
-    written = {f: (Path(job.derived_dir) / f).stat().st_mtime_ns for f in sent_files}
+    folder = derived_dir_path(job, live.config.storage.spool_root)
+    written = {f: (folder / f).stat().st_mtime_ns for f in sent_files}
     gate.set()  # the stale worker wakes up: its result must be neither written nor recorded
     wait_until(lambda: not dead._running, 30, "the stale worker to finish")
     with sessions() as s:
         job = s.get(Job, job_id)
         assert job.state is JobState.sent and job.claimed_by == "node-b"
         assert list(job.derived_files) == sent_files
-        assert {f: (Path(job.derived_dir) / f).stat().st_mtime_ns for f in sent_files} == written
+        assert {f: (folder / f).stat().st_mtime_ns for f in sent_files} == written
 
 
 def test_a_restarting_node_leaves_a_live_nodes_job_alone(cluster):

@@ -24,7 +24,7 @@ from dicom_node.config import parse_config
 from dicom_node.db import Instance, Job, JobState, Series, SeriesState, Study, utcnow
 from dicom_node.deliver import deliver_job
 from dicom_node.infer import ModelPool
-from dicom_node.jobs import claim
+from dicom_node.jobs import claim, derived_dir_path, preview_file
 from dicom_node.scheduler import Pipeline, evaluate_series, plan_and_queue
 from tests.support.postgres import both_databases
 
@@ -174,8 +174,11 @@ def test_series_to_sent_and_late_arrival_supersedes(env):
         job = s.scalars(select(Job)).one()
         assert job.factor == 2 and job.stage_seconds["quiet"] >= 5  # 2.5 mm / 1.25 mm
     job = _run_next(pipeline, sessions)
-    assert job.summary["n_out"] == 7 and len(list(Path(job.derived_dir).glob("*.dcm"))) == 7
-    assert job.preview_path and Path(job.preview_path).exists()
+    derived = derived_dir_path(job, config.storage.spool_root)
+    assert job.summary["n_out"] == 7 and len(list(derived.glob("*.dcm"))) == 7
+    assert job.preview_path and preview_file(job, config.storage.spool_root).exists()
+    # Kept relative to the spool, so that nodes mounting it at other paths find them too.
+    assert not Path(job.derived_dir).is_absolute() and not Path(job.preview_path).is_absolute()
     assert {"load", "inference", "write", "preview"} <= set(job.stage_seconds)
 
     scp = SCP(port)
@@ -207,8 +210,8 @@ def test_series_to_sent_and_late_arrival_supersedes(env):
     # that it replaces it, where a person browsing the study sees it first.
     second = _run_next(pipeline, sessions)
     assert second.id == jobs[1].id and second.summary["replaces_delivered_job"] == jobs[0].id
-    first_file = sorted(Path(job.derived_dir).glob("*.dcm"))[0]
-    new_file = sorted(Path(second.derived_dir).glob("*.dcm"))[0]
+    first_file = sorted(derived_dir_path(job, config.storage.spool_root).glob("*.dcm"))[0]
+    new_file = sorted(derived_dir_path(second, config.storage.spool_root).glob("*.dcm"))[0]
     old_desc = str(pydicom.dcmread(first_file, stop_before_pixels=True).SeriesDescription)
     new_desc = str(pydicom.dcmread(new_file, stop_before_pixels=True).SeriesDescription)
     assert not old_desc.startswith("REPLACES") and new_desc.startswith("REPLACES EARLIER: ")
@@ -313,7 +316,8 @@ def test_enhanced_ct_input_gives_single_frame_derived_series(env, tmp_path):
         s.commit()
     pipeline.check_completion()
     job = _run_next(pipeline, sessions)
-    out = [pydicom.dcmread(p) for p in sorted(Path(job.derived_dir).glob("*.dcm"))]
+    derived = derived_dir_path(job, config.storage.spool_root)
+    out = [pydicom.dcmread(p) for p in sorted(derived.glob("*.dcm"))]
     assert len(out) == 9 and all(int(ds.get("NumberOfFrames", 1)) == 1 for ds in out)
     refs = {(r.ReferencedSOPInstanceUID, int(r.ReferencedFrameNumber)) for ds in out
             for r in ds.SourceImageSequence}  # fmt: skip
@@ -458,7 +462,7 @@ def test_retention_removes_only_finished_files_and_reprocess_says_why(env, tmp_p
     still_receiving_id = _index(
         sessions, config, _copy_as_new_series(files, tmp_path / "open", "retention")
     )
-    derived = sorted(Path(job.derived_dir).iterdir())
+    derived = sorted(derived_dir_path(job, config.storage.spool_root).iterdir())
     assert derived and all(p.exists() for p in source_files(done_id))
 
     assert pipeline.clean_up(now=later) == 0  # the job is written but not yet sent: kept
@@ -471,7 +475,7 @@ def test_retention_removes_only_finished_files_and_reprocess_says_why(env, tmp_p
 
     assert pipeline.clean_up(now=later) == len(files) + len(derived)
     assert not any(p.exists() for p in source_files(done_id))
-    assert not Path(job.derived_dir).exists()
+    assert not derived_dir_path(job, config.storage.spool_root).exists()
     assert all(p.exists() for p in source_files(still_receiving_id))  # not finished: kept
     with sessions() as s:
         kinds = s.scalars(select(db.AuditEvent.kind)).all()

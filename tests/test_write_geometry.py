@@ -20,6 +20,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
 from dicom_node.infer import interpolate_in_model_order
+from dicom_node.jobs import derived_dir_path
 from dicom_node.load import load_series
 from dicom_node.plan import SeriesPlan, plan_slices
 from dicom_node.slices import slice_refs_from_file
@@ -148,5 +149,5 @@ def test_feet_first_series_through_the_pipeline(env, uncompressed_series, tmp_pa
     _index(sessions, config, paths)
     pipeline.check_completion()
     job = _run_next(pipeline, sessions)
-    derived = sorted(Path(job.derived_dir).glob("*.dcm"))
+    derived = sorted(derived_dir_path(job, config.storage.spool_root).glob("*.dcm"))
     check_geometry(plan_of(paths), derived, paths)

@@ -71,7 +71,7 @@ def jobs_list(
             if want is not None:
                 q = q.where(Job.state == want)
             rows = s.scalars(q).all()
-            data = [job_as_dict(j) for j in rows]
+            data = [job_as_dict(j, config.storage.spool_root) for j in rows]
     except SQLAlchemyError as exc:
         db_fail(exc)
     if as_json:
@@ -114,7 +114,9 @@ def jobs_show(
                 ).all()
             )
             prev = s.get(Job, job.supersedes_job_id) if job.supersedes_job_id else None
-            d = job_as_dict(job, acked, prev.derived_series_uid if prev else None)
+            d = job_as_dict(
+                job, config.storage.spool_root, acked, prev.derived_series_uid if prev else None
+            )
             later = s.scalars(select(Job).where(Job.supersedes_job_id == job.id)).first()
             d["superseded_by_job_id"] = later.id if later else None
             d["notes"] = ((job.summary or {}).get("plan") or {}).get("notes", [])
@@ -245,7 +247,7 @@ def resend(
     sessions = sessions_for(config)
     try:
         with sessions() as s:
-            operations.resend(s, job_id, all_instances=all_instances, by=_who(), via="cli")
+            operations.resend(s, config, job_id, all_instances=all_instances, by=_who(), via="cli")
     except operations.NotFound as exc:
         fail(str(exc), EXIT_NOT_FOUND)
     except operations.NotPossible as exc:

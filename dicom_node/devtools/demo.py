@@ -39,6 +39,7 @@ from dicom_node import db
 from dicom_node.config import load_config
 from dicom_node.db import Job
 from dicom_node.devtools.sample_data import REPO_ROOT, fetch_sample_data
+from dicom_node.jobs import preview_file
 
 STORESCU = "/usr/bin/storescu"
 DEST_AE = "DEMO_PACS"
@@ -177,9 +178,10 @@ def run(preset: str | None = None, timeout_s: float = 1800) -> int:
         n_out = (job.summary or {}).get("n_out")
         _wait_until(lambda: len(dest.received) >= (n_out or 0), 30)
         preview = None
-        if job.preview_path and Path(job.preview_path).exists():
+        written = preview_file(job, load_config(config_path).storage.spool_root)
+        if written is not None and written.exists():
             preview = demo_dir / "preview.png"
-            shutil.copyfile(job.preview_path, preview)
+            shutil.copyfile(written, preview)
         console.print("[bold]5/5[/bold] summary")
         _summary(job, dest, preview, t_last_received)
         return 0

@@ -9,7 +9,6 @@ reason) or 503 (the model cannot be loaded).
 from __future__ import annotations
 
 from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from starlette.concurrency import run_in_threadpool
@@ -17,9 +16,10 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from dicom_node import nodes
+from dicom_node import jobs, nodes
 from dicom_node.db import Job, JobState, SeriesState
 from dicom_node.operations import ActionResult
+from dicom_node.spool import StoredPathError
 from dicom_node.web import queries
 from dicom_node.web.base import JSON, Refused, query_int, query_state, read_json
 
@@ -87,7 +87,7 @@ def job_one(web: WebApp, request: Request) -> Response:
     web.reader(request)
     job_id = request.path_params["job_id"]
     with web.view.sessions() as s:
-        data = queries.job_detail(s, job_id)
+        data = queries.job_detail(s, job_id, web.view.config.storage.spool_root)
     if data is None:
         raise Refused(404, f"no job {job_id}")
     return JSON(data)
@@ -96,14 +96,19 @@ def job_one(web: WebApp, request: Request) -> Response:
 def preview(web: WebApp, request: Request) -> Response:
     web.reader(request)
     job_id = request.path_params["job_id"]
+    spool_root = web.view.config.storage.spool_root
     with web.view.sessions() as s:
         job = s.get(Job, job_id)
-        stored = job.preview_path if job is not None else None
+        try:
+            stored = jobs.preview_file(job, spool_root) if job is not None else None
+        except StoredPathError:
+            stored = None
     if not stored:
         raise Refused(404, f"job {job_id} has no preview")
-    path = Path(stored).resolve()
-    # Only files the node wrote under its spool, whatever the database says.
-    if not path.is_relative_to(web.view.config.storage.spool_root) or not path.is_file():
+    path = stored.resolve()
+    # Only files the node wrote under its spool, whatever the database says (an absolute path
+    # from before paths were kept relative, or a link inside the spool, may point elsewhere).
+    if not path.is_relative_to(spool_root) or not path.is_file():
         raise Refused(404, f"the preview of job {job_id} is gone (retention?)")
     return FileResponse(path, media_type="image/png")
 

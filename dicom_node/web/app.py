@@ -228,7 +228,7 @@ class WebApp:
     ) -> ActionResult:
         with _as_refusals(), self.view.sessions() as s:
             result = operations.resend(
-                s, job_id, all_instances=everything, by=who.name, via="http",
+                s, self.view.config, job_id, all_instances=everything, by=who.name, via="http",
                 peer=self.peer(request),
             )  # fmt: skip
         log.info("resend by=%s job_id=%s all=%s", who.name, job_id, everything)

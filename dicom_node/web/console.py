@@ -110,7 +110,7 @@ def job_page(web: WebApp, request: Request) -> Response:
     who = web.reader(request)
     job_id = request.path_params["job_id"]
     with web.view.sessions() as s:
-        job = queries.job_detail(s, job_id)
+        job = queries.job_detail(s, job_id, web.view.config.storage.spool_root)
     if job is None:
         raise Refused(404, f"no job {job_id}")
     patient = None

@@ -292,7 +292,7 @@ def job_rows(
     return rows, int(session.scalar(total_q) or 0)
 
 
-def job_detail(session: Session, job_id: int) -> dict | None:
+def job_detail(session: Session, job_id: int, spool_root: Path) -> dict | None:
     """Everything about one job, with the send status per destination."""
     job = session.get(Job, job_id)
     if job is None:
@@ -305,7 +305,7 @@ def job_detail(session: Session, job_id: int) -> dict | None:
         ).all()
     )
     prev = session.get(Job, job.supersedes_job_id) if job.supersedes_job_id else None
-    d = job_as_dict(job, acked, prev.derived_series_uid if prev else None)
+    d = job_as_dict(job, spool_root, acked, prev.derived_series_uid if prev else None)
     later = session.scalars(select(Job.id).where(Job.supersedes_job_id == job.id)).first()
     d["superseded_by_job_id"] = later
     d["factor_reason"] = (job.summary or {}).get("factor_reason")
