@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import ssl
+import struct
 import threading
 import time
 from collections.abc import Callable
@@ -58,7 +59,7 @@ from dicom_node.header import (
     STATUS_SUCCESS,
     STATUS_UNDECODABLE,
     InvalidInstance,
-    read_header,
+    read_dataset_header,
 )
 from dicom_node.index import Indexer, UidConflict
 from dicom_node.spool import Spool, SpoolError, UnsafePathError
@@ -84,6 +85,51 @@ REJECT_CONGESTION = (0x02, 0x03, 0x01)
 
 
 _PREAMBLE = b"\x00" * 128 + b"DICM"
+
+
+def _element(tag: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
+    """One explicit VR little endian element with a short (16-bit) length."""
+    if len(value) % 2:
+        value += pad
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+# (0002,0001) File Meta Information Version, OB (long form), 00 01 as pydicom writes it.
+_META_VERSION = struct.pack("<HH2s2xI", 0x0002, 0x0001, b"OB", 2) + b"\x00\x01"
+
+
+def _file_meta_bytes(sop_class: str, sop_uid: str, transfer_syntax: str, calling_ae: str) -> bytes:
+    """The encoded file meta group that pynetdicom's ``encode_file_meta`` writes for these
+    values, byte for byte (tests/test_receive_inprocess.py compares them), built directly: the
+    FileMetaDataset and pydicom's writer took about 0.3 ms of CPU per instance. Values that are
+    not plain ASCII, or too long for a short element, and empty UIDs (which pydicom's writer
+    refuses) go through pydicom as before."""
+    values = (sop_class, sop_uid, transfer_syntax, calling_ae)
+    if not (all(values[:3]) and all(v.isascii() and len(v) < 0x8000 for v in values)):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = sop_class
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = transfer_syntax
+        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
+        meta.SourceApplicationEntityTitle = calling_ae
+        return encode_file_meta(meta)
+    body = b"".join(
+        (
+            _META_VERSION,
+            _element(0x00020002, b"UI", sop_class.encode(), b"\x00"),
+            _element(0x00020003, b"UI", sop_uid.encode(), b"\x00"),
+            _element(0x00020010, b"UI", transfer_syntax.encode(), b"\x00"),
+            _META_IMPLEMENTATION,
+            _element(0x00020016, b"AE", calling_ae.encode(), b" "),
+        )
+    )
+    return struct.pack("<HH2sHI", 0x0002, 0x0000, b"UL", 4, len(body)) + body
+
+
+_META_IMPLEMENTATION = _element(
+    0x00020012, b"UI", IMPLEMENTATION_CLASS_UID.encode(), b"\x00"
+) + _element(0x00020013, b"SH", IMPLEMENTATION_VERSION_NAME.encode(), b" ")
 
 
 @dataclass(frozen=True)
@@ -581,19 +627,12 @@ class Receiver:
             )
             return StoreResult(STATUS_OUT_OF_RESOURCES, "free disk below minimum", "refused")
 
-        meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = sop_class
-        meta.MediaStorageSOPInstanceUID = sop_uid
-        meta.TransferSyntaxUID = transfer_syntax
-        meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
-        meta.ImplementationVersionName = IMPLEMENTATION_VERSION_NAME
-        meta.SourceApplicationEntityTitle = calling_ae
-        data = b"".join((_PREAMBLE, encode_file_meta(meta), dataset))
+        meta = _file_meta_bytes(sop_class, sop_uid, transfer_syntax, calling_ae)
 
         # The temp file is written and fsync'd on a pool thread while this one parses the
         # header and checks the index: the fsync's wait overlaps with our CPU work.
         try:
-            tmp_written = self._io_pool.submit(self.spool.write_temp, (data,))
+            tmp_written = self._io_pool.submit(self.spool.write_temp, (_PREAMBLE, meta, dataset))
         except RuntimeError:  # pool shut down: the node is stopping
             return StoreResult(STATUS_OUT_OF_RESOURCES, "node is shutting down", "refused")
         # Hash the data set as the peer sent it (not our file meta, which names the caller): the
@@ -603,7 +642,7 @@ class Receiver:
         # write started about 1.7 ms after it was submitted, see docs/SCALING.md).
         sha = hashlib.sha256(dataset).hexdigest()
         try:
-            header = read_header(data, sop_class, sop_uid, dataset_offset=len(data) - len(dataset))
+            header = read_dataset_header(dataset, transfer_syntax, sop_class, sop_uid)
             path = self.spool.path_for(header.study_uid, header.series_uid, sop_uid)
         except (InvalidInstance, UnsafePathError) as exc:
             self._discard(tmp_written)
