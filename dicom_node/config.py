@@ -328,6 +328,11 @@ class ModelSection(_Strict):
         False,
         description="average 4 passes over in-plane flips: about +0.1 dB, 4x the inference time",
     )
+    # On a CPU host, one single-threaded worker per core gave the most jobs per hour
+    # (docs/SCALING.md); torch's default takes every core for each worker process.
+    torch_threads: int | None = Field(
+        None, ge=1, le=1024, description="torch's CPU threads in this process; None = its default"
+    )
 
 
 def _is_loopback(address: str) -> bool:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -47,8 +48,10 @@ __all__ = [
     "ModelPool",
     "ModelUnavailable",
     "Worker",
+    "apply_torch_threads",
     "derived_root",
     "interpolate_in_model_order",
+    "torch_threads",
 ]
 
 log = logging.getLogger(__name__)
@@ -75,11 +78,41 @@ def derived_root(config: NodeConfig) -> Path:
     return config.storage.spool_root / "derived"
 
 
+_interop_lock = threading.Lock()
+_interop_sized = False  # torch sizes its inter-op pool once per process
+
+
+def apply_torch_threads(threads: int | None) -> None:
+    """Give torch ``threads`` CPU threads in this process (``model.torch_threads``); None keeps
+    torch's default. Called before a model loads, so before this process's first torch work."""
+    global _interop_sized
+    if threads is None:
+        return
+    import torch
+
+    torch.set_num_threads(threads)
+    with _interop_lock:
+        if _interop_sized:
+            return
+        _interop_sized = True
+        try:
+            torch.set_num_interop_threads(threads)
+        except RuntimeError as exc:  # inter-op work already ran here: only intra-op changes
+            log.warning("torch inter-op threads stay as they are: %s", exc)
+
+
+def torch_threads() -> int | None:
+    """The CPU threads torch uses in this process; None while torch is not loaded."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else None
+
+
 def _load_interpolator(model: ModelSection):
     # Imported here, not at the top: acvtt_core.infer loads torch (about 2 s), which the CLI's
     # other commands and a node without jobs never need.
     from acvtt_core.infer import load_interpolator
 
+    apply_torch_threads(model.torch_threads)
     settings = {
         "device": model.device,
         "preset": model.preset,

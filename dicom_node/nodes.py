@@ -77,14 +77,17 @@ def node_version() -> str:
 
 
 def loaded_devices(device: str) -> str:
-    """What the loaded model runs on: ``cpu``, or the CUDA GPUs (``cuda:0 NVIDIA H100``); call
-    only once a model is loaded (torch is then imported)."""
+    """What the loaded model runs on: ``cpu (2 threads)`` (torch's CPU threads in this process,
+    ``model.torch_threads``), or the CUDA GPUs (``cuda:0 NVIDIA H100``); call only once a model
+    is loaded (torch is then imported)."""
     torch = sys.modules.get("torch")
-    if device == "cpu" or torch is None:
+    if torch is None:
         return "cpu"
     try:
-        if not torch.cuda.is_available():
-            return "cpu"
+        threads = int(torch.get_num_threads())
+        cpu = f"cpu ({threads} thread{'' if threads == 1 else 's'})"
+        if device == "cpu" or not torch.cuda.is_available():
+            return cpu
         gpus = range(torch.cuda.device_count())
         if device.startswith("cuda:"):
             gpus = [int(device.split(":", 1)[1])]

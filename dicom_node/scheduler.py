@@ -69,6 +69,7 @@ from dicom_node.infer import (
     Worker,
     record_untrained,
     resolve_concurrency,
+    torch_threads,
 )
 from dicom_node.plan import Rejection
 from dicom_node.rules import explain, factor_for, facts_from_series, select_rule
@@ -314,7 +315,12 @@ class Pipeline:
     def _preload(self) -> None:
         try:
             ident = self.models.identity()
-            log.info("model loaded model_id=%s version=%s", ident.model_id, ident.model_version)
+            log.info(
+                "model loaded model_id=%s version=%s torch_threads=%s",
+                ident.model_id,
+                ident.model_version,
+                torch_threads(),
+            )
         except Exception:
             log.exception("model could not be loaded; jobs will fail until it can")
 
