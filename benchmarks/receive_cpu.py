@@ -29,6 +29,8 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import sqlalchemy
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
@@ -64,6 +66,7 @@ class Timings:
         self.lock = threading.Lock()
         self.wall: dict[str, list[float]] = defaultdict(list)
         self.cpu: dict[str, list[float]] = defaultdict(list)
+        self.commits = 0  # database commits, all rounds
 
     def wrap(self, label: str, fn: Callable) -> Callable:
         def timed(*args, **kwargs):
@@ -116,6 +119,12 @@ def run_round(sources: list[Path], args, tmp: Path, rnd: int, timings: Timings) 
         owner = receiver if owner_name is None else getattr(receiver, owner_name)
         if hasattr(owner, attr):
             setattr(owner, attr, timings.wrap(label, getattr(owner, attr)))
+    commits = [0]
+
+    def count_commit(_conn) -> None:
+        commits[0] += 1
+
+    sqlalchemy.event.listen(receiver.indexer.engine, "commit", count_commit)
     batches = []
     for t in range(args.threads):
         paths = make_instances(sources, args.instances, tmp / f"in{rnd}-{t}", f"cpu-{rnd}-{t}")
@@ -138,6 +147,7 @@ def run_round(sources: list[Path], args, tmp: Path, rnd: int, timings: Timings) 
     n = len(statuses)
     if statuses != [0] * (args.instances * args.threads):
         raise SystemExit(f"not every store succeeded: {sorted(set(statuses))}")
+    timings.commits += commits[0]
     return cpu, wall, n
 
 
@@ -168,8 +178,9 @@ def main() -> None:
     wall_ms = 1000 * statistics.median(r[1] for r in results)
     print(f"\n{args.threads} thread(s) x {args.instances} instances x {args.rounds} rounds")
     print(f"process CPU per instance {cpu_ms:.2f} ms, wall per instance {wall_ms:.2f} ms")
-    print(f"{'step':<30} {'calls/inst':>10} {'wall med ms':>12} {'CPU mean ms':>12}")
     total = args.instances * args.threads * args.rounds
+    print(f"index commits per instance {counted.commits / total:.2f}")
+    print(f"{'step':<30} {'calls/inst':>10} {'wall med ms':>12} {'CPU mean ms':>12}")
     for label in counted.wall:
         walls, cpus = counted.wall[label], counted.cpu[label]
         print(
