@@ -118,15 +118,18 @@ def _claim_to_written(engine: sa.Engine) -> float:
     return (last - first).total_seconds()
 
 
-def run(k: int, series: list[list[Path]], cluster: PostgresCluster, tmp: Path) -> Result:
+def run(
+    k: int, series: list[list[Path]], cluster: PostgresCluster, tmp: Path, threads: int | None
+) -> Result:
     url = cluster.create_database()
     db.upgrade(url)  # once, before the nodes start
     spool = tmp / f"spool-{k}"
     receiver = NodeProcess(tmp / f"rx-{k}", overrides=node_config("rx", "receiver", url, spool, []))
-    workers = [
-        WorkerProcess(tmp / f"wk-{k}-{i}", node_config(f"wk-{i}", "worker", url, spool, []))
-        for i in range(1, k + 1)
-    ]
+    workers = []
+    for i in range(1, k + 1):
+        cfg = node_config(f"wk-{i}", "worker", url, spool, [])
+        cfg["model"]["torch_threads"] = threads  # None: torch's own default
+        workers.append(WorkerProcess(tmp / f"wk-{k}-{i}", cfg))
     nodes = [receiver, *workers]
     engine = db.make_engine(url)
     try:
@@ -192,25 +195,23 @@ def main() -> None:
         "--torch-threads",
         type=int,
         default=None,
-        help="OMP_NUM_THREADS for every node (default: unset, torch's own default)",
+        help="model.torch_threads of every worker (default: unset, torch's own default)",
     )
     args = ap.parse_args()
-    if args.torch_threads is not None:
-        os.environ["OMP_NUM_THREADS"] = str(args.torch_threads)  # the nodes inherit it
     sources = sorted(Path(fetch_sample_data().ct_dicom_repaired).glob("*.dcm"))
     size = "512x512" if args.full_size else "256x256"
     print(f"{args.series} real CT series, {len(sources)} slices each at {size}, factor 2 to 1 mm;")
     omp = os.environ.get("OMP_NUM_THREADS")
     print(
-        f"CPU: {os.cpu_count()} cores; torch intra-op threads per worker (its default: the "
-        f"node sets none): {torch_threads()}; OMP_NUM_THREADS={omp}"
+        f"CPU: {os.cpu_count()} cores; torch intra-op threads per worker: "
+        f"{args.torch_threads or f'torch default ({torch_threads()})'}; OMP_NUM_THREADS={omp}"
     )
     print(f"machine CPU busy before the run (5 s): {100 * _busy_for(5):.0f} %")
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="workers-bench-") as tmp, PostgresCluster() as pg:
         series = _series(sources, Path(tmp) / "in", args.series, args.full_size)
         for k in args.workers:
-            r = run(k, series, pg, Path(tmp))
+            r = run(k, series, pg, Path(tmp), args.torch_threads)
             results.append(r)
             inf = sorted(r.inference_s)
             print(
