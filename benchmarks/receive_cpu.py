@@ -4,8 +4,8 @@
 
 Drives :meth:`dicom_node.receive.Receiver.store_dataset` directly (no network, no pynetdicom)
 with the real 20-slice sample CT series (JPEG 2000, cycled, new UIDs each), on SQLite with the
-node's settings (fsync on, synchronous=FULL). ``--threads N`` stores from N threads at once,
-each its own series, as N associations would. Prints, per instance:
+node's settings (fsync on, synchronous=FULL, pydicom's value validation off). ``--threads N``
+stores from N threads at once, each its own series, as N associations would. Prints, per instance:
 
 * ``process CPU``: CPU time of the whole process (every thread: store, pool, SQLite) / instances;
 * ``wall``: wall time / instances (the aggregate rate's inverse);
@@ -29,6 +29,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
+import pydicom.config
 import sqlalchemy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -157,6 +158,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
+    # As `dicom-node serve` and the receiver processes read: values not validated (the
+    # warnings could quote patient data, and validating costs CPU the node does not spend).
+    pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
     sources = sorted(fetch_sample_data().ct_dicom_repaired.glob("*.dcm"))
     originals = {}
     with tempfile.TemporaryDirectory(prefix="bench-receive-cpu-", dir=REPO / "var") as tmp:
