@@ -1,8 +1,9 @@
 """The instance index: record what the header reader (header.py) found, one row an instance.
 
 :class:`Indexer` turns a stored file's :class:`~dicom_node.header.Header` into
-Study/Series/Instance rows, one committed transaction per instance, and keeps the audit trail of
-duplicates, replacements and rejections.
+Study/Series/Instance rows and keeps the audit trail of duplicates, replacements and rejections.
+:meth:`Indexer.record` returns only once the transaction holding its row is committed; rows
+stored at once by several associations share one transaction (:meth:`Indexer._grouped`).
 
 Series bookkeeping promised to later stages: every new or changed instance increments
 ``Series.revision`` and sets ``last_received``; an instance that arrives or changes after the
