@@ -259,6 +259,16 @@ def pixel_problem(
     return None
 
 
+def _undecodable(exc: Exception, command_sop_instance: str | None) -> InvalidInstance:
+    """0xC210 for a header pydicom cannot parse; the reason names the error's type only (its
+    message may quote header values)."""
+    return InvalidInstance(
+        STATUS_UNDECODABLE,
+        f"cannot decode data set header: {type(exc).__name__}",
+        command_sop_instance,
+    )
+
+
 def _parse(data: bytes, command_sop_instance: str | None) -> tuple[Dataset, dict[str, str], str]:
     """The data set (no pixels), its required UIDs and its transfer syntax; 0xC210 if the
     header cannot be parsed."""
@@ -267,11 +277,7 @@ def _parse(data: bytes, command_sop_instance: str | None) -> tuple[Dataset, dict
         uids = {k: as_uid(value(ds, k)) for k in REQUIRED_UIDS}
         ts = str(ds.file_meta.TransferSyntaxUID)
     except Exception as exc:
-        raise InvalidInstance(
-            STATUS_UNDECODABLE,
-            f"cannot decode data set header: {type(exc).__name__}",
-            command_sop_instance,
-        ) from None
+        raise _undecodable(exc, command_sop_instance) from None
     return ds, uids, ts
 
 
@@ -303,11 +309,7 @@ def _parse_dataset(
         ds = read_dataset(BytesIO(dataset), implicit, little, stop_when=_before_pixels)
         uids = {k: as_uid(value(ds, k)) for k in REQUIRED_UIDS}
     except Exception as exc:
-        raise InvalidInstance(
-            STATUS_UNDECODABLE,
-            f"cannot decode data set header: {type(exc).__name__}",
-            command_sop_instance,
-        ) from None
+        raise _undecodable(exc, command_sop_instance) from None
     return ds, uids
 
 
