@@ -17,9 +17,13 @@ new UIDs, pixel data untouched) with dcmtk ``storescu`` to each receiver, all wi
 * ``orthanc``: Debian Orthanc with its default SQLite index;
 * ``node-nofsync``, for reference: this node with ``storage.fsync: false`` (files not fsync'd;
   the index commit still is), to show what durability costs;
+* ``node-polling``, for reference: this node (one process) with
+  ``node.association_reactor: polling``, pynetdicom's own reactor threads, which check for work
+  every millisecond, instead of the event-driven ones (dicom_node/association_reactor.py);
 * ``pynetdicom-noop``, for reference: a do-nothing pynetdicom C-STORE SCP (same library, same
-  TCP_NODELAY and PDU settings, answers 0x0000 without storing anything): the ceiling that
-  pynetdicom's polling reactors put on any handler, this node's included.
+  TCP_NODELAY and PDU settings, answers 0x0000 without storing anything) with pynetdicom's
+  polling reactors: the ceiling they put on any handler;
+* ``noop-event``: the same do-nothing SCP with the node's event-driven reactors.
 
 ``--receivers`` picks a subset (default all). The nodes load the model in the background at
 start-up (a torch import of several seconds of CPU); timing starts only once each has logged
@@ -27,8 +31,11 @@ start-up (a torch import of several seconds of CPU); timing starts only once eac
 
 Each trial sends a fresh set of UIDs to every receiver in turn (so nobody sees resends, and
 load drift on the machine hits all of them alike). Prints instances/s per trial and, per sender
-count, the median and best, the ratio to Orthanc and, with one sender, the milliseconds per
-instance (single-association latency).
+count, the median and best, the ratio to Orthanc, with one sender the milliseconds per
+instance (single-association latency), and the CPU milliseconds per instance (user + system,
+from /proc) of the receiver's processes and of the storescu senders: on a machine whose cores
+the receiver shares with its senders, the rate cannot exceed cores / (receiver CPU + sender CPU)
+per instance.
 
 ``--senders N`` (N > 1) measures several senders at once, as when a PACS pushes several series
 in parallel: each trial starts N ``storescu`` processes together, each sending its own
@@ -45,11 +52,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import resource
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -120,6 +129,39 @@ def _send(batches: list[list[Path]], port: int, called_ae: str, log_dir: Path) -
     return sum(map(len, batches)) / dt
 
 
+def tree_cpu_s(root: int) -> float:
+    """CPU seconds (user + system, kernel time of fsyncs included) that process ``root`` and
+    every process below it have used so far, reaped children included."""
+    tick = os.sysconf("SC_CLK_TCK")
+    parent: dict[int, int] = {}
+    used: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            text = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue  # exited meanwhile
+        # after "pid (comm)": state ppid ... utime(11) stime(12) cutime(13) cstime(14)
+        fields = text.rpartition(")")[2].split()
+        parent[int(entry)] = int(fields[1])
+        used[int(entry)] = sum(int(f) for f in fields[11:15])
+    tree, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, ppid in parent.items():
+            if ppid == pid and child not in tree:
+                tree.add(child)
+                frontier.append(child)
+    return sum(used.get(pid, 0) for pid in tree) / tick
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds used by this process's reaped children (the storescu senders)."""
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
 def fsync_floor_ms(directory: Path, n: int = 40) -> float:
     """Median latency (ms) of one file fsync on the spool's disk, measured now.
 
@@ -148,34 +190,47 @@ def fsync_floor_ms(directory: Path, n: int = 40) -> float:
 NOOP_AE = "NOOPSCP"
 
 
-def run_noop_scp(port: int) -> None:
-    """Serve C-ECHO and C-STORE with pynetdicom, answering 0x0000 and storing nothing."""
+def run_noop_scp(port: int, event_reactor: bool) -> None:
+    """Serve C-ECHO and C-STORE with pynetdicom, answering 0x0000 and storing nothing; with
+    ``event_reactor`` its associations are the node's event-driven ones."""
     import socket
 
     from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, evt
     from pynetdicom.sop_class import CTImageStorage, Verification
+
+    from dicom_node.association_reactor import EventRequestHandler
+
+    class NoopAE(AE):
+        def make_server(self, address, *args, **kwargs):
+            if event_reactor:
+                kwargs["request_handler"] = EventRequestHandler
+            return super().make_server(address, *args, **kwargs)
 
     def on_open(event):
         sock = event.assoc.dul.socket.socket
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-    ae = AE(ae_title=NOOP_AE)
+    ae = NoopAE(ae_title=NOOP_AE)
     ae.maximum_pdu_size = 0  # as the node: unlimited
     ae.maximum_associations = MAX_SENDERS  # as the node (pynetdicom's default is 10)
     ae.add_supported_context(Verification)
     ae.add_supported_context(CTImageStorage, ALL_TRANSFER_SYNTAXES)
     handlers = [(evt.EVT_CONN_OPEN, on_open), (evt.EVT_C_STORE, lambda event: 0x0000)]
-    ae.start_server(("127.0.0.1", port), block=True, evt_handlers=handlers)
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=handlers)
+    with contextlib.suppress(KeyboardInterrupt):
+        threading.Event().wait()
+    server.shutdown()
 
 
 @contextlib.contextmanager
-def noop_scp():
+def noop_scp(event_reactor: bool):
     port = free_port()
-    proc = subprocess.Popen([sys.executable, __file__, "--noop-scp", str(port)], cwd=REPO)
+    reactor = ["--noop-event"] if event_reactor else []
+    proc = subprocess.Popen([sys.executable, __file__, "--noop-scp", str(port), *reactor], cwd=REPO)
     try:
         wait_for_port("127.0.0.1", port, proc=proc)
-        yield port
+        yield port, proc.pid
     finally:
         proc.terminate()
         proc.wait(10)
@@ -231,6 +286,7 @@ def _parse_args() -> argparse.Namespace:
         "--receiver-processes)",
     )
     ap.add_argument("--noop-scp", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    ap.add_argument("--noop-event", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.noop_scp:
         return args
@@ -250,14 +306,17 @@ RECEIVERS = (
     "storescp",
     "orthanc",
     "node-nofsync",
+    "node-polling",
     "pynetdicom-noop",
+    "noop-event",
 )
 
 
 def _start_receivers(
     stack: contextlib.ExitStack, args: argparse.Namespace, tmp: Path
-) -> dict[str, tuple[int, str, NodeProcess | None]]:
-    """Start the chosen receivers; name -> (port, called AE title, the node if it is one)."""
+) -> dict[str, tuple[int, str, NodeProcess | None, int]]:
+    """Start the chosen receivers; name -> (port, called AE title, the node if it is one, the
+    process id whose process tree is the receiver)."""
     quiet = {"completion": {"quiet_seconds": 100000}}  # measure receiving only
     nodes = {
         "dicom-node": {"storage": {"fsync": True}},
@@ -266,32 +325,40 @@ def _start_receivers(
             "node": {"receiver_processes": args.receiver_processes},
         },
         "node-nofsync": {"storage": {"fsync": False}},
+        "node-polling": {"storage": {"fsync": True}, "node": {"association_reactor": "polling"}},
     }
-    out: dict[str, tuple[int, str, NodeProcess | None]] = {}
+    out: dict[str, tuple[int, str, NodeProcess | None, int]] = {}
     for name in args.receivers:
         if name in nodes:
             node = stack.enter_context(NodeProcess(tmp / name, overrides={**nodes[name], **quiet}))
-            out[name] = (node.port, NodeProcess.AE_TITLE, node)
+            out[name] = (node.port, NodeProcess.AE_TITLE, node, node.proc.pid)
         elif name == "orthanc":
             orthanc = stack.enter_context(OrthancServer(tmp / "orthanc", aet="ORTHANC"))
-            out[name] = (orthanc.dicom_port, "ORTHANC", None)
+            out[name] = (orthanc.dicom_port, "ORTHANC", None, orthanc.process.pid)
         elif name == "storescp":
             fork = ["--fork"] if max(args.senders) > 1 else []
             scp = stack.enter_context(
                 storescp(tmp / "storescp", ae_title="STORESCP", extra_args=fork)
             )
-            out[name] = (scp.port, "STORESCP", None)
-        elif name == "pynetdicom-noop":
-            out[name] = (stack.enter_context(noop_scp()), NOOP_AE, None)
-    for _port, _ae, node in out.values():
+            out[name] = (scp.port, "STORESCP", None, scp.process.pid)
+        elif name in ("pynetdicom-noop", "noop-event"):
+            port, pid = stack.enter_context(noop_scp(name == "noop-event"))
+            out[name] = (port, NOOP_AE, None, pid)
+    for _port, _ae, node, _pid in out.values():
         if node is not None:
             wait_for_model(node)
     return out
 
 
-def _report(args: argparse.Namespace, rates: dict[int, dict[str, list[float]]]) -> None:
-    """Per sender count: median and best instances/s, the ratio to Orthanc and, with one
-    sender, the milliseconds per instance (single-association latency)."""
+def _report(
+    args: argparse.Namespace,
+    rates: dict[int, dict[str, list[float]]],
+    cpu: dict[int, dict[str, list[float]]],
+    sender_cpu: dict[int, dict[str, list[float]]],
+) -> None:
+    """Per sender count: median and best instances/s, the ratio to Orthanc, with one sender
+    the milliseconds per instance (single-association latency), and the CPU milliseconds per
+    instance of the receiver (all its processes and threads) and of the senders."""
     multi = f"dicom-node x{args.receiver_processes}"
     for senders, by_receiver in rates.items():
         med = {k: statistics.median(v) for k, v in by_receiver.items()}
@@ -304,23 +371,35 @@ def _report(args: argparse.Namespace, rates: dict[int, dict[str, list[float]]]) 
                 f"{senders * args.instances} over first start to last exit)"
             )
         print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000) per sender, {how}")
-        print(f"{'receiver':<18} {'median/s':>9} {'best/s':>8} {'/ orthanc':>10} {'ms/inst':>8}")
+        print(
+            f"{'receiver':<18} {'median/s':>9} {'best/s':>8} {'/ orthanc':>10} {'ms/inst':>8} "
+            f"{'cpu ms/inst':>12} {'senders cpu':>12}"
+        )
         for k in by_receiver:
             label = multi if k == "dicom-node-multi" else k
             ratio = f"{med[k] / med['orthanc']:10.2f}" if "orthanc" in med else f"{'-':>10}"
             ms = f"{1000 / med[k]:8.1f}" if senders == 1 else f"{'-':>8}"
-            print(f"{label:<18} {med[k]:9.0f} {best[k]:8.0f} {ratio} {ms}")
+            rx_cpu = statistics.median(cpu[senders][k])
+            tx_cpu = statistics.median(sender_cpu[senders][k])
+            print(
+                f"{label:<18} {med[k]:9.0f} {best[k]:8.0f} {ratio} {ms} {rx_cpu:12.2f} "
+                f"{tx_cpu:12.2f}"
+            )
 
 
 def main() -> None:
     args = _parse_args()
     if args.noop_scp:
-        run_noop_scp(args.noop_scp)
+        run_noop_scp(args.noop_scp, args.noop_event)
         return
 
     sources = sorted(fetch_sample_data().ct_dicom_repaired.glob("*.dcm"))
     # sender count -> receiver -> instances/s per trial, in sending order
     rates: dict[int, dict[str, list[float]]] = {n: {} for n in args.senders}
+    # sender count -> receiver -> CPU ms per instance per trial: the receiver's processes, and
+    # the storescu senders that sent to it
+    cpu: dict[int, dict[str, list[float]]] = {n: {} for n in args.senders}
+    sender_cpu: dict[int, dict[str, list[float]]] = {n: {} for n in args.senders}
     with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=REPO / "var") as tmp:
         tmp = Path(tmp)
         logs = tmp / "storescu-logs"
@@ -338,8 +417,13 @@ def main() -> None:
                         )
                         for s in range(senders)
                     ]
-                    for key, (port, ae, _node) in receivers.items():
+                    n = senders * args.instances
+                    for key, (port, ae, _node, pid) in receivers.items():
+                        c0, s0 = tree_cpu_s(pid), _children_cpu_s()
                         rates[senders].setdefault(key, []).append(_send(batches, port, ae, logs))
+                        c1, s1 = tree_cpu_s(pid), _children_cpu_s()
+                        cpu[senders].setdefault(key, []).append((c1 - c0) * 1000 / n)
+                        sender_cpu[senders].setdefault(key, []).append((s1 - s0) * 1000 / n)
                     print(
                         f"senders {senders} trial {t + 1}: "
                         + "  ".join(f"{k} {v[-1]:6.0f}/s" for k, v in rates[senders].items()),
@@ -348,7 +432,7 @@ def main() -> None:
                     for batch in batches:  # the senders' copies; every receiver has its own
                         shutil.rmtree(batch[0].parent)
             expected = args.instances * args.trials * sum(args.senders)
-            for key, (_port, _ae, node) in receivers.items():
+            for key, (_port, _ae, node, _pid) in receivers.items():
                 if node is not None:
                     indexed = node.sqlite("select count(*) from instances")[0][0]
                     if indexed != expected:
@@ -356,7 +440,7 @@ def main() -> None:
 
         fsync_ms = fsync_floor_ms(tmp / "fsync-probe")
 
-    _report(args, rates)
+    _report(args, rates, cpu, sender_cpu)
     print(
         f"\nfsync on the spool disk now: {fsync_ms:.2f} ms (median); a durable ack waits for two "
         f"fsync phases in series (temp file, then directory entry + index commit): about "

@@ -98,6 +98,10 @@ class NodeSection(_Strict):
     # How often the node refreshes its status file and its row in the nodes table; missing
     # three in a row makes it stale (a crash, a hang, cut off) in `dicom-node status`.
     heartbeat_s: float = Field(5, ge=0.2, le=60)
+    # How the receiver's association threads wait: "event" blocks until data or a message
+    # arrives (dicom_node/association_reactor.py); "polling" is pynetdicom's own reactor, which
+    # checks every millisecond (a fallback, should the event-driven one ever misbehave).
+    association_reactor: Literal["event", "polling"] = "event"
 
     _ae = field_validator("ae_title")(_check_ae)
 

@@ -50,6 +50,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 from pynetdicom.transport import ThreadedAssociationServer
 
+from dicom_node.association_reactor import EventRequestHandler
 from dicom_node.complete import hold_series
 from dicom_node.config import NodeConfig
 from dicom_node.db import utcnow
@@ -216,13 +217,21 @@ class _SharedPortServer(ThreadedAssociationServer):
         super().server_bind()
 
 
-class _SharedPortAE(AE):
-    """An AE whose non-blocking server (``start_server(block=False)``) is a
-    :class:`_SharedPortServer`; everything else is pynetdicom's own."""
+class _NodeAE(AE):
+    """An AE whose non-blocking server (``start_server(block=False)``) shares its port
+    (:class:`_SharedPortServer`) and/or creates event-driven associations
+    (:mod:`dicom_node.association_reactor`); everything else is pynetdicom's own."""
+
+    def __init__(self, *args, shared_port: bool, event_reactor: bool, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._shared_port = shared_port
+        self._event_reactor = event_reactor
 
     def make_server(self, address, *args, server_class=None, **kwargs):
-        if server_class is ThreadedAssociationServer:
+        if server_class is ThreadedAssociationServer and self._shared_port:
             server_class = _SharedPortServer
+        if self._event_reactor:
+            kwargs["request_handler"] = EventRequestHandler
         return super().make_server(address, *args, server_class=server_class, **kwargs)
 
 
@@ -281,7 +290,11 @@ class Receiver:
     # -- set-up --------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
         n = self.config.node
-        ae = _SharedPortAE(ae_title=n.ae_title) if self.shared_port else AE(ae_title=n.ae_title)
+        ae = _NodeAE(
+            ae_title=n.ae_title,
+            shared_port=self.shared_port,
+            event_reactor=n.association_reactor == "event",
+        )
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_associations = n.max_associations

@@ -1,0 +1,323 @@
+"""Event-driven reactors for the receiver's associations (pynetdicom 3.0).
+
+pynetdicom runs two threads per association, and both poll:
+
+- the DUL reactor checks its socket and its queues, and sleeps 1 ms whenever there was nothing
+  to do (``DULServiceProvider._run_loop_delay``);
+- the association reactor sleeps 1 ms before every look for a complete DIMSE message
+  (``Association._run_reactor``'s ``time.sleep(0.001)``).
+
+So each step of a C-STORE waits up to a millisecond for the next poll, and every open
+association wakes its two threads about a thousand times a second even when idle. With several
+senders those wake-ups fight over one interpreter lock with the threads that store.
+
+The classes here keep pynetdicom's state machine, PDU and DIMSE code, and change only how the
+two threads wait:
+
+- the DUL thread blocks in ``select`` on its socket and on a wake-up socket pair, which every
+  put on its input queues (primitives to send, state-machine events) and every kill writes to;
+- the association thread blocks on a :class:`threading.Event` that is set when a DIMSE message
+  is complete, when the DUL hands up an A-RELEASE or A-ABORT, when the DUL thread ends and when
+  the association is killed.
+
+Both still wake at least every ``MAX_IDLE_WAIT_S`` so that the ARTIM and network-idle timers
+expire on time. The two loops are pynetdicom 3.0.4's own, with only the wait replaced;
+tests/test_association_reactor.py fails when pynetdicom's versions of them change, so that an
+upgrade reviews these copies. ``node.association_reactor: polling`` goes back to pynetdicom's
+reactors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import select
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from copy import deepcopy
+from datetime import datetime
+
+from pynetdicom import evt
+from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+log = logging.getLogger(__name__)
+
+# The longest a reactor thread sleeps without an event: the granularity of the ARTIM and
+# network-idle timers, and the idle cost (two wake-ups a second per thread).
+MAX_IDLE_WAIT_S = 0.5
+
+
+class _WakingQueue(queue.Queue):
+    """A queue that calls ``wake`` after every put."""
+
+    def __init__(self, wake: Callable[[], None]):
+        super().__init__()
+        self._wake = wake
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        self._wake()
+
+
+def _timer_wait(timer, cap: float) -> float:
+    """Seconds until ``timer`` (pynetdicom's Timer) expires, at most ``cap``; ``cap`` when it
+    is not running or never expires."""
+    if timer.timeout is None or timer._start_time is None or timer._end_time is not None:
+        return cap
+    return min(cap, max(0.0, timer.remaining))
+
+
+class EventDUL(DULServiceProvider):
+    """pynetdicom's DUL provider, waiting in ``select`` instead of sleeping 1 ms per loop."""
+
+    def __init__(self, assoc: EventAssociation):
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_pending = False
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        # Waits that ended by their timeout with nothing to do (diagnostics and tests: a step of
+        # an association should never wait for a timer), and every wait, however it ended.
+        self.timed_out_waits = 0
+        self.waits = 0
+        super().__init__(assoc)
+        self.event_queue = _WakingQueue(self.wake)
+        self.to_provider_queue = _WakingQueue(self.wake)
+        self.to_user_queue = _WakingQueue(assoc.wake)
+
+    # ``_kill_thread`` is set directly by pynetdicom (``stop_dul``) as well as by ``kill_dul``.
+    @property
+    def _kill_thread(self) -> bool:
+        return self.__dict__.get("_kill_thread_flag", False)
+
+    @_kill_thread.setter
+    def _kill_thread(self, value: bool) -> None:
+        self.__dict__["_kill_thread_flag"] = value
+        if value:
+            self.wake()
+
+    def wake(self) -> None:
+        """Make the reactor thread look at its queues now (any thread may call this).
+
+        The reactor thread itself never needs waking (it looks at its queues before it waits
+        again), and one pending wake-up byte is enough: both cases skip the system call."""
+        if self._wake_pending or threading.current_thread() is self:
+            return
+        self._wake_pending = True
+        # BlockingIOError: wake-ups are pending already; OSError: the reactor has finished.
+        with contextlib.suppress(OSError):
+            self._wake_w.send(b"\0")
+
+    def _drain_wakes(self) -> None:
+        # Cleared before reading: a wake after this point sends a new byte.
+        self._wake_pending = False
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+
+    def _wait_for_event(self) -> None:
+        """Block until the socket is readable, a wake-up arrives or a timer may expire."""
+        timeout = _timer_wait(self.artim_timer, MAX_IDLE_WAIT_S)
+        raw = getattr(self.socket, "socket", None)
+        if isinstance(raw, ssl.SSLSocket) and raw.pending():
+            return  # decrypted bytes are buffered where select cannot see them
+        watched: list = [self._wake_r]
+        if raw is not None and raw.fileno() >= 0:
+            watched.append(raw)
+        self.waits += 1
+        try:
+            readable, _, _ = select.select(watched, [], [], timeout)
+            if not readable:
+                self.timed_out_waits += 1
+        except (OSError, ValueError):
+            # The socket closed under us: the next loop turns that into Evt17.
+            time.sleep(self._run_loop_delay)
+        self._drain_wakes()
+
+    def run_reactor(self) -> None:
+        """pynetdicom 3.0.4's ``DULServiceProvider.run_reactor``, with its idle
+        ``time.sleep(self._run_loop_delay)`` replaced by :meth:`_wait_for_event`."""
+        try:
+            self._run_reactor()
+        finally:
+            self.assoc.wake()  # the association reactor checks ``dul.is_alive()``
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _run_reactor(self) -> None:
+        self._idle_timer.start()
+        sleep = False
+
+        while True:
+            if not self.assoc._dul_ready.is_set():
+                self.assoc._dul_ready.set()
+                sleep = True
+
+            if sleep:
+                self._wait_for_event()
+
+            if self._kill_thread:
+                break
+
+            if self.artim_timer.expired:
+                self.event_queue.put("Evt18")
+
+            try:
+                if self._process_recv_primitive():
+                    pass
+                elif self._is_transport_event():
+                    self._idle_timer.restart()
+            except Exception as exc:
+                log.error("Exception in the DUL reactor, aborting association")
+                log.exception(exc)
+                abort_pdu = A_ABORT_RQ()
+                abort_pdu.source = 0x02
+                abort_pdu.reason_diagnostic = 0x00
+                self.socket.send(abort_pdu.encode())
+                self.assoc.is_aborted = True
+                self.assoc.is_established = False
+                self.assoc._kill = True
+                self._kill_thread = True
+                return
+
+            try:
+                event = self.event_queue.get(block=False)
+            except queue.Empty:
+                sleep = True
+                continue
+
+            self.state_machine.do_action(event)
+            sleep = False
+
+
+class EventAssociation(Association):
+    """pynetdicom's acceptor association with an event-driven reactor and :class:`EventDUL`."""
+
+    def __init__(self, ae, mode: str):
+        self._wake_event = threading.Event()
+        self.timed_out_waits = 0  # as EventDUL.timed_out_waits
+        self.waits = 0
+        super().__init__(ae, mode)
+        self.dul = EventDUL(self)
+        self.dimse.msg_queue = _WakingQueue(self.wake)
+        # pynetdicom's timeout setters write into the DUL's timers: set them on the new DUL.
+        self.acse_timeout = self.ae.acse_timeout
+        self.network_timeout = self.ae.network_timeout
+
+    def wake(self) -> None:
+        """Make the association reactor look for work now (any thread may call this)."""
+        self._wake_event.set()
+
+    @property
+    def _kill(self) -> bool:
+        return self.__dict__.get("_kill_flag", False)
+
+    @_kill.setter
+    def _kill(self, value: bool) -> None:
+        self.__dict__["_kill_flag"] = value
+        if value:
+            self.wake()
+
+    def _run_reactor(self) -> None:
+        """pynetdicom 3.0.4's ``Association._run_reactor``, with its ``time.sleep(0.001)``
+        before every check replaced by a wait for :meth:`wake` (or a timer)."""
+        self._is_paused = False
+        busy = False
+        while not self._kill:
+            if not busy and not self._wake_event.wait(
+                _timer_wait(self.dul._idle_timer, MAX_IDLE_WAIT_S)
+            ):
+                self.timed_out_waits += 1
+            # Cleared before the checks: a wake during them leaves the event set.
+            self._wake_event.clear()
+            self.waits += not busy
+            busy = False
+
+            self._is_paused = True
+            self._reactor_checkpoint.wait()
+            self._is_paused = False
+
+            context_id, msg = self.dimse.get_msg(block=False)
+            if msg:
+                self._serve_request(msg, context_id)
+                busy = True  # another message may be queued behind this one
+
+            if self.is_established and self.acse.is_release_requested():
+                self.acse.send_release(is_response=True)
+                log.info("Association Released")
+                self.is_released = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_RELEASED, {})
+                self.kill()
+                return
+
+            if self.acse.is_aborted():
+                log_msg = "Association Aborted"
+                if self.acse.is_aborted("a-p-abort"):
+                    log_msg += " (A-P-ABORT)"
+                log.info(log_msg)
+                self.dul.receive_pdu(wait=False)
+                self.is_aborted = True
+                self.is_established = False
+                evt.trigger(self, evt.EVT_ABORTED, {})
+                self.kill()
+                return
+
+            if not self.dul.is_alive():
+                self.kill()
+                return
+
+            if self.dul.idle_timer_expired():
+                log.error("Network timeout reached")
+                if self.network_timeout_response == "A-RELEASE":
+                    self._is_paused = True
+                    self._reactor_checkpoint.wait()
+                    self.release()
+                    self._is_paused = False
+                else:
+                    self.abort()
+
+                self.kill()
+                return
+
+
+class EventRequestHandler(RequestHandler):
+    """pynetdicom's request handler, creating :class:`EventAssociation` acceptors (the body
+    of pynetdicom 3.0.4's ``RequestHandler._create_association`` with the class swapped)."""
+
+    def _create_association(self) -> Association:
+        assoc = EventAssociation(self.ae, MODE_ACCEPTOR)
+        assoc._server = self.server
+
+        timestamp = datetime.strftime(datetime.now(), "%Y%m%d%H%M%S")
+        assoc.name = f"AcceptorThread@{timestamp}"
+
+        sock = AssociationSocket(assoc, client_socket=self.request)
+        assoc.set_socket(sock)
+
+        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
+        assoc.acceptor.ae_title = self.server.ae_title
+        assoc.acceptor.address_info = self.local
+        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
+        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
+        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+
+        assoc.requestor.address_info = self.remote
+
+        for event in self.server._handlers:
+            if event.is_intervention and self.server._handlers[event]:
+                assoc.bind(event, *self.server._handlers[event])
+            elif isinstance(event, evt.NotificationEvent):
+                for handler in self.server._handlers[event]:
+                    assoc.bind(event, handler[0], handler[1])
+
+        return assoc

@@ -1,0 +1,177 @@
+"""The receiver's event-driven association reactors (dicom_node/association_reactor.py).
+
+pynetdicom's own reactor threads poll every millisecond; the node's wait for an event. Checked
+here: real series arrive through both (``node.association_reactor``), every step of an
+association is driven by an event and never by a timer, an idle association's threads sleep,
+the network timeout still ends a silent association, and the copied pynetdicom loops are still
+the ones pynetdicom ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import time
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE
+from pynetdicom.association import Association
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import RequestHandler
+from sqlalchemy import func, select
+
+from dicom_node import db
+from dicom_node.association_reactor import MAX_IDLE_WAIT_S, EventAssociation
+from dicom_node.config import parse_config
+from dicom_node.receive import Receiver
+from tests.support.dcmtk import free_port
+from tests.support.node import make_instances, send_with_storescu
+
+CT = "1.2.840.10008.5.1.4.1.1.2"
+J2K = "1.2.840.10008.1.2.4.90"
+
+
+def _receiver(tmp_path: Path, **node) -> Receiver:
+    cfg = parse_config(
+        {
+            "node": {"port": free_port(), **node},
+            "allowed_callers": [
+                {"ae_title": "PYNETDICOM", "host": "127.0.0.0/8"},
+                {"ae_title": "STORESCU", "host": "127.0.0.0/8"},
+            ],
+            "storage": {"spool_dir": str(tmp_path / "spool"), "min_free_bytes": 0},
+            "database": {"url": f"sqlite:///{tmp_path}/node.db"},
+            "completion": {"quiet_seconds": 100000},
+        }
+    )
+    db.upgrade(cfg.database.url)
+    return Receiver(cfg, db.make_session_factory(db.make_engine(cfg.database.url)))
+
+
+@pytest.fixture
+def receiver(tmp_path):
+    r = _receiver(tmp_path)
+    r.start()
+    yield r
+    r.stop(grace_s=1)
+
+
+def _associate(port: int):
+    ae = AE(ae_title="PYNETDICOM")
+    ae.add_requested_context(Verification)
+    ae.add_requested_context(CT, J2K)
+    assoc = ae.associate("127.0.0.1", port, ae_title="ACVTT")
+    assert assoc.is_established
+    return assoc
+
+
+def _acceptor(receiver: Receiver):
+    (acceptor,) = [a for a in receiver.ae.active_associations if a.is_acceptor]
+    return acceptor
+
+
+def _indexed(receiver: Receiver) -> int:
+    with receiver.sessions() as s:
+        return s.execute(select(func.count()).select_from(db.Instance)).scalar_one()
+
+
+@pytest.mark.parametrize("reactor", ["event", "polling"])
+def test_a_series_arrives_through_either_reactor(tmp_path, sample_data, reactor):
+    r = _receiver(tmp_path, association_reactor=reactor)
+    r.start()
+    try:
+        files = make_instances(sorted(sample_data.ct_dicom_repaired.glob("*.dcm")), 20, tmp_path)
+        result = send_with_storescu(files, r.port, called_ae="ACVTT")
+        assert result.returncode == 0
+        assert sorted(result.statuses.values()) == [0x0000] * 20
+        assert _indexed(r) == 20
+
+        assoc = _associate(r.port)
+        try:
+            expected = EventAssociation if reactor == "event" else Association
+            assert type(_acceptor(r)) is expected
+        finally:
+            assoc.release()
+    finally:
+        r.stop(grace_s=1)
+
+
+def test_every_step_is_driven_by_an_event_not_a_timer(receiver, sample_data, tmp_path):
+    """Echoes and stores over one association: no wait of either reactor thread may end by its
+    timeout (each would cost MAX_IDLE_WAIT_S); pynetdicom's polling would not count at all."""
+    files = make_instances(sorted(sample_data.ct_dicom_repaired.glob("*.dcm")), 10, tmp_path)
+    datasets = [pydicom.dcmread(f) for f in files]
+    assoc = _associate(receiver.port)
+    try:
+        server = _acceptor(receiver)
+        assert isinstance(server, EventAssociation)
+        before = (server.timed_out_waits, server.dul.timed_out_waits)
+        t0 = time.monotonic()
+        for _ in range(30):
+            assert assoc.send_c_echo().Status == 0x0000
+        for ds in datasets:
+            assert assoc.send_c_store(ds).Status == 0x0000
+        elapsed = time.monotonic() - t0
+        after = (server.timed_out_waits, server.dul.timed_out_waits)
+        # A timer-driven step would also show as 40 x MAX_IDLE_WAIT_S = 20 s here.
+        assert after == before, f"waits ended by timeout: {before} -> {after} in {elapsed:.1f}s"
+        assert server.waits >= 40 and server.dul.waits >= 40  # the counters do count
+    finally:
+        assoc.release()
+    assert _indexed(receiver) == 10
+
+
+def test_an_idle_association_sleeps(receiver):
+    """pynetdicom's reactors wake 1000 times a second each; the node's at most twice."""
+    assoc = _associate(receiver.port)
+    try:
+        server = _acceptor(receiver)
+        time.sleep(0.2)  # let the association settle
+        waits = (server.waits, server.dul.waits)
+        idle_s = 1.5
+        time.sleep(idle_s)
+        woke = (server.waits - waits[0], server.dul.waits - waits[1])
+        most = idle_s / MAX_IDLE_WAIT_S + 2
+        assert all(n <= most for n in woke), f"{woke} wake-ups in {idle_s}s (at most {most})"
+        assert assoc.send_c_echo().Status == 0x0000  # still there and answering
+    finally:
+        assoc.release()
+
+
+def test_network_timeout_ends_a_silent_association(tmp_path):
+    r = _receiver(tmp_path, network_timeout_s=1)
+    r.start()
+    try:
+        assoc = _associate(r.port)
+        deadline = time.monotonic() + 10
+        while assoc.is_established and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert assoc.is_aborted, "the node did not end an association silent for 1 s"
+    finally:
+        r.stop(grace_s=1)
+
+
+# The pynetdicom code that dicom_node/association_reactor.py copies or relies on, as shipped by
+# the pynetdicom version it was written against (3.0.4). A change here means: compare the new
+# upstream code with the copies, bring them in line, then update the digests.
+UPSTREAM = {
+    DULServiceProvider.__init__: "c82dafa9438ddf70",
+    DULServiceProvider.run_reactor: "e3a10eb3a0931e48",
+    DULServiceProvider.stop_dul: "28a7e0be126e7b30",
+    DULServiceProvider.kill_dul: "5ceccf8dd01c2072",
+    Association.__init__: "eb07516b8009ad8f",
+    Association._run_reactor: "f28838c5559e462a",
+    Association.kill: "8f9713666a7f4cff",
+    RequestHandler._create_association: "05c8d12b79863cdb",
+}
+
+
+@pytest.mark.parametrize("fn", UPSTREAM, ids=lambda fn: fn.__qualname__)
+def test_the_copied_pynetdicom_code_is_unchanged_upstream(fn):
+    digest = hashlib.sha256(inspect.getsource(fn).encode()).hexdigest()[:16]
+    assert digest == UPSTREAM[fn], (
+        f"pynetdicom's {fn.__qualname__} changed: review dicom_node/association_reactor.py"
+    )
