@@ -33,9 +33,9 @@ Each trial sends a fresh set of UIDs to every receiver in turn (so nobody sees r
 load drift on the machine hits all of them alike). Prints instances/s per trial and, per sender
 count, the median and best, the ratio to Orthanc, with one sender the milliseconds per
 instance (single-association latency), and the CPU milliseconds per instance (user + system,
-from /proc) of the receiver's processes and of the storescu senders: on a machine whose cores
-the receiver shares with its senders, the rate cannot exceed cores / (receiver CPU + sender CPU)
-per instance.
+from /proc) of the receiver's processes, of the storescu senders and of the whole machine (every
+core, kernel threads included): a receiver sharing the machine with its senders cannot exceed
+cores / (machine CPU per instance) instances per second.
 
 ``--senders N`` (N > 1) measures several senders at once, as when a PACS pushes several series
 in parallel: each trial starts N ``storescu`` processes together, each sending its own
@@ -154,6 +154,16 @@ def tree_cpu_s(root: int) -> float:
                 tree.add(child)
                 frontier.append(child)
     return sum(used.get(pid, 0) for pid in tree) / tick
+
+
+def machine_busy_s() -> float:
+    """CPU seconds the whole machine has spent busy so far (every core; /proc/stat's
+    user + nice + system + irq + softirq + steal): what per-process figures leave out, such as
+    the kernel's own threads (loopback TCP, the file system journal)."""
+    with open("/proc/stat") as f:
+        fields = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
 def _children_cpu_s() -> float:
@@ -355,10 +365,12 @@ def _report(
     rates: dict[int, dict[str, list[float]]],
     cpu: dict[int, dict[str, list[float]]],
     sender_cpu: dict[int, dict[str, list[float]]],
+    machine_cpu: dict[int, dict[str, list[float]]],
 ) -> None:
     """Per sender count: median and best instances/s, the ratio to Orthanc, with one sender
     the milliseconds per instance (single-association latency), and the CPU milliseconds per
-    instance of the receiver (all its processes and threads) and of the senders."""
+    instance of the receiver (all its processes and threads), of the senders and of the whole
+    machine."""
     multi = f"dicom-node x{args.receiver_processes}"
     for senders, by_receiver in rates.items():
         med = {k: statistics.median(v) for k, v in by_receiver.items()}
@@ -373,7 +385,7 @@ def _report(
         print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000) per sender, {how}")
         print(
             f"{'receiver':<18} {'median/s':>9} {'best/s':>8} {'/ orthanc':>10} {'ms/inst':>8} "
-            f"{'cpu ms/inst':>12} {'senders cpu':>12}"
+            f"{'cpu ms/inst':>12} {'senders cpu':>12} {'machine cpu':>12}"
         )
         for k in by_receiver:
             label = multi if k == "dicom-node-multi" else k
@@ -381,10 +393,17 @@ def _report(
             ms = f"{1000 / med[k]:8.1f}" if senders == 1 else f"{'-':>8}"
             rx_cpu = statistics.median(cpu[senders][k])
             tx_cpu = statistics.median(sender_cpu[senders][k])
+            all_cpu = statistics.median(machine_cpu[senders][k])
             print(
                 f"{label:<18} {med[k]:9.0f} {best[k]:8.0f} {ratio} {ms} {rx_cpu:12.2f} "
-                f"{tx_cpu:12.2f}"
+                f"{tx_cpu:12.2f} {all_cpu:12.2f}"
             )
+    cores = os.cpu_count() or 1
+    print(
+        f"\nmachine cpu: busy CPU ms of the whole machine ({cores} cores) per instance; where "
+        f"it times the rate to about {cores * 1000} ms/s, the machine is saturated and only "
+        "less CPU per instance (not more processes) raises the rate"
+    )
 
 
 def main() -> None:
@@ -400,6 +419,8 @@ def main() -> None:
     # the storescu senders that sent to it
     cpu: dict[int, dict[str, list[float]]] = {n: {} for n in args.senders}
     sender_cpu: dict[int, dict[str, list[float]]] = {n: {} for n in args.senders}
+    # ... and the whole machine's busy CPU ms per instance (receiver, senders, kernel, the rest)
+    machine_cpu: dict[int, dict[str, list[float]]] = {n: {} for n in args.senders}
     with tempfile.TemporaryDirectory(prefix="bench-receive-", dir=REPO / "var") as tmp:
         tmp = Path(tmp)
         logs = tmp / "storescu-logs"
@@ -419,9 +440,10 @@ def main() -> None:
                     ]
                     n = senders * args.instances
                     for key, (port, ae, _node, pid) in receivers.items():
-                        c0, s0 = tree_cpu_s(pid), _children_cpu_s()
+                        c0, s0, m0 = tree_cpu_s(pid), _children_cpu_s(), machine_busy_s()
                         rates[senders].setdefault(key, []).append(_send(batches, port, ae, logs))
-                        c1, s1 = tree_cpu_s(pid), _children_cpu_s()
+                        c1, s1, m1 = tree_cpu_s(pid), _children_cpu_s(), machine_busy_s()
+                        machine_cpu[senders].setdefault(key, []).append((m1 - m0) * 1000 / n)
                         cpu[senders].setdefault(key, []).append((c1 - c0) * 1000 / n)
                         sender_cpu[senders].setdefault(key, []).append((s1 - s0) * 1000 / n)
                     print(
@@ -440,7 +462,7 @@ def main() -> None:
 
         fsync_ms = fsync_floor_ms(tmp / "fsync-probe")
 
-    _report(args, rates, cpu, sender_cpu)
+    _report(args, rates, cpu, sender_cpu, machine_cpu)
     print(
         f"\nfsync on the spool disk now: {fsync_ms:.2f} ms (median); a durable ack waits for two "
         f"fsync phases in series (temp file, then directory entry + index commit): about "
