@@ -14,7 +14,7 @@ senders those wake-ups fight over one interpreter lock with the threads that sto
 The classes here keep pynetdicom's state machine, PDU and DIMSE code, and change only how the
 two threads wait:
 
-- the DUL thread blocks in ``select`` on its socket and on a wake-up socket pair, which every
+- the DUL thread blocks in ``poll`` on its socket and on a wake-up socket pair, which every
   put on its input queues (primitives to send, state-machine events) and every kill writes to;
 - the association thread blocks on a :class:`threading.Event` that is set when a DIMSE message
   is complete, when the DUL hands up an A-RELEASE or A-ABORT, when the DUL thread ends and when
@@ -76,7 +76,7 @@ def _timer_wait(timer, cap: float) -> float:
 
 
 class EventDUL(DULServiceProvider):
-    """pynetdicom's DUL provider, waiting in ``select`` instead of sleeping 1 ms per loop."""
+    """pynetdicom's DUL provider, waiting in ``poll`` instead of sleeping 1 ms per loop."""
 
     def __init__(self, assoc: EventAssociation):
         self._wake_r, self._wake_w = socket.socketpair()
@@ -130,13 +130,14 @@ class EventDUL(DULServiceProvider):
         raw = getattr(self.socket, "socket", None)
         if isinstance(raw, ssl.SSLSocket) and raw.pending():
             return  # decrypted bytes are buffered where select cannot see them
-        watched: list = [self._wake_r]
-        if raw is not None and raw.fileno() >= 0:
-            watched.append(raw)
+        # poll, not select: no limit on descriptor numbers (max_associations goes to 1024).
+        poller = select.poll()
+        poller.register(self._wake_r, select.POLLIN)
+        if raw is not None and raw.fileno() >= 0 and self.socket._is_connected:
+            poller.register(raw, select.POLLIN)
         self.waits += 1
         try:
-            readable, _, _ = select.select(watched, [], [], timeout)
-            if not readable:
+            if not poller.poll(timeout * 1000):
                 self.timed_out_waits += 1
         except (OSError, ValueError):
             # The socket closed under us: the next loop turns that into Evt17.
