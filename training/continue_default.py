@@ -27,7 +27,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from acvtt_core.checkpoint import load_checkpoint, save_checkpoint, weights_version
+from acvtt_core.checkpoint import (
+    CheckpointMeta,
+    load_checkpoint,
+    save_checkpoint,
+    weights_version,
+)
+from acvtt_core.config import ModelConfig
+from acvtt_core.model import ACVTT
 from acvtt_core.selfsup import MixedSampler, Source
 from acvtt_core.train import TrainConfig, train
 from acvtt_core.volume import normalise_hu
@@ -114,7 +121,8 @@ def set_lr(run: Path, lr: float) -> None:
 
 def build_meta(base_meta, sources, held_out: list[str], sampler, base: Path, phases):
     meta = copy.deepcopy(base_meta)
-    old = dict(base_meta.training_data.get("train_volumes", {}))
+    data = base_meta.training_data if isinstance(base_meta.training_data, dict) else {}
+    old = dict(data.get("train_volumes", {}))
     meta.training_data = {
         "train_volumes": {
             **old,
@@ -159,6 +167,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--p-slab", type=float, default=0.4)
     ap.add_argument("--p-inplane", type=float, default=0.6)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--width",
+        type=int,
+        default=None,
+        help="train a fresh model (PyTorch's initialisation, --seed) of the base's architecture "
+        "at this width (U-Net and fusion) instead of continuing the base's weights",
+    )
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     run: Path = a.run
@@ -173,6 +188,15 @@ def main(argv: list[str] | None = None) -> None:
     phases = [parse_phase(p) for p in a.phase]
     sources = [load_source(*parse_source(s)) for s in a.source]
     model, base_meta, _ = load_checkpoint(a.base)
+    if a.width:
+        cfg = ModelConfig.from_dict(
+            {**model.cfg.to_dict(), "width": a.width, "fusion_width": a.width}
+        )
+        torch.manual_seed(a.seed)
+        model = ACVTT(cfg)
+        base_meta = CheckpointMeta(
+            preset=f"compact-w{a.width}", model=cfg, factors=list(base_meta.factors)
+        )
     cfg = model.cfg
     sampler = MixedSampler(
         sources,
@@ -185,6 +209,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     wrapped = LoggingSampler(sampler)
     meta = build_meta(base_meta, sources, a.held_out, sampler, a.base, a.phase)
+    if a.width:
+        meta.extra["continued"] = {
+            "fresh": f"width {a.width}, PyTorch's initialisation, seed {a.seed}",
+            "architecture_of": str(a.base),
+            "driver": "training/continue_default.py",
+            "phases_min_lr": a.phase,
+        }
     if not (run / "train_state.json").exists():
         save_checkpoint(run / "last.safetensors", model, meta)  # start point (no optimizer yet)
     prog_path = run / "progress.json"
