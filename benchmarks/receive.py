@@ -10,7 +10,7 @@ new UIDs, pixel data untouched) with dcmtk ``storescu`` to each receiver, all wi
 * ``dicom-node``: this node (``dicom-node serve`` subprocess, one process, fsync on, every
   0x0000 means file + index row durable);
 * ``dicom-node-multi``: the same with ``node.receiver_processes: N`` (``--receiver-processes``,
-  default the number of CPUs): N processes on one port (SO_REUSEPORT), printed as
+  default the number of CPUs): N processes accepting on one port, printed as
   ``dicom-node xN``;
 * ``storescp``: dcmtk ``storescp +xa`` writing files (no fsync; with ``--fork`` when there are
   several senders, as it otherwise serves one association at a time);

@@ -253,10 +253,14 @@ class EventAssociation(Association):
                 busy = True  # another message may be queued behind this one
 
             if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                log.info("Association Released")
+                # Marked released before the A-RELEASE-RP goes out (pynetdicom marks it after):
+                # the peer closes the connection as soon as it has the response, and the DUL
+                # thread, no longer a poll behind, may report that close (EVT_CONN_CLOSE) before
+                # this thread gets further; handlers then see a released association.
                 self.is_released = True
                 self.is_established = False
+                self.acse.send_release(is_response=True)
+                log.info("Association Released")
                 evt.trigger(self, evt.EVT_RELEASED, {})
                 self.kill()
                 return

@@ -92,8 +92,8 @@ class NodeSection(_Strict):
     # Several processes on one PostgreSQL split the roles among them.
     role: Literal["all", "receiver", "worker"] = "all"
     # Receiving processes on this host (roles all and receiver): more than 1 runs that many
-    # processes listening on the same port with SO_REUSEPORT, and Linux spreads new
-    # associations among them, so that receiving is not bound to one Python interpreter.
+    # processes accepting on one listening socket (the main process's, inherited), so that
+    # receiving is not bound to one Python interpreter; a free process takes the next connection.
     receiver_processes: int = Field(1, ge=1, le=16)
     # How often the node refreshes its status file and its row in the nodes table; missing
     # three in a row makes it stale (a crash, a hang, cut off) in `dicom-node status`.

@@ -132,7 +132,9 @@ class Node:
             self.receiver.start()
             if cfg.node.receiver_processes > 1:  # more receiving processes on the same port
                 level = logging.getLogger().getEffectiveLevel()
-                self.receiver_pool = ReceiverPool(cfg, self.receiver.port, level, self.health)
+                self.receiver_pool = ReceiverPool(
+                    cfg, self.receiver.port, level, self.health, listen_fd=self.receiver.listen_fd
+                )
                 self.receiver_pool.start()
         self.pipeline = Pipeline(
             cfg, self.session_factory, previous_run_crashed=crashed, health=self.health

@@ -208,43 +208,60 @@ def _data_set_size(req) -> int:
     return data.getbuffer().nbytes if isinstance(data, io.BytesIO) else 0
 
 
-class _SharedPortServer(ThreadedAssociationServer):
-    """pynetdicom's server with SO_REUSEPORT set before bind: several processes listen on one
-    port (``node.receiver_processes``) and Linux spreads new connections among them."""
+class _SharedSocketServer(ThreadedAssociationServer):
+    """pynetdicom's server on a listening socket made elsewhere and shared by several
+    processes (``node.receiver_processes``): the main process binds and listens, the others
+    inherit the descriptor. Each process accepts when it gets to it, so a new connection goes to
+    a process that is free to take it. The socket is non-blocking: a process that loses the race
+    for a connection gets EAGAIN, which socketserver ignores."""
+
+    def __init__(self, *args, listen_socket: socket.socket, **kwargs):
+        self._listen_socket = listen_socket
+        super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        self.socket.close()  # the unbound socket socketserver made
+        self.socket = self._listen_socket
+        self.server_address = self.socket.getsockname()
+
+    def server_activate(self) -> None:
+        pass  # listening already
+
+
+def listening_socket(address: str, port: int) -> socket.socket:
+    """A non-blocking TCP socket bound to ``address:port`` and listening, that child processes
+    can inherit. A plain bind: another listener on the port is "address already in use"."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as pynetdicom's server
+        sock.bind((address, port))
+        sock.listen(128)
+        sock.setblocking(False)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 class _NodeAE(AE):
-    """An AE whose non-blocking server (``start_server(block=False)``) shares its port
-    (:class:`_SharedPortServer`) and/or creates event-driven associations
-    (:mod:`dicom_node.association_reactor`); everything else is pynetdicom's own."""
+    """An AE whose non-blocking server (``start_server(block=False)``) may run on a shared
+    listening socket (:class:`_SharedSocketServer`) and creates event-driven associations
+    (:mod:`dicom_node.association_reactor`) unless told not to; everything else is
+    pynetdicom's own."""
 
-    def __init__(self, *args, shared_port: bool, event_reactor: bool, **kwargs):
+    def __init__(self, *args, event_reactor: bool, **kwargs):
         super().__init__(*args, **kwargs)
-        self._shared_port = shared_port
+        self.listen_socket: socket.socket | None = None
         self._event_reactor = event_reactor
 
     def make_server(self, address, *args, server_class=None, **kwargs):
-        if server_class is ThreadedAssociationServer and self._shared_port:
-            server_class = _SharedPortServer
+        if server_class is ThreadedAssociationServer and self.listen_socket is not None:
+            server_class = _SharedSocketServer
+            kwargs["listen_socket"] = self.listen_socket
         if self._event_reactor:
             kwargs["request_handler"] = EventRequestHandler
         return super().make_server(address, *args, server_class=server_class, **kwargs)
-
-
-def check_port_free(address: str, port: int) -> None:
-    """Raise OSError (EADDRINUSE) when something listens on ``address:port`` already.
-
-    With SO_REUSEPORT a second node started on the same port by the same user would join the
-    first one's listeners silently instead of failing; a plain bind (which no SO_REUSEPORT
-    listener admits) keeps "address already in use" a start-up error."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no user
-        probe.bind((address, port))
 
 
 class Receiver:
@@ -252,11 +269,12 @@ class Receiver:
 
     ``on_change`` is called (from a network thread) whenever an association opens or closes.
 
-    With ``node.receiver_processes`` above 1 the listening socket has SO_REUSEPORT, and
-    ``extra_process`` says that this is one of the additional receiving processes
-    (:mod:`dicom_node.receive_pool`): it leaves the spool's temp files alone (the main
-    process cleans them at start-up, before any other process receives) and joins the port
-    the main process holds.
+    With ``node.receiver_processes`` above 1 the main process makes the listening socket
+    (:func:`listening_socket`, its descriptor is :attr:`listen_fd`) and the additional
+    receiving processes (:mod:`dicom_node.receive_pool`) accept on the same socket, passed in
+    as ``listen_socket``. ``extra_process`` says that this is one of them: it leaves the
+    spool's temp files alone (the main process cleans them at start-up, before any other
+    process receives).
     """
 
     def __init__(
@@ -265,10 +283,12 @@ class Receiver:
         session_factory,
         on_change: Callable[[], None] | None = None,
         extra_process: bool = False,
+        listen_socket: socket.socket | None = None,
     ):
         self.config = config
         self.shared_port = config.node.receiver_processes > 1
         self.extra_process = extra_process
+        self._listen_socket = listen_socket
         self.spool = Spool(config.storage.spool_dir, fsync=config.storage.fsync)
         # A store waits at most database.store_busy_timeout_ms for the index database: a
         # database locked by another process gets the sender a prompt 0xA700, not a timeout.
@@ -290,11 +310,7 @@ class Receiver:
     # -- set-up --------------------------------------------------------------------------------
     def _make_ae(self) -> AE:
         n = self.config.node
-        ae = _NodeAE(
-            ae_title=n.ae_title,
-            shared_port=self.shared_port,
-            event_reactor=n.association_reactor == "event",
-        )
+        ae = _NodeAE(ae_title=n.ae_title, event_reactor=n.association_reactor == "event")
         ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         ae.maximum_associations = n.max_associations
@@ -330,8 +346,9 @@ class Receiver:
             removed = self.spool.clean_incoming()
             if removed:
                 log.info("removed %d partial files from an earlier crash", removed)
-            if self.shared_port and n.port != 0:
-                check_port_free(n.bind_address, n.port)
+        if self.shared_port and self._listen_socket is None:
+            self._listen_socket = listening_socket(n.bind_address, n.port)
+        self.ae.listen_socket = self._listen_socket
         handlers = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -362,6 +379,11 @@ class Receiver:
     def listening(self) -> bool:
         """True from :meth:`start` until :meth:`stop` (what /readyz reports)."""
         return self._server is not None
+
+    @property
+    def listen_fd(self) -> int | None:
+        """The shared listening socket's descriptor (``node.receiver_processes`` above 1)."""
+        return self._listen_socket.fileno() if self._listen_socket is not None else None
 
     @property
     def port(self) -> int:
@@ -487,8 +509,10 @@ class Receiver:
 
     def _on_interrupted(self, event) -> None:
         # Whichever of A-ABORT and the closed connection comes first ends the association;
-        # after a release, both find nothing left to do.
-        self._closed(event, released=False)
+        # after a release, both find nothing left to do. The closed connection can also come
+        # before EVT_RELEASED: the peer closes once it has the A-RELEASE-RP, which can be
+        # before the association thread reports the release; is_released is set by then.
+        self._closed(event, released=bool(getattr(event.assoc, "is_released", False)))
 
     def _closed(self, event, released: bool) -> None:
         with self._lock:

@@ -4,10 +4,11 @@ One Python process receives at the speed of one interpreter (the GIL), whatever 
 cores. With N > 1, ``dicom-node serve`` (roles ``all`` and ``receiver``) keeps its own
 :class:`~dicom_node.receive.Receiver` and starts N - 1 more processes
 (``python -m dicom_node.receive_pool``), each running only a Receiver on its own database
-engine: no pipeline, no HTTP side, no status file. Every listening socket has SO_REUSEPORT, so
-Linux hands each new connection to one of the N listeners. Each process stores through the
-same code path as the main one: 0x0000 still means that the file is fsync'd in place and its
-index row committed.
+engine: no pipeline, no HTTP side, no status file. The main process's listening socket is
+passed down to each of them (``pass_fds``), and every process accepts on it, so a new
+connection goes to whichever process takes it first: one that is free. Each process stores
+through the same code path as the main one: 0x0000 still means that the file is fsync'd in
+place and its index row committed.
 
 :class:`ReceiverPool` (in the main process) supervises them from one thread, which also starts
 every child (Linux's parent-death signal follows the thread that forked):
@@ -33,6 +34,7 @@ import ctypes
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -68,12 +70,20 @@ class ReceiverPool:
     """Starts and supervises ``node.receiver_processes - 1`` receiving processes that listen
     on ``port`` beside the main process's receiver (which must be listening already)."""
 
-    def __init__(self, config: NodeConfig, port: int, log_level: int, health: Health | None = None):
+    def __init__(
+        self,
+        config: NodeConfig,
+        port: int,
+        log_level: int,
+        health: Health | None = None,
+        listen_fd: int | None = None,
+    ):
         # The children listen where the main receiver does, also when the config said port 0.
         node = config.node.model_copy(update={"port": port})
         self._config_json = config.model_copy(update={"node": node}).model_dump_json()
         self._log_level = log_level
         self._health = health
+        self._listen_fd = listen_fd  # the main receiver's listening socket, shared
         self._slots = [_Slot(i) for i in range(1, config.node.receiver_processes)]
         self._stop = threading.Event()
         self._grace_s = 10.0
@@ -164,9 +174,13 @@ class ReceiverPool:
             "--log-level",
             str(self._log_level),
         ]
+        fds: tuple[int, ...] = ()
+        if self._listen_fd is not None:
+            cmd += ["--listen-fd", str(self._listen_fd)]
+            fds = (self._listen_fd,)
         try:
             # stdout/stderr stay the node's own: one log for all processes.
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE)
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=fds)
             assert proc.stdin is not None
             proc.stdin.write(self._config_json.encode())
             proc.stdin.close()
@@ -231,6 +245,7 @@ def child_main(argv: list[str] | None = None) -> int:
     ap.add_argument("--index", type=int, required=True)
     ap.add_argument("--parent", type=int, required=True)
     ap.add_argument("--log-level", type=int, default=logging.INFO)
+    ap.add_argument("--listen-fd", type=int, default=None, help="the node's listening socket")
     args = ap.parse_args(argv)
     _die_with_parent()
     if os.getppid() != args.parent:  # the parent died before the prctl took effect
@@ -245,7 +260,13 @@ def child_main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     engine = db.make_engine(config.database.url, config.database.store_busy_timeout_ms)
-    receiver = Receiver(config, db.make_session_factory(engine), extra_process=True)
+    listen = None
+    if args.listen_fd is not None:
+        listen = socket.socket(fileno=args.listen_fd)
+        listen.setblocking(False)
+    receiver = Receiver(
+        config, db.make_session_factory(engine), extra_process=True, listen_socket=listen
+    )
     receiver.start()
     log.info("receiver process %d listening pid=%d", args.index, os.getpid())
     try:

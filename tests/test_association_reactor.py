@@ -28,7 +28,7 @@ from dicom_node.association_reactor import MAX_IDLE_WAIT_S, EventAssociation
 from dicom_node.config import parse_config
 from dicom_node.receive import Receiver
 from tests.support.dcmtk import free_port
-from tests.support.node import make_instances, send_with_storescu
+from tests.support.node import NodeProcess, make_instances, send_with_storescu
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
 J2K = "1.2.840.10008.1.2.4.90"
@@ -76,6 +76,30 @@ def _acceptor(receiver: Receiver):
 def _indexed(receiver: Receiver) -> int:
     with receiver.sessions() as s:
         return s.execute(select(func.count()).select_from(db.Instance)).scalar_one()
+
+
+@pytest.mark.parametrize("reactor", ["event", "polling"])
+def test_released_associations_are_released_not_aborted(tmp_path, sample_data, reactor):
+    """storescu closes the connection as soon as it has the A-RELEASE-RP; with an event-driven
+    DUL that close can be reported before the association thread reports the release. Each
+    of these associations was released, so no series may be held as if its sender had been
+    cut off. A real node process (its logging makes the race likely: once, 2 of 3 were)."""
+    overrides = {
+        "node": {"association_reactor": reactor},
+        "completion": {"quiet_seconds": 100000},
+    }
+    sources = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))
+    files = make_instances(sources, 16, tmp_path / "in")
+    with NodeProcess(tmp_path / "node", overrides=overrides) as node:
+        for k in range(8):
+            result = send_with_storescu(files[2 * k : 2 * k + 2], node.port, called_ae="ACVTT")
+            assert sorted(result.statuses.values()) == [0x0000] * 2
+        log = node.log_tail(200000)
+        assert node.sqlite("select count(*) from instances")[0][0] == 16
+        held = node.sqlite("select count(*) from series where hold_until is not null")[0][0]
+    assert log.count("association released calling_ae=STORESCU") == 8, log[-3000:]
+    assert "association aborted" not in log
+    assert held == 0
 
 
 @pytest.mark.parametrize("reactor", ["event", "polling"])

@@ -136,9 +136,9 @@ def _node(tmp_path: Path, processes: int, url: str | None = None, **kw) -> NodeP
 
 
 def _spread_and_indexed(node: NodeProcess, url: str, sources: list[Path], tmp: Path) -> None:
-    """Several rounds of six senders at once until more than one process served (Linux picks
-    the listener by a hash of each connection's addresses, so "one process took them all" is
-    possible in one round, vanishingly unlikely in four); every 0x0000 is indexed."""
+    """Several rounds of six senders at once until more than one process served (whichever
+    process accepts first takes a connection, so "one process took them all" is possible in
+    one round, vanishingly unlikely in four); every 0x0000 is indexed."""
     pids = {
         node.proc.pid,
         *_listening_children(node, node.config["node"]["receiver_processes"] - 1).values(),
@@ -179,7 +179,7 @@ def test_receiving_processes_share_the_port_and_are_supervised(tmp_path, sources
         batches = _series(sources, tmp_path / "in", "after-kill", senders=4, n=8)
         _assert_all_indexed(node, url, _send_at_once(batches, node, tmp_path / "logs-after"))
 
-        # Same user, same port, also with SO_REUSEPORT: a second node must not join in.
+        # Same user, same port: a second node must not join in.
         # (Not NodeProcess.start: its C-ECHO would be answered by the first node.)
         other = _node(tmp_path / "other", 2, port=node.port)
         try:
