@@ -67,6 +67,25 @@ class _WakingQueue(queue.Queue):
         self._wake()
 
 
+class _WakingFlag:
+    """A boolean attribute that pynetdicom sets directly to stop a reactor thread
+    (``DULServiceProvider._kill_thread``, ``Association._kill``): setting it true also calls
+    the owner's ``wake()``, so that the thread sees it at once, not at its next timeout."""
+
+    def __set_name__(self, owner, name: str) -> None:
+        self._key = f"{name}_flag"
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        return obj.__dict__.get(self._key, False)
+
+    def __set__(self, obj, value: bool) -> None:
+        obj.__dict__[self._key] = value
+        if value:
+            obj.wake()
+
+
 def _timer_wait(timer, cap: float) -> float:
     """Seconds until ``timer`` (pynetdicom's Timer) expires, at most ``cap``; ``cap`` when it
     is not running or never expires."""
@@ -92,16 +111,8 @@ class EventDUL(DULServiceProvider):
         self.to_provider_queue = _WakingQueue(self.wake)
         self.to_user_queue = _WakingQueue(assoc.wake)
 
-    # ``_kill_thread`` is set directly by pynetdicom (``stop_dul``) as well as by ``kill_dul``.
-    @property
-    def _kill_thread(self) -> bool:
-        return self.__dict__.get("_kill_thread_flag", False)
-
-    @_kill_thread.setter
-    def _kill_thread(self, value: bool) -> None:
-        self.__dict__["_kill_thread_flag"] = value
-        if value:
-            self.wake()
+    # Set directly by pynetdicom (``stop_dul``) as well as by ``kill_dul``.
+    _kill_thread = _WakingFlag()
 
     def wake(self) -> None:
         """Make the reactor thread look at its queues now (any thread may call this).
@@ -118,11 +129,9 @@ class EventDUL(DULServiceProvider):
     def _drain_wakes(self) -> None:
         # Cleared before reading: a wake after this point sends a new byte.
         self._wake_pending = False
-        try:
+        with contextlib.suppress(OSError):  # BlockingIOError: drained; else: closed
             while self._wake_r.recv(4096):
                 pass
-        except (BlockingIOError, OSError):
-            pass
 
     def _wait_for_event(self) -> None:
         """Block until the socket is readable, a wake-up arrives or a timer may expire."""
@@ -218,15 +227,7 @@ class EventAssociation(Association):
         """Make the association reactor look for work now (any thread may call this)."""
         self._wake_event.set()
 
-    @property
-    def _kill(self) -> bool:
-        return self.__dict__.get("_kill_flag", False)
-
-    @_kill.setter
-    def _kill(self, value: bool) -> None:
-        self.__dict__["_kill_flag"] = value
-        if value:
-            self.wake()
+    _kill = _WakingFlag()
 
     def _run_reactor(self) -> None:
         """pynetdicom 3.0.4's ``Association._run_reactor``, with its ``time.sleep(0.001)``

@@ -512,7 +512,7 @@ class Receiver:
         # after a release, both find nothing left to do. The closed connection can also come
         # before EVT_RELEASED: the peer closes once it has the A-RELEASE-RP, which can be
         # before the association thread reports the release; is_released is set by then.
-        self._closed(event, released=bool(getattr(event.assoc, "is_released", False)))
+        self._closed(event, released=event.assoc.is_released)
 
     def _closed(self, event, released: bool) -> None:
         with self._lock:

@@ -20,6 +20,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
+from pynetdicom.timer import Timer
 from pynetdicom.transport import RequestHandler
 from sqlalchemy import func, select
 
@@ -190,6 +191,9 @@ UPSTREAM = {
     Association._run_reactor: "f28838c5559e462a",
     Association.kill: "8f9713666a7f4cff",
     RequestHandler._create_association: "05c8d12b79863cdb",
+    # _timer_wait reads the timers' private start and end times
+    Timer.__init__: "0088049875c5d495",
+    Timer.remaining.fget: "4556c335c34ee264",
 }
 
 
