@@ -320,35 +320,155 @@ def _variants(dataset: bytes, ts: str, rng) -> list[tuple[bytes, str]]:
     return out
 
 
-def test_the_data_set_header_reads_as_the_part10_header(sample_data):
-    """The receiver parses a C-STORE data set directly (no file meta built and parsed first).
-    For real CT and MR files, whole, cut short, bit-flipped and in a wrong transfer syntax, it
-    gives the same Header, or the same refusal (status, reason), as the Part 10 reader."""
+def _outcome(fn, *args):
+    from dicom_node.header import InvalidInstance
+
+    try:
+        return fn(*args)
+    except InvalidInstance as exc:
+        return (exc.status, exc.reason, exc.header)
+
+
+def test_the_data_set_header_reads_as_the_part10_header(sample_data, monkeypatch):
+    """The receiver parses a C-STORE data set directly (no file meta built and parsed first),
+    in one walk over its bytes where the encoding is regular (dicom_node.header._read_wanted),
+    else with pydicom's reader. For real CT and MR files (explicit and implicit VR, JPEG 2000
+    and native), whole, cut short, bit-flipped and in a wrong transfer syntax, it gives the same
+    Header, or the same refusal (status, reason), as the Part 10 reader, which always parses
+    with pydicom."""
     import random
 
-    from dicom_node.header import InvalidInstance, read_dataset_header, read_header
+    from dicom_node import header
+    from dicom_node.header import read_dataset_header, read_header
     from dicom_node.receive import _PREAMBLE, _file_meta_bytes
 
-    def outcome(fn, *args):
-        try:
-            return fn(*args)
-        except InvalidInstance as exc:
-            return (exc.status, exc.reason, exc.header)
+    one_pass = []
+    real_read_wanted = header._read_wanted
 
+    def read_wanted(*args):
+        read = real_read_wanted(*args)
+        one_pass.append(read is not None)
+        return read
+
+    monkeypatch.setattr(header, "_read_wanted", read_wanted)
     rng = random.Random(12)
     files = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[:2]
     files += sorted(sample_data.ct_dicom_repaired.parent.glob("*mr*/*.dcm"))[:2]
-    stored = refused = 0
+    sources = []
     for path in files:
         ds = pydicom.dcmread(path)
-        sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
         part10 = path.read_bytes()
         dataset = part10[144 + int.from_bytes(part10[140:144], "little") :]
-        for data, ts in _variants(dataset, str(ds.file_meta.TransferSyntaxUID), rng):
+        sources.append((path, ds, dataset, str(ds.file_meta.TransferSyntaxUID)))
+        if "mr" in path.parent.name:  # native pixels: also as implicit VR little endian
+            sources.append((path, ds, _dataset_bytes(ds, implicit=True), "1.2.840.10008.1.2"))
+    stored = refused = 0
+    for path, ds, dataset, sent_ts in sources:
+        sop_class, sop_uid = str(ds.SOPClassUID), str(ds.SOPInstanceUID)
+        for data, ts in _variants(dataset, sent_ts, rng):
             whole = _PREAMBLE + _file_meta_bytes(sop_class, sop_uid, ts, "X") + data
-            old = outcome(read_header, whole, sop_class, sop_uid, len(whole) - len(data))
-            new = outcome(read_dataset_header, data, ts, sop_class, sop_uid)
+            old = _outcome(read_header, whole, sop_class, sop_uid, len(whole) - len(data))
+            new = _outcome(read_dataset_header, data, ts, sop_class, sop_uid)
             assert new == old, (path.name, ts, len(data))
             stored += not isinstance(new, tuple)
             refused += isinstance(new, tuple)
-    assert stored >= len(files) and refused >= len(files)  # both kinds of outcome were compared
+    assert stored >= len(sources) and refused >= len(sources)  # both kinds were compared
+    # Each data set as sent, and most variants, went through the one-pass reader; the
+    # irregular ones through pydicom's.
+    assert sum(one_pass) >= len(sources) and not all(one_pass)
+
+
+def _dataset_bytes(ds: pydicom.Dataset, implicit: bool = False) -> bytes:
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    buf = DicomBytesIO()
+    buf.is_implicit_VR, buf.is_little_endian = implicit, True
+    write_dataset(buf, ds)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    "charset, description",
+    [
+        ("ISO_IR 100", "Thorax Ärzte ß"),  # Latin-1
+        ("ISO_IR 192", "Thorax 胸部 Ärzte"),  # UTF-8
+        ("ISO_IR 144", "Грудь"),  # Cyrillic
+        (None, "plain ASCII"),
+    ],
+)
+@pytest.mark.parametrize("implicit", [False, True])
+def test_the_one_pass_reader_decodes_text_in_the_data_sets_character_set(
+    sample_data, charset, description, implicit
+):
+    """Text (here SeriesDescription) reads as pydicom decodes it, in the data set's Specific
+    Character Set, and the one-pass reader took the data set."""
+    from dicom_node import header
+
+    path = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    if charset is None:
+        del ds.SpecificCharacterSet
+    else:
+        ds.SpecificCharacterSet = charset
+    ds.SeriesDescription = description
+    ds.BodyPartExamined = "CHEST"
+    ts = "1.2.840.10008.1.2" if implicit else "1.2.840.10008.1.2.1"
+    data = _dataset_bytes(ds, implicit)
+    assert header._read_wanted(data, ts) is not None
+    fast = header.read_dataset_header(data, ts, str(ds.SOPClassUID), str(ds.SOPInstanceUID))
+    parsed, uids = header._parse_dataset(data, ts, None)
+    full = header._checked_header(parsed, uids, ts, data, None, None)
+    assert fast == full
+    assert fast.series_description == description
+    assert fast.body_part == "CHEST"
+
+
+def test_irregular_and_enhanced_data_sets_go_to_pydicoms_reader(sample_data):
+    """What the one-pass reader leaves to pydicom: an Enhanced instance (its geometry is in the
+    functional groups), an unknown explicit VR, an element where a sequence's items belong;
+    and the Header of the Enhanced instance still has its first frame's geometry."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    from dicom_node import header
+
+    path = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    explicit = "1.2.840.10008.1.2.1"
+    assert header._read_wanted(_dataset_bytes(ds), explicit) is not None
+
+    enhanced = pydicom.dcmread(path)
+    position = [float(v) for v in enhanced.ImagePositionPatient]
+    del enhanced.ImagePositionPatient
+    plane = Dataset()
+    plane.ImagePositionPatient = position
+    frame = Dataset()
+    frame.PlanePositionSequence = Sequence([plane])
+    enhanced.PerFrameFunctionalGroupsSequence = Sequence([frame])
+    data = _dataset_bytes(enhanced)
+    assert header._read_wanted(data, explicit) is None
+    read = header.read_dataset_header(data, explicit)
+    assert read.plane.position == pytest.approx(position)
+
+    data = bytearray(_dataset_bytes(ds))
+    at = data.index(b"UI")  # the first UI element's VR
+    data[at : at + 2] = b"QQ"
+    assert header._read_wanted(bytes(data), explicit) is None
+
+    # An undefined-length sequence whose first content is a plain element, not an item.
+    loose = b"\x08\x00\x40\x11SQ\x00\x00\xff\xff\xff\xff"  # (0008,1140) SQ, undefined length
+    loose += b"\x08\x00\x60\x00CS\x00\x00"  # (0008,0060) CS, empty
+    loose += b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # sequence delimitation
+    assert header._read_wanted(loose + _dataset_bytes(ds), explicit) is None
+
+
+def test_no_attribute_the_one_pass_reader_hands_over_has_an_ambiguous_vr():
+    """pydicom resolves an ambiguous VR (US or SS, OB or OW) from other elements of the data
+    set, which the one-pass reader does not keep."""
+    from pydicom.datadict import dictionary_VR
+    from pydicom.valuerep import AMBIGUOUS_VR
+
+    from dicom_node import header
+
+    assert header._WANTED and not any(dictionary_VR(t) in AMBIGUOUS_VR for t in header._WANTED)
