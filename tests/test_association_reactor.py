@@ -18,10 +18,12 @@ import pydicom
 import pytest
 from pynetdicom import AE
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.timer import Timer
-from pynetdicom.transport import RequestHandler
+from pynetdicom.transport import AssociationSocket, RequestHandler
 from sqlalchemy import func, select
 
 from dicom_node import db
@@ -191,6 +193,12 @@ UPSTREAM = {
     Association._run_reactor: "f28838c5559e462a",
     Association.kill: "8f9713666a7f4cff",
     RequestHandler._create_association: "05c8d12b79863cdb",
+    # StoreResponseDIMSE.send_msg copies it; _StoreResponse replaces the two encoders, and
+    # WholeReadSocket the read, keeping their results
+    DIMSEServiceProvider.send_msg: "a839cf2fb46976d9",
+    DIMSEMessage.encode_msg: "73000c902c52832d",
+    DIMSEMessage._set_command_group_length: "c3057c97344d5db3",
+    AssociationSocket.recv: "6bc20a33b1b7cfe7",
     # _timer_wait reads the timers' private start and end times
     Timer.__init__: "0088049875c5d495",
     Timer.remaining.fget: "4556c335c34ee264",
@@ -203,3 +211,105 @@ def test_the_copied_pynetdicom_code_is_unchanged_upstream(fn):
     assert digest == UPSTREAM[fn], (
         f"pynetdicom's {fn.__qualname__} changed: review dicom_node/association_reactor.py"
     )
+
+
+def _store_responses():
+    """C-STORE responses as the receiver sends them: success, warnings and failures, with an
+    Error Comment (odd and even length), an Offending Element, odd and even UIDs."""
+    from pynetdicom.dimse_primitives import C_STORE
+
+    out = []
+    for status, extra in [
+        (0x0000, {}),
+        (0xB000, {"ErrorComment": "Coercion of data elements"}),
+        (0xA700, {"ErrorComment": "free disk below minimum"}),
+        (0xC213, {"ErrorComment": "SOP Instance UID already in series 1.2.3 #7"}),
+        (0xA900, {"OffendingElement": [0x00080018, 0x0020000D]}),
+        (0xC211, {"ErrorComment": ""}),
+    ]:
+        for sop_uid in ("1.2.3.4", "1.2.3.45", "1." + "9" * 62):
+            rsp = C_STORE()
+            rsp.MessageIDBeingRespondedTo = 7
+            rsp.AffectedSOPClassUID = CT
+            rsp.AffectedSOPInstanceUID = sop_uid
+            rsp.Status = status
+            for keyword, value in extra.items():
+                setattr(rsp, keyword, value)
+            out.append(rsp)
+    return out
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16382, 80])
+def test_store_responses_are_encoded_as_pynetdicom_encodes_them(max_pdu):
+    """The receiver's C-STORE-RSP (its own command-set encoder) gives the same P-DATA bytes as
+    pynetdicom's message class for every kind of response; a PDU too small for one fragment
+    goes through pynetdicom's fragmenting."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dsutils import encode
+
+    from dicom_node.association_reactor import _StoreResponse, encode_command_set
+
+    for rsp in _store_responses():
+        theirs, ours = C_STORE_RSP(), _StoreResponse()
+        theirs.primitive_to_message(rsp)
+        ours.primitive_to_message(rsp)
+        assert encode_command_set(ours.command_set) == encode(theirs.command_set, True, True)
+        sent = [
+            [p.presentation_data_value_list for p in m.encode_msg(1, max_pdu)]
+            for m in (theirs, ours)
+        ]
+        assert sent[0] == sent[1]
+        assert len(sent[1]) == (1 if max_pdu != 80 else len(sent[0]))
+
+
+def test_the_command_set_encoder_declines_what_it_does_not_encode():
+    """A VR outside its list, or text that is not ASCII: None, and pynetdicom's encoder runs."""
+    from pydicom.dataset import Dataset
+
+    from dicom_node.association_reactor import encode_command_set
+
+    ds = Dataset()
+    ds.ErrorComment = "Größe"
+    assert encode_command_set(ds) is None
+    ds = Dataset()
+    ds.add_new(0x00001234, "FD", 1.5)
+    assert encode_command_set(ds) is None
+
+
+def test_the_whole_read_socket_reads_what_pynetdicoms_reads():
+    """WholeReadSocket.recv gives what pynetdicom's recv gives: the bytes asked for, over
+    several sends; fewer when the peer closes first."""
+    import queue
+    import socket
+    import threading
+
+    from dicom_node.association_reactor import WholeReadSocket
+
+    class _Assoc:  # what AssociationSocket's constructor reads
+        class dul:  # noqa: N801
+            event_queue = queue.Queue()
+
+        network_timeout = 5
+
+    def read(socket_class, chunks: list[bytes], asked: int) -> bytearray:
+        ours, theirs = socket.socketpair()
+        sock = socket_class(_Assoc(), client_socket=ours)
+
+        def send():
+            for chunk in chunks:
+                theirs.sendall(chunk)
+                time.sleep(0.01)
+            theirs.close()
+
+        sender = threading.Thread(target=send)
+        sender.start()
+        try:
+            return sock.recv(asked)
+        finally:
+            sender.join()
+            ours.close()
+
+    for chunks, asked in [([b"a" * 5000, b"b" * 70000, b"c" * 3], 75003), ([b"xyz"], 10)]:
+        got = read(WholeReadSocket, chunks, asked)
+        assert isinstance(got, bytearray)
+        assert got == read(AssociationSocket, chunks, asked) == b"".join(chunks)[:asked]
