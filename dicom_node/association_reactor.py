@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
+from functools import partial
 
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
@@ -308,7 +309,7 @@ class EventAssociation(Association):
 # interpreter lock for about half of the process's time; two of its steps were a quarter of
 # that and have a cheaper equal: reading a PDU (4 KiB per recv call into a growing bytearray)
 # and encoding the C-STORE response's command set (pydicom's writer, twice: once for the group
-# length). The classes below do those two steps with the same result, bytes for bytes.
+# length). The code below does those two steps with the same result, bytes for bytes.
 
 
 class WholeReadSocket(AssociationSocket):
@@ -370,47 +371,47 @@ def encode_command_set(command_set) -> bytes | None:
     return b"".join(out)
 
 
-class _StoreResponse(C_STORE_RSP):
-    """pynetdicom's C-STORE-RSP message, with its command set encoded by
-    :func:`encode_command_set` (pynetdicom's own encoder where that one declines)."""
-
-    def _set_command_group_length(self) -> None:
-        del self.command_set.CommandGroupLength
-        encoded = encode_command_set(self.command_set)
-        if encoded is None:
-            super()._set_command_group_length()
-        else:
-            self.command_set.CommandGroupLength = len(encoded)
-
-    def encode_msg(self, context_id: int, max_pdu_length: int):
-        encoded = encode_command_set(self.command_set)
-        fits = max_pdu_length == 0 or len(encoded or b"") <= max_pdu_length - 6
-        if encoded is None or not fits or (self.data_set and self.data_set.getvalue()):
-            yield from super().encode_msg(context_id, max_pdu_length)
-            return
-        self.context_id = context_id
-        pdata = P_DATA()
-        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
-        yield pdata
+def _set_group_length(message: C_STORE_RSP) -> None:
+    """``message._set_command_group_length`` with :func:`encode_command_set`."""
+    del message.command_set.CommandGroupLength
+    encoded = encode_command_set(message.command_set)
+    if encoded is None:
+        C_STORE_RSP._set_command_group_length(message)
+    else:
+        message.command_set.CommandGroupLength = len(encoded)
 
 
-# pynetdicom finds a message's command set elements by its class name.
-_StoreResponse.__name__ = _StoreResponse.__qualname__ = C_STORE_RSP.__name__
+def _encoded_response(message: C_STORE_RSP, context_id: int, max_pdu_length: int):
+    """``message.encode_msg(context_id, max_pdu_length)``: one P-DATA with the command set
+    encoded by :func:`encode_command_set`, where it fits one PDU; else pynetdicom's."""
+    encoded = encode_command_set(message.command_set)
+    fits = max_pdu_length == 0 or len(encoded or b"") <= max_pdu_length - 6
+    if encoded is None or not fits or (message.data_set and message.data_set.getvalue()):
+        yield from message.encode_msg(context_id, max_pdu_length)
+        return
+    message.context_id = context_id
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+    yield pdata
 
 
 class StoreResponseDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, sending C-STORE responses as :class:`_StoreResponse` (the
-    body of pynetdicom 3.0.4's ``DIMSEServiceProvider.send_msg`` with that class)."""
+    """pynetdicom's DIMSE provider, encoding C-STORE responses with :func:`_set_group_length`
+    and :func:`_encoded_response` (the body of pynetdicom 3.0.4's
+    ``DIMSEServiceProvider.send_msg`` with those two steps). The message stays pynetdicom's
+    own C_STORE_RSP class: its event handlers look messages up by their exact class."""
 
     def send_msg(self, primitive, context_id: int) -> None:
         if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
             super().send_msg(primitive, context_id)
             return
-        dimse_msg = _StoreResponse()
+        dimse_msg = C_STORE_RSP()
+        # An instance attribute, so that primitive_to_message calls it.
+        dimse_msg._set_command_group_length = partial(_set_group_length, dimse_msg)
         dimse_msg.primitive_to_message(primitive)
         dimse_msg.context_id = context_id
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": dimse_msg})
-        for pdata in dimse_msg.encode_msg(context_id, self.maximum_pdu_size):
+        for pdata in _encoded_response(dimse_msg, context_id, self.maximum_pdu_size):
             self.dul.send_pdu(pdata)
 
 

@@ -126,9 +126,12 @@ def test_a_series_arrives_through_either_reactor(tmp_path, sample_data, reactor)
         r.stop(grace_s=1)
 
 
-def test_every_step_is_driven_by_an_event_not_a_timer(receiver, sample_data, tmp_path):
+def test_every_step_is_driven_by_an_event_not_a_timer(receiver, sample_data, tmp_path, caplog):
     """Echoes and stores over one association: no wait of either reactor thread may end by its
-    timeout (each would cost MAX_IDLE_WAIT_S); pynetdicom's polling would not count at all."""
+    timeout (each would cost MAX_IDLE_WAIT_S); pynetdicom's polling would not count at all.
+    Nothing logs an error on the way (pynetdicom's own event handlers see its own message
+    classes)."""
+    caplog.set_level("DEBUG")
     files = make_instances(sorted(sample_data.ct_dicom_repaired.glob("*.dcm")), 10, tmp_path)
     datasets = [pydicom.dcmread(f) for f in files]
     assoc = _associate(receiver.port)
@@ -149,6 +152,9 @@ def test_every_step_is_driven_by_an_event_not_a_timer(receiver, sample_data, tmp
     finally:
         assoc.release()
     assert _indexed(receiver) == 10
+    assert [r.getMessage() for r in caplog.records if r.levelno >= 40] == []
+    # pynetdicom's standard handler logged each C-STORE response it was given
+    assert sum("C-STORE RSP" in r.getMessage() for r in caplog.records) >= 10
 
 
 def test_an_idle_association_sleeps(receiver):
@@ -239,27 +245,42 @@ def _store_responses():
     return out
 
 
+def _recording_association(max_pdu: int):
+    """A pynetdicom acceptor association (never connected) whose DUL records the P-DATA sent,
+    and whose EVT_DIMSE_SENT handler records the messages."""
+    from pynetdicom import evt
+    from pynetdicom._globals import MODE_ACCEPTOR
+
+    assoc = Association(AE(), MODE_ACCEPTOR)
+    assoc.requestor.maximum_length = max_pdu
+    pdus, messages = [], []
+    assoc.dul = type("DUL", (), {"send_pdu": lambda _, p: pdus.append(p)})()
+    assoc.bind(evt.EVT_DIMSE_SENT, lambda event: messages.append(event.message))
+    return assoc, pdus, messages
+
+
 @pytest.mark.parametrize("max_pdu", [0, 16382, 80])
 def test_store_responses_are_encoded_as_pynetdicom_encodes_them(max_pdu):
-    """The receiver's C-STORE-RSP (its own command-set encoder) gives the same P-DATA bytes as
-    pynetdicom's message class for every kind of response; a PDU too small for one fragment
-    goes through pynetdicom's fragmenting."""
+    """The receiver's C-STORE responses (StoreResponseDIMSE, its own command set encoder) are
+    the same P-DATA bytes as pynetdicom's for every kind of response, and the message handed
+    to the EVT_DIMSE_SENT handlers is pynetdicom's C_STORE_RSP; a PDU too small for one
+    fragment goes through pynetdicom's fragmenting."""
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dsutils import encode
 
-    from dicom_node.association_reactor import _StoreResponse, encode_command_set
+    from dicom_node.association_reactor import StoreResponseDIMSE, encode_command_set
 
     for rsp in _store_responses():
-        theirs, ours = C_STORE_RSP(), _StoreResponse()
-        theirs.primitive_to_message(rsp)
-        ours.primitive_to_message(rsp)
-        assert encode_command_set(ours.command_set) == encode(theirs.command_set, True, True)
-        sent = [
-            [p.presentation_data_value_list for p in m.encode_msg(1, max_pdu)]
-            for m in (theirs, ours)
-        ]
+        theirs, their_pdus, _ = _recording_association(max_pdu)
+        ours, our_pdus, messages = _recording_association(max_pdu)
+        DIMSEServiceProvider(theirs).send_msg(rsp, 1)
+        StoreResponseDIMSE(ours).send_msg(rsp, 1)
+        sent = [[p.presentation_data_value_list for p in pdus] for pdus in (their_pdus, our_pdus)]
         assert sent[0] == sent[1]
-        assert len(sent[1]) == (1 if max_pdu != 80 else len(sent[0]))
+        assert len(our_pdus) == 1 or max_pdu == 80
+        (message,) = messages
+        assert type(message) is C_STORE_RSP
+        assert encode_command_set(message.command_set) == encode(message.command_set, True, True)
 
 
 def test_the_command_set_encoder_declines_what_it_does_not_encode():
