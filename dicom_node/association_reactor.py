@@ -45,6 +45,12 @@ from functools import partial
 
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import C_STORE_RSP
@@ -55,6 +61,13 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger(__name__)
+
+_STANDARD_LOG_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
 
 # The longest a reactor thread sleeps without an event: the granularity of the ARTIM and
 # network-idle timers, and the idle cost (two wake-ups a second per thread).
@@ -225,6 +238,11 @@ class EventAssociation(Association):
         super().__init__(ae, mode)
         self.dul = EventDUL(self)
         self.dimse = StoreResponseDIMSE(self)
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            # pynetdicom's standard handlers only log, at INFO and DEBUG; with that off they
+            # still build every line (and copy each data set once to say it is present).
+            for event, handler in _STANDARD_LOG_HANDLERS:
+                self.unbind(event, handler)
         self.dimse.msg_queue = _WakingQueue(self.wake)
         # pynetdicom's timeout setters write into the DUL's timers: set them on the new DUL.
         self.acse_timeout = self.ae.acse_timeout

@@ -182,7 +182,12 @@ class Indexer:
         busy timeout, PostgreSQL's statement timeout (for this transaction only)."""
         ms = max(0, int((deadline - time.monotonic()) * 1000))
         if self.engine.dialect.name == "sqlite":
-            conn.exec_driver_sql(f"PRAGMA busy_timeout = {ms}")
+            # A connection's busy timeout stays set: set it again only when it would run past
+            # the deadline or is more than 50 ms shorter (one statement less per store).
+            info = conn.connection.info
+            if not ms - 50 <= info.get("busy_timeout_ms", -1) <= ms:
+                conn.exec_driver_sql(f"PRAGMA busy_timeout = {ms}")
+                info["busy_timeout_ms"] = ms
         elif self.engine.dialect.name == "postgresql":
             # 0 would mean "no limit" to PostgreSQL.
             conn.exec_driver_sql(f"SET LOCAL statement_timeout = {max(1, ms)}")

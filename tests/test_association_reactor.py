@@ -202,6 +202,8 @@ UPSTREAM = {
     # StoreResponseDIMSE.send_msg copies it; _StoreResponse replaces the two encoders, and
     # WholeReadSocket the read, keeping their results
     DIMSEServiceProvider.send_msg: "a839cf2fb46976d9",
+    # the standard log handlers that EventAssociation unbinds when they would log nothing
+    Association._bind_defaults: "4cada43c3a193724",
     DIMSEMessage.encode_msg: "73000c902c52832d",
     DIMSEMessage._set_command_group_length: "c3057c97344d5db3",
     AssociationSocket.recv: "6bc20a33b1b7cfe7",
@@ -334,3 +336,26 @@ def test_the_whole_read_socket_reads_what_pynetdicoms_reads():
         got = read(WholeReadSocket, chunks, asked)
         assert isinstance(got, bytearray)
         assert got == read(AssociationSocket, chunks, asked) == b"".join(chunks)[:asked]
+
+
+@pytest.mark.parametrize("level, bound", [("WARNING", False), ("INFO", True), ("DEBUG", True)])
+def test_pynetdicoms_log_handlers_run_only_when_they_would_log(level, bound):
+    """pynetdicom's standard handlers log each PDU and DIMSE message at INFO and DEBUG; with
+    its logger above INFO (the node's setting) an event association leaves them unbound."""
+    import logging
+
+    from pynetdicom import evt
+    from pynetdicom._globals import MODE_ACCEPTOR
+    from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_sent_handler
+
+    logger = logging.getLogger("pynetdicom")
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        assoc = EventAssociation(AE(), MODE_ACCEPTOR)
+    finally:
+        logger.setLevel(old)
+    handlers = [h for h, _ in assoc.get_handlers(evt.EVT_DIMSE_RECV)]
+    handlers += [h for h, _ in assoc.get_handlers(evt.EVT_PDU_SENT)]
+    assert (standard_dimse_recv_handler in handlers) is bound
+    assert (standard_pdu_sent_handler in handlers) is bound
