@@ -26,6 +26,8 @@ from datetime import datetime
 from typing import TypeVar
 
 from sqlalchemy import Connection, Engine, bindparam, case, insert, literal, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
@@ -64,7 +66,6 @@ class UidConflict(Exception):
 
 _INSERT_STUDY = insert(Study)
 _INSERT_SERIES = insert(Series)
-_INSERT_INSTANCE = insert(Instance)
 _INSERT_AUDIT = insert(AuditEvent)
 _SELECT_STUDY = select(Study.id).where(Study.study_uid == bindparam("uid"))
 _SELECT_SERIES = select(Series.id).where(Series.series_uid == bindparam("uid"))
@@ -143,6 +144,19 @@ class Indexer:
         self._committer = threading.Lock()
         self._series_ids: dict[str, int] = {}  # series UID -> row id, filled on commit
         self._out_of_time_at = -1e9  # monotonic time a write last ran out of its budget
+        # INSERT ... ON CONFLICT (sop_instance_uid) DO NOTHING, in the engine's dialect. On
+        # PostgreSQL it returns the new row's id (its row count is not the rows inserted
+        # there), on SQLite the row count says whether it inserted.
+        if self.engine.dialect.name == "postgresql":
+            self._insert_new_instance = (
+                postgresql_insert(Instance)
+                .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
+                .returning(Instance.id)
+            )
+        else:
+            self._insert_new_instance = sqlite_insert(Instance).on_conflict_do_nothing(
+                index_elements=["sop_instance_uid"]
+            )
 
     def _retrying(self, fn: Callable[[Connection], _T], budget_s: float | None = None) -> _T:
         budget_s = self.time_budget_s if budget_s is None else budget_s
@@ -242,23 +256,6 @@ class Indexer:
         def tx(conn: Connection) -> str:
             now = utcnow()
             series_id = self._series_id(conn, h, calling_ae, now)
-            prev = conn.execute(_SELECT_INSTANCE, {"uid": h.sop_instance_uid}).first()
-            event = {
-                "series_uid": h.series_uid,
-                "sop_instance_uid": h.sop_instance_uid,
-                "calling_ae": calling_ae,
-                "peer": peer,
-                "status": STATUS_SUCCESS,
-            }
-            if prev is not None and prev.series_id != series_id:
-                # The same SOP instance in another series is a sender error or a UID collision.
-                # Moving the row would silently take an acknowledged slice from its series, so
-                # the newcomer is refused and the indexed one stays (the caller audits both).
-                owner = conn.execute(_SELECT_OWNER, {"instance_id": prev.id}).one()
-                raise UidConflict(h, owner.series_uid, owner.instance_number)
-            if prev is not None and prev.sha256 == sha256:
-                _audit(conn, "duplicate", now, **event)
-                return "duplicate"
             values = {
                 "series_id": series_id,
                 **h.plane.row_values(),
@@ -270,14 +267,38 @@ class Indexer:
                 "calling_ae": calling_ae,
                 "received_at": now,
             }
-            if prev is None:
-                conn.execute(_INSERT_INSTANCE, {"sop_instance_uid": h.sop_instance_uid, **values})
-            else:
+            event = {
+                "series_uid": h.series_uid,
+                "sop_instance_uid": h.sop_instance_uid,
+                "calling_ae": calling_ae,
+                "peer": peer,
+                "status": STATUS_SUCCESS,
+            }
+            # The usual case, an instance not indexed yet, is one statement: the insert does
+            # nothing when the SOP Instance UID is indexed already, and then that row decides.
+            result = conn.execute(
+                self._insert_new_instance, {"sop_instance_uid": h.sop_instance_uid, **values}
+            )
+            inserted = result.first() is not None if result.returns_rows else result.rowcount == 1
+            if not inserted:
+                prev = conn.execute(_SELECT_INSTANCE, {"uid": h.sop_instance_uid}).first()
+                if prev is None:  # removed since the insert found it: run the row again
+                    raise _StaleCache()
+                if prev.series_id != series_id:
+                    # The same SOP instance in another series is a sender error or a UID
+                    # collision. Moving the row would silently take an acknowledged slice from
+                    # its series, so the newcomer is refused and the indexed one stays (the
+                    # caller audits both).
+                    owner = conn.execute(_SELECT_OWNER, {"instance_id": prev.id}).one()
+                    raise UidConflict(h, owner.series_uid, owner.instance_number)
+                if prev.sha256 == sha256:
+                    _audit(conn, "duplicate", now, **event)
+                    return "duplicate"
                 conn.execute(_UPDATE_INSTANCE, {"instance_id": prev.id, **values})
             if conn.execute(_TOUCH_SERIES, {"series_id": series_id, "now": now}).rowcount != 1:
                 raise _StaleCache()  # a cached series id vanished (series removed)
             self._series_ids[h.series_uid] = series_id
-            if prev is not None:
+            if not inserted:
                 _audit(conn, "replaced", now, **event)
                 return "replaced"
             return "new"
