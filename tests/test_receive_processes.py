@@ -205,3 +205,45 @@ def test_on_postgresql_and_children_end_with_a_killed_node(tmp_path, sources, po
         parent = node.proc.pid
         node.kill()
         wait_until(lambda: not _children(parent), 20, "the children to end with their node")
+
+
+def test_a_new_association_goes_to_the_least_busy_process(tmp_path):
+    """Two processes, four associations opened one after the other and held: each process
+    serves two, in every round. (Both processes wake for a connection on the shared socket;
+    one that serves associations waits before it accepts, so the other takes it. Left to the
+    race, 2 + 2 came out in about 3 of 8 rounds.)"""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    node = _node(tmp_path / "node", 2)
+    with node:
+        _listening_children(node, 1)
+        # The main process loads its model in the background at start (torch holds the
+        # interpreter for stretches): wait, as a node that has been running would be.
+        wait_until(lambda: "model loaded" in _log(node), 120, "the node to load its model")
+        ae = AE(ae_title="STORESCU")
+        ae.add_requested_context(Verification)
+        for r in range(4):
+            before = len(_ESTABLISHED.findall(_log(node)))
+            assocs = []
+            try:
+                for _ in range(4):
+                    assoc = ae.associate("127.0.0.1", node.port, ae_title=NodeProcess.AE_TITLE)
+                    assert assoc.is_established
+                    assocs.append(assoc)
+                    n = len(assocs)
+                    wait_until(
+                        lambda n=n: len(_ESTABLISHED.findall(_log(node))) >= before + n,
+                        10,
+                        "the node to log the association",
+                    )
+            finally:
+                for assoc in assocs:
+                    assoc.release()
+            pids = _ESTABLISHED.findall(_log(node))[before:]
+            assert sorted(pids.count(p) for p in set(pids)) == [2, 2], f"round {r}: {pids}"
+            wait_until(
+                lambda: "stored=0" in _log(node).rsplit("association established", 1)[-1],
+                10,
+                "the associations to be released",
+            )
