@@ -144,6 +144,8 @@ class Node:
             self.http.view.models = self.pipeline.models  # readiness and reprocess use it
             if self.receiver is not None:
                 self.http.view.store_part10 = self.receiver.store_part10  # STOW-RS
+            if self.receiver_pool is not None:
+                self.http.view.receiver_metrics_dir = self.receiver_pool.metrics_dir
             self.http.start()
         self.presence = nodes.Presence(
             cfg,

@@ -33,16 +33,19 @@ import argparse
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 
 from dicom_node.config import NodeConfig
 from dicom_node.health import Health
+from dicom_node.web.metrics import CHILDREN_DIR_ENV
 
 log = logging.getLogger("dicom_node.receive_pool")  # also when run as __main__
 
@@ -85,6 +88,9 @@ class ReceiverPool:
         self._health = health
         self._listen_fd = listen_fd  # the main receiver's listening socket, shared
         self._slots = [_Slot(i) for i in range(1, config.node.receiver_processes)]
+        # The children count their instruments (stores, associations) into files here, which
+        # the main process's /metrics adds in (dicom_node.web.metrics.instruments).
+        self.metrics_dir: str | None = None
         self._stop = threading.Event()
         self._grace_s = 10.0
         self._thread: threading.Thread | None = None
@@ -94,6 +100,7 @@ class ReceiverPool:
         """Start the children (from the supervising thread) and return once they are forked."""
         if self._health is not None:
             self._health.register(HEALTH_LOOP, POLL_S)
+        self.metrics_dir = tempfile.mkdtemp(prefix="dicom-node-receivers-")
         started = threading.Event()
         self._thread = threading.Thread(
             target=self._run, args=(started,), name="receiver-pool", daemon=True
@@ -108,6 +115,8 @@ class ReceiverPool:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(grace_s + 2 * KILL_MARGIN_S)
+        if self.metrics_dir is not None:
+            shutil.rmtree(self.metrics_dir, ignore_errors=True)
 
     def pids(self) -> list[int]:
         """The process ids of the children running now."""
@@ -180,7 +189,10 @@ class ReceiverPool:
             fds = (self._listen_fd,)
         try:
             # stdout/stderr stay the node's own: one log for all processes.
-            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=fds)
+            env = dict(os.environ)
+            if self.metrics_dir is not None:
+                env[CHILDREN_DIR_ENV] = self.metrics_dir
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, pass_fds=fds, env=env)
             assert proc.stdin is not None
             proc.stdin.write(self._config_json.encode())
             proc.stdin.close()

@@ -80,3 +80,39 @@ def test_prometheus_scrapes_the_node(tmp_path, sample_data):
             expr = "\n".join(r["query"] for g in prom.api("rules")["groups"] for r in g["rules"])
             for name in set(re.findall(r"dicom_node_[a-z_]+", expr)):
                 assert f"# TYPE {name} " in exported, f"{name} is not a metric of the node"
+
+
+def test_metrics_count_the_stores_of_every_receiving_process(tmp_path, sample_data):
+    """With node.receiver_processes: 2 the stores of the second process are in the main
+    process's /metrics too: counters and histogram summed, one series per label set."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from tests.support.node import make_instances, parse_storescu_output, start_storescu
+
+    overrides = {**http_overrides(), "node": {"receiver_processes": 2}}
+    node = NodeProcess(tmp_path / "node", overrides=overrides)
+    sources = sorted(Path(sample_data.ct_dicom_repaired).glob("*.dcm"))
+    with node:
+        wait_until(lambda: "model loaded" in node.log_tail(400), 120, "the model to load")
+        batches = [make_instances(sources, 6, tmp_path / f"in{k}", f"m{k}") for k in range(2)]
+        senders = [
+            start_storescu(b, node.port, tmp_path / f"s{k}.log") for k, b in enumerate(batches)
+        ]
+        for proc in senders:
+            assert proc.wait(120) == 0
+        for k in range(2):
+            statuses = parse_storescu_output((tmp_path / f"s{k}.log").read_text())
+            assert sorted(statuses.values()) == [0x0000] * 6
+        served = set(re.findall(r"association established calling_ae=STORESCU .* pid=(\d+)",
+                                node.log_tail(20000)))  # fmt: skip
+        assert len(served) == 2, f"both processes served: {served}"
+
+        samples = {}
+        for family in text_string_to_metric_families(Web(node).get("/metrics").text):
+            for s in family.samples:
+                samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+        assert samples[("dicom_node_instances_received_total", (("status", "stored"),))] == 12
+        assert samples[("dicom_node_store_duration_seconds_count", ())] == 12
+        assert samples[("dicom_node_received_bytes_total", ())] > 12 * 100_000
+        accepted = samples[("dicom_node_associations_total", (("result", "accepted"),))]
+        assert accepted >= 2

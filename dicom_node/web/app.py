@@ -294,7 +294,8 @@ def create_app(view: NodeView) -> Starlette:
 
     def metrics_text(request: Request) -> Response:
         web.reader(request)
-        body = prometheus_text(metrics.INSTRUMENTS) + prometheus_text(web.registry)
+        own = metrics.instruments(view.receiver_metrics_dir)
+        body = prometheus_text(own) + prometheus_text(web.registry)  # type: ignore[arg-type]
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     def css(request: Request) -> Response:

@@ -76,6 +76,8 @@ class NodeView:
     stopping: Callable[[], bool] = lambda: False
     # Receiver.store_part10 where this process receives (STOW-RS stores through it).
     store_part10: Callable[[bytes, str, str], StoreResult] | None = None
+    # Where the additional receiving processes count (metrics.CHILDREN_DIR_ENV); None if none.
+    receiver_metrics_dir: str | None = None
     last_success: LastSuccess = field(default_factory=LastSuccess, repr=False)
     _probe: Engine = field(init=False, repr=False)
 

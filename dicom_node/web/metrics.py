@@ -7,6 +7,9 @@ Two kinds, on purpose:
   instances, send retries. receive.py, deliver.py and infer.py call the small hook functions
   below; each costs a dictionary look-up and an addition under a lock (a few microseconds). They
   start at zero with the process, as Prometheus counters do (``rate()`` handles restarts).
+  The additional receiving processes (``node.receiver_processes``) count into files in a
+  directory of their own (prometheus_client's multiprocess mode, :data:`CHILDREN_DIR_ENV`),
+  and :func:`instruments` adds their counts to this process's at scrape time.
 * **State** (:class:`NodeCollector`) is read when Prometheus scrapes: series, jobs and nodes
   by state and each destination's last success come from the database, so they stay right across
   restarts and whichever process changed them (the CLI's reprocess, another node); free spool
@@ -26,6 +29,8 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.samples import Sample
 
 from dicom_node.db import JobState, SeriesState
 from dicom_node.nodes import nodes_by_state
@@ -34,9 +39,11 @@ if TYPE_CHECKING:
     from dicom_node.web.context import NodeView
 
 __all__ = [
+    "CHILDREN_DIR_ENV",
     "INSTRUMENTS",
     "NodeCollector",
     "association",
+    "instruments",
     "job_stages",
     "send_retry",
     "sent",
@@ -112,6 +119,52 @@ for _s in set(STORE_STATUSES.values()):
     INSTANCES.labels(_s)
 for _st in JOB_STAGES:
     STAGE_SECONDS.labels(_st)
+
+
+# The additional receiving processes are started with this variable naming a directory: there
+# prometheus_client keeps their instruments in files (its multiprocess mode, chosen when it is
+# imported), which the main process reads when scraped. The main process never has it set.
+CHILDREN_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class _Instruments:
+    """This process's instruments with those of the receiving processes that count into
+    ``children_dir`` added in: the same metric names and labels, each sample the sum."""
+
+    def __init__(self, children_dir: str | None):
+        self.children_dir = children_dir
+
+    def collect(self) -> Iterator[Metric]:
+        own = list(INSTRUMENTS.collect())
+        if not self.children_dir:
+            yield from own
+            return
+        theirs: dict[tuple, float] = {}
+        try:
+            for family in MultiProcessCollector(None, self.children_dir).collect():
+                for sample in family.samples:
+                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    theirs[key] = theirs.get(key, 0.0) + sample.value
+        except (OSError, ValueError) as exc:  # a file being written or removed: this scrape
+            log.warning("receiver processes' metrics unreadable this scrape: %s", exc)
+        for family in own:
+            family.samples = [
+                Sample(
+                    s.name,
+                    s.labels,
+                    s.value + theirs.get((s.name, tuple(sorted(s.labels.items()))), 0.0),
+                    s.timestamp,
+                    s.exemplar,
+                )
+                for s in family.samples
+            ]
+            yield family
+
+
+def instruments(children_dir: str | None = None) -> _Instruments:
+    """The instruments to expose: :data:`INSTRUMENTS`, plus the counts of the receiving
+    processes in ``children_dir`` (:class:`dicom_node.receive_pool.ReceiverPool`'s)."""
+    return _Instruments(children_dir)
 
 
 # -- hooks (called from the pipeline; cheap, never raise) ----------------------------------------
