@@ -25,6 +25,12 @@ expire on time. The two loops are pynetdicom 3.0.4's own, with only the wait rep
 tests/test_association_reactor.py fails when pynetdicom's versions of them change, so that an
 upgrade reviews these copies. ``node.association_reactor: polling`` goes back to pynetdicom's
 reactors.
+
+With the event-driven reactor the receiver's associations also read each PDU into one buffer
+(:class:`WholeReadSocket`), encode C-STORE responses without pydicom's writer
+(:class:`StoreResponseDIMSE`), and leave pynetdicom's standard log handlers unbound when its
+logger would drop their lines; each gives pynetdicom's own result (docs/SCALING.md, "Where the
+interpreter's time goes, third pass").
 """
 
 from __future__ import annotations
@@ -324,10 +330,11 @@ class EventAssociation(Association):
 # --- the two hot spots of pynetdicom's C-STORE path --------------------------------------------
 #
 # Measured with py-spy (--gil) in a node receiving from 4 storescu senders, pynetdicom held the
-# interpreter lock for about half of the process's time; two of its steps were a quarter of
-# that and have a cheaper equal: reading a PDU (4 KiB per recv call into a growing bytearray)
-# and encoding the C-STORE response's command set (pydicom's writer, twice: once for the group
-# length). The code below does those two steps with the same result, bytes for bytes.
+# interpreter lock for about half of the process's time; two of its steps took 19 % of it (a
+# third of pynetdicom's share) and have a cheaper equal: reading a PDU (4 KiB per recv call
+# into a growing bytearray) and encoding the C-STORE response's command set (pydicom's writer,
+# twice: once for the group length). The code below does those two steps with the same
+# result, bytes for bytes.
 
 
 class WholeReadSocket(AssociationSocket):

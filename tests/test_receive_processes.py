@@ -231,9 +231,8 @@ def test_a_new_association_goes_to_the_least_busy_process(tmp_path):
                     assoc = ae.associate("127.0.0.1", node.port, ae_title=NodeProcess.AE_TITLE)
                     assert assoc.is_established
                     assocs.append(assoc)
-                    n = len(assocs)
                     wait_until(
-                        lambda n=n: len(_ESTABLISHED.findall(_log(node))) >= before + n,
+                        lambda n=before + len(assocs): len(_ESTABLISHED.findall(_log(node))) >= n,
                         10,
                         "the node to log the association",
                     )
