@@ -238,6 +238,7 @@ class EventAssociation(Association):
     """pynetdicom's acceptor association with an event-driven reactor and :class:`EventDUL`."""
 
     def __init__(self, ae, mode: str):
+        self.created_at = time.monotonic()  # the receiver's accept policy reads it
         self._wake_event = threading.Event()
         self.timed_out_waits = 0  # as EventDUL.timed_out_waits
         self.waits = 0

@@ -217,6 +217,7 @@ class _SharedSocketServer(ThreadedAssociationServer):
 
     def __init__(self, *args, listen_socket: socket.socket, **kwargs):
         self._listen_socket = listen_socket
+        self._accepted: list[float] = []  # monotonic times of the last moment's accepts
         super().__init__(*args, **kwargs)
 
     def server_bind(self) -> None:
@@ -239,11 +240,29 @@ class _SharedSocketServer(ThreadedAssociationServer):
     MAX_ACCEPT_DELAY_S = 0.1
 
     def get_request(self):
-        # Established ones only: a released association's thread may not have ended yet.
-        serving = sum(a.is_established for a in self.ae.active_associations)
+        serving = self._serving()
         if serving:
             time.sleep(min(serving * self.ACCEPT_DELAY_PER_ASSOCIATION_S, self.MAX_ACCEPT_DELAY_S))
-        return super().get_request()  # BlockingIOError when another process took it
+        request = super().get_request()  # BlockingIOError when another process took it
+        self._accepted.append(time.monotonic())
+        return request
+
+    # An accepted connection gets its association (a thread) a moment later, on another
+    # thread: for that moment it is counted by its accept time.
+    _STARTING_S = 0.2
+
+    def _serving(self) -> int:
+        """Associations this process serves: those not ended (a released one's thread may
+        still run), and connections accepted in the last moment that have none yet."""
+        now = time.monotonic()
+        self._accepted = [t for t in self._accepted if now - t < self._STARTING_S]
+        live = [
+            a
+            for a in self.ae.active_associations
+            if not (a.is_released or a.is_aborted or a.is_rejected)
+        ]
+        young = sum(now - getattr(a, "created_at", 0.0) < self._STARTING_S for a in live)
+        return len(live) + max(0, len(self._accepted) - young)
 
 
 def listening_socket(address: str, port: int) -> socket.socket:
