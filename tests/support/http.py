@@ -55,6 +55,11 @@ class Web:
     def __init__(self, node, timeout: float = 30.0):
         self.base = f"http://127.0.0.1:{node.config['http']['port']}"
         self.session = requests.Session()
+        # A new connection per request: a kept-alive one idle for the server's keep-alive time
+        # (uvicorn: 5 s) can be closed by the server just as the next request goes out on it,
+        # and that request then fails with "connection reset" (seen once in CI, after a
+        # browser session of about that length). Browsers and Prometheus retry such a request.
+        self.session.headers["Connection"] = "close"
         self.timeout = timeout
 
     def url(self, path: str) -> str:
