@@ -47,7 +47,6 @@ import time
 from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
-from functools import partial
 
 from pynetdicom import evt
 from pynetdicom._globals import MODE_ACCEPTOR
@@ -397,20 +396,30 @@ def encode_command_set(command_set) -> bytes | None:
     return b"".join(out)
 
 
-def _set_group_length(message: C_STORE_RSP) -> None:
-    """``message._set_command_group_length`` with :func:`encode_command_set`."""
-    del message.command_set.CommandGroupLength
-    encoded = encode_command_set(message.command_set)
-    if encoded is None:
-        C_STORE_RSP._set_command_group_length(message)
-    else:
-        message.command_set.CommandGroupLength = len(encoded)
+class _GroupLength:
+    """``message._set_command_group_length`` with :func:`encode_command_set`. It keeps the
+    encoded elements after the group length (``body``) for the send, so that the command set
+    is encoded once; None where pynetdicom's encoder had to do it."""
+
+    def __init__(self, message: C_STORE_RSP):
+        self.message = message
+        self.body: bytes | None = None
+
+    def __call__(self) -> None:
+        del self.message.command_set.CommandGroupLength
+        self.body = encode_command_set(self.message.command_set)
+        if self.body is None:
+            C_STORE_RSP._set_command_group_length(self.message)
+        else:
+            self.message.command_set.CommandGroupLength = len(self.body)
 
 
-def _encoded_response(message: C_STORE_RSP, context_id: int, max_pdu_length: int):
+def _encoded_response(
+    message: C_STORE_RSP, body: bytes | None, context_id: int, max_pdu_length: int
+):
     """``message.encode_msg(context_id, max_pdu_length)``: one P-DATA with the command set
-    encoded by :func:`encode_command_set`, where it fits one PDU; else pynetdicom's."""
-    encoded = encode_command_set(message.command_set)
+    (its group length element, then ``body``), where it fits one PDU; else pynetdicom's."""
+    encoded = None if body is None else _U16(0) + _U16(0) + _U32(4) + _U32(len(body)) + body
     fits = max_pdu_length == 0 or len(encoded or b"") <= max_pdu_length - 6
     if encoded is None or not fits or (message.data_set and message.data_set.getvalue()):
         yield from message.encode_msg(context_id, max_pdu_length)
@@ -422,7 +431,7 @@ def _encoded_response(message: C_STORE_RSP, context_id: int, max_pdu_length: int
 
 
 class StoreResponseDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, encoding C-STORE responses with :func:`_set_group_length`
+    """pynetdicom's DIMSE provider, encoding C-STORE responses with :class:`_GroupLength`
     and :func:`_encoded_response` (the body of pynetdicom 3.0.4's
     ``DIMSEServiceProvider.send_msg`` with those two steps). The message stays pynetdicom's
     own C_STORE_RSP class: its event handlers look messages up by their exact class."""
@@ -433,11 +442,14 @@ class StoreResponseDIMSE(DIMSEServiceProvider):
             return
         dimse_msg = C_STORE_RSP()
         # An instance attribute, so that primitive_to_message calls it.
-        dimse_msg._set_command_group_length = partial(_set_group_length, dimse_msg)
+        dimse_msg._set_command_group_length = group_length = _GroupLength(dimse_msg)
         dimse_msg.primitive_to_message(primitive)
         dimse_msg.context_id = context_id
         evt.trigger(self.assoc, evt.EVT_DIMSE_SENT, {"message": dimse_msg})
-        for pdata in _encoded_response(dimse_msg, context_id, self.maximum_pdu_size):
+        responses = _encoded_response(
+            dimse_msg, group_length.body, context_id, self.maximum_pdu_size
+        )
+        for pdata in responses:
             self.dul.send_pdu(pdata)
 
 
