@@ -143,22 +143,20 @@ class _Instruments:
         try:
             for family in MultiProcessCollector(None, self.children_dir).collect():
                 for sample in family.samples:
-                    key = (sample.name, tuple(sorted(sample.labels.items())))
+                    key = _sample_key(sample)
                     theirs[key] = theirs.get(key, 0.0) + sample.value
         except (OSError, ValueError) as exc:  # a file being written or removed: this scrape
             log.warning("receiver processes' metrics unreadable this scrape: %s", exc)
         for family in own:
             family.samples = [
-                Sample(
-                    s.name,
-                    s.labels,
-                    s.value + theirs.get((s.name, tuple(sorted(s.labels.items()))), 0.0),
-                    s.timestamp,
-                    s.exemplar,
-                )
-                for s in family.samples
+                s._replace(value=s.value + theirs.get(_sample_key(s), 0.0)) for s in family.samples
             ]
             yield family
+
+
+def _sample_key(sample: Sample) -> tuple:
+    """A sample's name and labels, whichever order the labels come in."""
+    return sample.name, tuple(sorted(sample.labels.items()))
 
 
 def instruments(children_dir: str | None = None) -> _Instruments:
