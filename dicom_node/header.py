@@ -235,9 +235,10 @@ def _fragments(buf: bytes, pos: int, end: int) -> int:
     return count
 
 
+_DEFLATED = "1.2.840.10008.1.2.1.99"
 # Walked by neither the encoding scan nor the one-pass reader: big endian, deflated and JPIP
 # deflated data sets (pydicom's parse inflates or byte-swaps them).
-_NOT_WALKED = ("1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99", "1.2.840.10008.1.2.4.95")
+_NOT_WALKED = (ExplicitVRBigEndian, _DEFLATED, "1.2.840.10008.1.2.4.95")
 
 
 def _scanned(dataset: bytes, pixel: list[tuple[int, int]]) -> EncodingScan:
@@ -302,9 +303,9 @@ def _read_wanted(
     dataset: bytes, transfer_syntax: str
 ) -> tuple[_RawAttributes, EncodingScan] | None:
     """The one-pass reader: the data set's wanted attributes (:data:`_WANTED`), raw, and its
-    encoding scan, from one walk over its bytes; None when the
-    data set is not a regular one (see :func:`_walk`), truncated or garbled, or in a transfer
-    syntax that is not walked. Then the caller parses it with pydicom's reader as before.
+    encoding scan, from one walk over its bytes; None when the data set is not a regular one
+    (see :func:`_walk`), truncated or garbled, or in a transfer syntax that is not walked. Then
+    the caller parses it with pydicom's reader as before.
 
     On a regular data set this gives what pydicom's reader and :func:`scan_encoding` give,
     for about a fifth of their CPU time: pydicom builds a raw element for every element of
@@ -402,9 +403,6 @@ def _parse(data: bytes, command_sop_instance: str | None) -> tuple[Dataset, dict
     except Exception as exc:
         raise _undecodable(exc, command_sop_instance) from None
     return ds, uids, ts
-
-
-_DEFLATED = "1.2.840.10008.1.2.1.99"
 
 
 def _before_pixels(tag: int, vr: str | None, length: int) -> bool:
