@@ -199,8 +199,8 @@ UPSTREAM = {
     Association._run_reactor: "f28838c5559e462a",
     Association.kill: "8f9713666a7f4cff",
     RequestHandler._create_association: "05c8d12b79863cdb",
-    # StoreResponseDIMSE.send_msg copies it; _StoreResponse replaces the two encoders, and
-    # WholeReadSocket the read, keeping their results
+    # StoreResponseDIMSE.send_msg copies it; _GroupLength and _encoded_response replace the two
+    # encoders, and WholeReadSocket the read, keeping their results
     DIMSEServiceProvider.send_msg: "a839cf2fb46976d9",
     # the standard log handlers that EventAssociation unbinds when they would log nothing
     Association._bind_defaults: "4cada43c3a193724",
