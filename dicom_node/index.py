@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TypeVar
 
-from sqlalchemy import Connection, Engine, bindparam, case, insert, literal, select, update
+from sqlalchemy import Connection, Engine, bindparam, case, insert, literal, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, OperationalError
@@ -33,6 +33,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.db import (
     AuditEvent,
+    DriverStatement,
     Instance,
     Series,
     SeriesState,
@@ -89,8 +90,10 @@ _TOUCH_SERIES = (
         revision=Series.revision + 1,
         last_received=bindparam("now"),
         hold_until=None,
+        # one comparison per state rather than IN (...), which is expanded at execution time:
+        # DriverStatement compiles the statement once
         state=case(
-            (Series.state.in_(_OPEN_STATES), Series.state),
+            (or_(*(Series.state == state for state in _OPEN_STATES)), Series.state),
             else_=literal(SeriesState.changed.value),
         ),
     )
@@ -146,17 +149,21 @@ class Indexer:
         self._out_of_time_at = -1e9  # monotonic time a write last ran out of its budget
         # INSERT ... ON CONFLICT (sop_instance_uid) DO NOTHING, in the engine's dialect. On
         # PostgreSQL it returns the new row's id (its row count is not the rows inserted
-        # there), on SQLite the row count says whether it inserted.
+        # there), on SQLite the row count says whether it inserted. It and the series update
+        # run once per received instance, on the driver's cursor (DriverStatement).
         if self.engine.dialect.name == "postgresql":
-            self._insert_new_instance = (
+            insert_new = (
                 postgresql_insert(Instance)
                 .on_conflict_do_nothing(index_elements=["sop_instance_uid"])
                 .returning(Instance.id)
             )
         else:
-            self._insert_new_instance = sqlite_insert(Instance).on_conflict_do_nothing(
+            insert_new = sqlite_insert(Instance).on_conflict_do_nothing(
                 index_elements=["sop_instance_uid"]
             )
+        self._insert_new_instance = DriverStatement(self.engine, insert_new)
+        self._returns_id = self.engine.dialect.name == "postgresql"
+        self._touch_series = DriverStatement(self.engine, _TOUCH_SERIES)
 
     def _retrying(self, fn: Callable[[Connection], _T], budget_s: float | None = None) -> _T:
         budget_s = self.time_budget_s if budget_s is None else budget_s
@@ -276,10 +283,10 @@ class Indexer:
             }
             # The usual case, an instance not indexed yet, is one statement: the insert does
             # nothing when the SOP Instance UID is indexed already, and then that row decides.
-            result = conn.execute(
-                self._insert_new_instance, {"sop_instance_uid": h.sop_instance_uid, **values}
+            count, returned = self._insert_new_instance.execute(
+                conn, {"sop_instance_uid": h.sop_instance_uid, **values}
             )
-            inserted = result.first() is not None if result.returns_rows else result.rowcount == 1
+            inserted = returned is not None if self._returns_id else count == 1
             if not inserted:
                 prev = conn.execute(_SELECT_INSTANCE, {"uid": h.sop_instance_uid}).first()
                 if prev is None:  # removed since the insert found it: run the row again
@@ -295,7 +302,7 @@ class Indexer:
                     _audit(conn, "duplicate", now, **event)
                     return "duplicate"
                 conn.execute(_UPDATE_INSTANCE, {"instance_id": prev.id, **values})
-            if conn.execute(_TOUCH_SERIES, {"series_id": series_id, "now": now}).rowcount != 1:
+            if self._touch_series.execute(conn, {"series_id": series_id, "now": now})[0] != 1:
                 raise _StaleCache()  # a cached series id vanished (series removed)
             self._series_ids[h.series_uid] = series_id
             if not inserted:
