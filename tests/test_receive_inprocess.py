@@ -424,6 +424,125 @@ def test_the_one_pass_reader_decodes_text_in_the_data_sets_character_set(
     assert fast.body_part == "CHEST"
 
 
+_PLAIN_CASES = {
+    # VR: (a tag of that VR, encoded values, ones the reader must convert itself)
+    "DS": (0x00200032, [
+        b"1.5", b"1.5 ", b" 1.5", b"-0.48828125\\0.48828125", b"1e3", b"+.5", b"1.", b".", b"",
+        b" ", b"1,5", b"nan", b"inf", b"1.5\\", b"\\1.5", b"1.5\x00", b"1.5\\\x00", b"1.5\t",
+        b"12345678901234567", b"1.5\\2.5\\ 3.5 ", b"0x10", b"1_0", b"\xb51", b"-0",
+        b"-249.51171875\\-437.51171875\\-772.5",
+    ], [b"1.5", b"-0.48828125\\0.48828125", b"-249.51171875\\-437.51171875\\-772.5"]),
+    "IS": (0x00200013, [
+        b"12", b"12 ", b" 12", b"+7", b"-0", b"007", b"1.0", b"1.5", b"", b"99999999999",
+        b"999999999999", b"1\\2", b"1_0", b"12\x00", b" ", b"\xd9\xa1", b"1\\", b"2147483648",
+    ], [b"12", b"12 ", b"1\\2"]),
+    "CS": (0x00080008, [
+        b"CT", b"CT ", b" CT", b"ORIGINAL\\PRIMARY\\AXIAL", b"ORIGINAL\\PRIMARY\\AXIAL\\ ",
+        b"A\\\\B", b"CT\x00", b"", b"\xc4", b"\x1b$B", b"\\",
+    ], [b"CT", b"ORIGINAL\\PRIMARY\\AXIAL"]),
+    "UI": (0x00080018, [
+        b"1.2.840.10008.5.1.4.1.1.2\x00", b"1.2.3 ", b" 1.2.3", b"1.2\\3.4", b"", b"1.2.3\x00\x00",
+        b"\x00", b"1.2 .3",
+    ], [b"1.2.840.10008.5.1.4.1.1.2\x00", b"1.2.3 "]),
+    "LO": (0x0008103E, [
+        b"Thorax", b"Thorax  ", b"  Thorax", b"A\\B", b"\xc4rzte", b"x\x00", b"", b"a \x00 ",
+    ], [b"Thorax", b"Thorax  "]),
+    "US": (0x00280010, [b"\x00\x02", b"\x10\x00", b"", b"\x01\x00\x02\x00", b"\x01"],
+           [b"\x00\x02"]),
+}  # fmt: skip
+
+
+def _as_the_header_reads_it(v, vr: str) -> tuple:
+    """What the header's readers make of ``v``: numbers (DS, IS, US) are read as numbers only,
+    text (CS, UI, LO) as text only (dicom_node.slices; pixel_problem names a value as text
+    only where it is not a number)."""
+    from pydicom.multival import MultiValue
+
+    from dicom_node import slices
+
+    if v is None or v == "":
+        v = None
+
+    def outcome(fn, *args):
+        try:
+            return fn(*args)
+        except Exception as exc:
+            return type(exc).__name__
+
+    if vr in ("DS", "IS", "US"):
+        readers = (
+            outcome(slices.as_float, v),
+            *(outcome(slices.as_floats, v, n) for n in (1, 2, 3)),
+            outcome(slices.as_int, v),
+        )
+    else:
+        readers = (
+            outcome(slices.as_uid, v),
+            outcome(slices.as_text, v),
+            outcome(slices.as_strings, v),
+        )
+    return (v, isinstance(v, list | MultiValue), *readers)
+
+
+@pytest.mark.parametrize("vr", sorted(_PLAIN_CASES))
+def test_plain_values_convert_as_pydicom_converts_them(vr, monkeypatch):
+    """The one-pass reader converts the plainly encoded values of the wanted attributes itself
+    (dicom_node.header._plain_value, a third of its time before); every value it takes reads as
+    pydicom's conversion of the same bytes reads, through each of the header's readers, and a
+    single value stays single, several stay a list. The node reads with pydicom's value
+    validation off."""
+    import pydicom.config
+    from pydicom.charset import default_encoding
+    from pydicom.dataelem import RawDataElement, convert_raw_data_element
+    from pydicom.multival import MultiValue
+    from pydicom.tag import BaseTag
+
+    from dicom_node import header
+
+    monkeypatch.setattr(pydicom.config.settings, "_reading_validation_mode", pydicom.config.IGNORE)
+    tag, encoded, must_take = _PLAIN_CASES[vr]
+    taken = []
+    for data in encoded:
+        plain = header._plain_value(vr, data)
+        if plain is header._NOT_PLAIN:
+            continue
+        taken.append(data)
+        raw = RawDataElement(BaseTag(tag), vr, len(data), data, 0, False, True)
+        try:
+            converted = convert_raw_data_element(raw, encoding=default_encoding).value
+        except Exception as exc:
+            raise AssertionError(f"pydicom refuses {data!r}, the one-pass reader took it") from exc
+        assert plain == converted, data
+        several = isinstance(converted, MultiValue | list)
+        assert isinstance(plain, MultiValue | list) == several, data
+        if several:
+            assert [type(float(x) if vr in ("DS", "IS") else x) for x in plain] == [
+                type(float(x) if vr in ("DS", "IS") else x) for x in converted
+            ]
+        assert _as_the_header_reads_it(plain, vr) == _as_the_header_reads_it(converted, vr), data
+    assert set(must_take) <= set(taken)
+
+
+def test_a_wanted_attribute_in_another_vr_reads_as_pydicom_reads_it(sample_data):
+    """An explicit VR other than the dictionary's (here Rows as SS, -1) is converted by
+    pydicom, in that VR: the refusal names -1, not 65535."""
+    from dicom_node import header
+
+    path = sorted(sample_data.ct_dicom_repaired.glob("*.dcm"))[0]
+    ds = pydicom.dcmread(path)
+    explicit = "1.2.840.10008.1.2.1"
+    data = bytearray(_dataset_bytes(ds))
+    rows = data.index(b"\x28\x00\x10\x00US\x02\x00")
+    data[rows + 4 : rows + 10] = b"SS\x02\x00\xff\xff"
+    data = bytes(data)
+    assert header._read_wanted(data, explicit) is not None
+    fast = _outcome(header.read_dataset_header, data, explicit)
+    parsed, uids = header._parse_dataset(data, explicit, None)
+    full = _outcome(header._checked_header, parsed, uids, explicit, data, None, None)
+    assert fast == full
+    assert fast[1] == "Rows is -1; must be positive"
+
+
 def test_irregular_and_enhanced_data_sets_go_to_pydicoms_reader(sample_data):
     """What the one-pass reader leaves to pydicom: an Enhanced instance (its geometry is in the
     functional groups), an unknown explicit VR, an element where a sequence's items belong;
