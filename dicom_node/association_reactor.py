@@ -244,15 +244,21 @@ class EventAssociation(Association):
         super().__init__(ae, mode)
         self.dul = EventDUL(self)
         self.dimse = StoreResponseDIMSE(self)
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            # pynetdicom's standard handlers only log, at INFO and DEBUG; with that off they
-            # still build every line (and copy each data set once to say it is present).
-            for event, handler in _STANDARD_LOG_HANDLERS:
-                self.unbind(event, handler)
+        self.unbind_idle_log_handlers()
         self.dimse.msg_queue = _WakingQueue(self.wake)
         # pynetdicom's timeout setters write into the DUL's timers: set them on the new DUL.
         self.acse_timeout = self.ae.acse_timeout
         self.network_timeout = self.ae.network_timeout
+
+    def unbind_idle_log_handlers(self) -> None:
+        """Unbind pynetdicom's standard log handlers when pynetdicom's logger drops their lines
+        (the node sets it to WARNING): they only log, at INFO and DEBUG, and with that off still
+        build every line and copy each data set once to say that it is present. pynetdicom's
+        server binds them again on each new association (``AssociationServer._bind_defaults``),
+        so :class:`EventRequestHandler` calls this after the server's handlers too."""
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            for event, handler in _STANDARD_LOG_HANDLERS:
+                self.unbind(event, handler)
 
     def wake(self) -> None:
         """Make the association reactor look for work now (any thread may call this)."""
@@ -482,5 +488,5 @@ class EventRequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler in self.server._handlers[event]:
                     assoc.bind(event, handler[0], handler[1])
-
+        assoc.unbind_idle_log_handlers()  # the server's handlers include them again
         return assoc

@@ -23,7 +23,7 @@ from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.sop_class import Verification
 from pynetdicom.timer import Timer
-from pynetdicom.transport import AssociationSocket, RequestHandler
+from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
 from sqlalchemy import func, select
 
 from dicom_node import db
@@ -202,8 +202,10 @@ UPSTREAM = {
     # StoreResponseDIMSE.send_msg copies it; _GroupLength and _encoded_response replace the two
     # encoders, and WholeReadSocket the read, keeping their results
     DIMSEServiceProvider.send_msg: "a839cf2fb46976d9",
-    # the standard log handlers that EventAssociation unbinds when they would log nothing
+    # the standard log handlers that EventAssociation unbinds when they would log nothing, and
+    # that the server binds again on each association it accepts
     Association._bind_defaults: "4cada43c3a193724",
+    AssociationServer._bind_defaults: "4cada43c3a193724",
     DIMSEMessage.encode_msg: "73000c902c52832d",
     DIMSEMessage._set_command_group_length: "c3057c97344d5db3",
     AssociationSocket.recv: "6bc20a33b1b7cfe7",
@@ -339,23 +341,32 @@ def test_the_whole_read_socket_reads_what_pynetdicoms_reads():
 
 
 @pytest.mark.parametrize("level, bound", [("WARNING", False), ("INFO", True), ("DEBUG", True)])
-def test_pynetdicoms_log_handlers_run_only_when_they_would_log(level, bound):
+def test_pynetdicoms_log_handlers_run_only_when_they_would_log(tmp_path, level, bound):
     """pynetdicom's standard handlers log each PDU and DIMSE message at INFO and DEBUG; with
-    its logger above INFO (the node's setting) an event association leaves them unbound."""
+    its logger above INFO (the node's setting) the receiver's associations run without them.
+    Checked on a real association, because pynetdicom's server binds them again on every
+    association it accepts (an unbind in the association alone was undone there)."""
     import logging
 
     from pynetdicom import evt
-    from pynetdicom._globals import MODE_ACCEPTOR
     from pynetdicom._handlers import standard_dimse_recv_handler, standard_pdu_sent_handler
 
     logger = logging.getLogger("pynetdicom")
     old = logger.level
     logger.setLevel(level)
+    receiver = _receiver(tmp_path)
+    receiver.start()
     try:
-        assoc = EventAssociation(AE(), MODE_ACCEPTOR)
+        assoc = _associate(receiver.port)
+        try:
+            acceptor = _acceptor(receiver)
+            handlers = [h for h, _ in acceptor.get_handlers(evt.EVT_DIMSE_RECV)]
+            handlers += [h for h, _ in acceptor.get_handlers(evt.EVT_PDU_SENT)]
+            assert assoc.send_c_echo().Status == 0x0000
+        finally:
+            assoc.release()
     finally:
+        receiver.stop(grace_s=1)
         logger.setLevel(old)
-    handlers = [h for h, _ in assoc.get_handlers(evt.EVT_DIMSE_RECV)]
-    handlers += [h for h, _ in assoc.get_handlers(evt.EVT_PDU_SENT)]
     assert (standard_dimse_recv_handler in handlers) is bound
     assert (standard_pdu_sent_handler in handlers) is bound
