@@ -374,10 +374,14 @@ def encode_command_set(command_set) -> bytes | None:
     """``command_set`` (a pydicom Dataset of group 0000 elements) in Implicit VR Little
     Endian, as pynetdicom's ``encode(command_set, True, True)`` writes it; None when it holds
     a VR or value this encoder does not take (the caller then uses pynetdicom's)."""
+    return _encode_elements((elem.tag, elem.VR, elem.value) for elem in command_set)
+
+
+def _encode_elements(elements) -> bytes | None:
+    """(tag, VR, value) triples, in tag order, as :func:`encode_command_set` encodes them."""
     out = []
     try:
-        for elem in command_set:
-            tag, vr, val = elem.tag, elem.VR, elem.value
+        for tag, vr, val in elements:
             if val is None:
                 values = []
             elif isinstance(val, str | int):
@@ -400,6 +404,38 @@ def encode_command_set(command_set) -> bytes | None:
     except (struct.error, TypeError, ValueError):
         return None
     return b"".join(out)
+
+
+# The command set of a C-STORE response after the group length, in tag order: (tag, VR, the
+# C_STORE primitive's attribute or a fixed value). pynetdicom's C_STORE_RSP.primitive_to_message
+# copies each attribute that is not None, sets CommandField and CommandDataSetType (a response
+# carries no data set) and drops the rest.
+_STORE_RSP_ELEMENTS = (
+    (0x00000002, "UI", "AffectedSOPClassUID"),
+    (0x00000100, "US", 0x8001),  # CommandField: C-STORE-RSP
+    (0x00000120, "US", "MessageIDBeingRespondedTo"),
+    (0x00000800, "US", 0x0101),  # CommandDataSetType: no data set
+    (0x00000900, "US", "Status"),
+    (0x00000901, "AT", "OffendingElement"),
+    (0x00000902, "LO", "ErrorComment"),
+    (0x00001000, "UI", "AffectedSOPInstanceUID"),
+)
+
+
+def store_response_command_set(primitive: C_STORE) -> bytes | None:
+    """The whole encoded command set (group length first) of the C-STORE response
+    ``primitive``, as pynetdicom's C_STORE_RSP would encode it, without building that message
+    (its command set is a pydicom Dataset: about a twentieth of a receiving process's time
+    went into building it); None where :func:`encode_command_set` declines a value."""
+    elements = []
+    for tag, vr, source in _STORE_RSP_ELEMENTS:
+        value = getattr(primitive, source) if isinstance(source, str) else source
+        if value is not None:
+            elements.append((tag, vr, value))
+    body = _encode_elements(elements)
+    if body is None:
+        return None
+    return _U16(0) + _U16(0) + _U32(4) + _U32(len(body)) + body
 
 
 class _GroupLength:
@@ -437,8 +473,10 @@ def _encoded_response(
 
 
 class StoreResponseDIMSE(DIMSEServiceProvider):
-    """pynetdicom's DIMSE provider, encoding C-STORE responses with :class:`_GroupLength`
-    and :func:`_encoded_response` (the body of pynetdicom 3.0.4's
+    """pynetdicom's DIMSE provider, sending C-STORE responses encoded by
+    :func:`store_response_command_set` where no EVT_DIMSE_SENT handler wants the message
+    object (the node binds none), else with :class:`_GroupLength` and
+    :func:`_encoded_response` (the body of pynetdicom 3.0.4's
     ``DIMSEServiceProvider.send_msg`` with those two steps). The message stays pynetdicom's
     own C_STORE_RSP class: its event handlers look messages up by their exact class."""
 
@@ -446,6 +484,16 @@ class StoreResponseDIMSE(DIMSEServiceProvider):
         if not isinstance(primitive, C_STORE) or primitive.MessageIDBeingRespondedTo is None:
             super().send_msg(primitive, context_id)
             return
+        if not self.assoc.get_handlers(evt.EVT_DIMSE_SENT):
+            # No handler wants the message object (the node binds none): the response is
+            # encoded straight from the primitive, one P-DATA where it fits one PDU.
+            encoded = store_response_command_set(primitive)
+            max_pdu = self.maximum_pdu_size
+            if encoded is not None and (max_pdu == 0 or len(encoded) <= max_pdu - 6):
+                pdata = P_DATA()
+                pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))
+                self.dul.send_pdu(pdata)
+                return
         dimse_msg = C_STORE_RSP()
         # An instance attribute, so that primitive_to_message calls it.
         dimse_msg._set_command_group_length = group_length = _GroupLength(dimse_msg)

@@ -207,6 +207,8 @@ UPSTREAM = {
     Association._bind_defaults: "4cada43c3a193724",
     AssociationServer._bind_defaults: "4cada43c3a193724",
     DIMSEMessage.encode_msg: "73000c902c52832d",
+    # store_response_command_set encodes what it builds for a C-STORE response
+    DIMSEMessage.primitive_to_message: "71fd61d5997f0f0c",
     DIMSEMessage._set_command_group_length: "c3057c97344d5db3",
     AssociationSocket.recv: "6bc20a33b1b7cfe7",
     # _timer_wait reads the timers' private start and end times
@@ -249,25 +251,31 @@ def _store_responses():
     return out
 
 
-def _recording_association(max_pdu: int):
+def _recording_association(max_pdu: int, record_messages: bool = True):
     """A pynetdicom acceptor association (never connected) whose DUL records the P-DATA sent,
-    and whose EVT_DIMSE_SENT handler records the messages."""
+    and whose EVT_DIMSE_SENT handler records the messages (with ``record_messages``; else no
+    handler is bound to that event, pynetdicom's standard one included)."""
     from pynetdicom import evt
     from pynetdicom._globals import MODE_ACCEPTOR
+    from pynetdicom._handlers import standard_dimse_sent_handler
 
     assoc = Association(AE(), MODE_ACCEPTOR)
     assoc.requestor.maximum_length = max_pdu
     pdus, messages = [], []
     assoc.dul = type("DUL", (), {"send_pdu": lambda _, p: pdus.append(p)})()
-    assoc.bind(evt.EVT_DIMSE_SENT, lambda event: messages.append(event.message))
+    assoc.unbind(evt.EVT_DIMSE_SENT, standard_dimse_sent_handler)
+    if record_messages:
+        assoc.bind(evt.EVT_DIMSE_SENT, lambda event: messages.append(event.message))
     return assoc, pdus, messages
 
 
 @pytest.mark.parametrize("max_pdu", [0, 16382, 80])
-def test_store_responses_are_encoded_as_pynetdicom_encodes_them(max_pdu):
+@pytest.mark.parametrize("handler", [True, False], ids=["message handler", "no handler"])
+def test_store_responses_are_encoded_as_pynetdicom_encodes_them(max_pdu, handler):
     """The receiver's C-STORE responses (StoreResponseDIMSE, its own command set encoder) are
-    the same P-DATA bytes as pynetdicom's for every kind of response, and the message handed
-    to the EVT_DIMSE_SENT handlers is pynetdicom's C_STORE_RSP; a PDU too small for one
+    the same P-DATA bytes as pynetdicom's for every kind of response. With an EVT_DIMSE_SENT
+    handler bound, the message it gets is pynetdicom's C_STORE_RSP; without one (the node's
+    case) the response is encoded straight from the primitive. A PDU too small for one
     fragment goes through pynetdicom's fragmenting."""
     from pynetdicom.dimse_messages import C_STORE_RSP
     from pynetdicom.dsutils import encode
@@ -276,12 +284,15 @@ def test_store_responses_are_encoded_as_pynetdicom_encodes_them(max_pdu):
 
     for rsp in _store_responses():
         theirs, their_pdus, _ = _recording_association(max_pdu)
-        ours, our_pdus, messages = _recording_association(max_pdu)
+        ours, our_pdus, messages = _recording_association(max_pdu, record_messages=handler)
         DIMSEServiceProvider(theirs).send_msg(rsp, 1)
         StoreResponseDIMSE(ours).send_msg(rsp, 1)
         sent = [[p.presentation_data_value_list for p in pdus] for pdus in (their_pdus, our_pdus)]
         assert sent[0] == sent[1]
         assert len(our_pdus) == 1 or max_pdu == 80
+        if not handler:
+            assert messages == []
+            continue
         (message,) = messages
         assert type(message) is C_STORE_RSP
         assert encode_command_set(message.command_set) == encode(message.command_set, True, True)
