@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
+import queue
 import time
 from pathlib import Path
 
@@ -381,3 +383,131 @@ def test_pynetdicoms_log_handlers_run_only_when_they_would_log(tmp_path, level, 
         logger.setLevel(old)
     assert (standard_dimse_recv_handler in handlers) is bound
     assert (standard_pdu_sent_handler in handlers) is bound
+
+
+def _store_request(priority=0, mover=None, sop_uid="1.2.3.4", size=3000, message_id=7):
+    from pynetdicom.dimse_primitives import C_STORE
+
+    req = C_STORE()
+    req.MessageID = message_id
+    req.AffectedSOPClassUID = CT
+    req.AffectedSOPInstanceUID = sop_uid
+    req.Priority = priority
+    if mover is not None:
+        req.MoveOriginatorApplicationEntityTitle, req.MoveOriginatorMessageID = mover
+    req.DataSet = io.BytesIO(bytes(range(256)) * (size // 256) + b"\x01" * (size % 256))
+    return req
+
+
+def _pdatas(primitive, max_pdu: int) -> list:
+    from pynetdicom.dimse_messages import C_ECHO_RQ, C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    msg = C_STORE_RQ() if isinstance(primitive, C_STORE) else C_ECHO_RQ()
+    msg.primitive_to_message(primitive)
+    return list(msg.encode_msg(3, max_pdu))
+
+
+def _received(provider_cls, pdatas, bind_recv_handler: bool = False):
+    """What a DIMSE provider of ``provider_cls`` puts on its message queue (and its DUL's
+    event queue) for ``pdatas``, on an association with no EVT_DIMSE_RECV handler (the node's
+    case) or with one."""
+    from pynetdicom import evt
+    from pynetdicom._globals import MODE_ACCEPTOR
+    from pynetdicom._handlers import standard_dimse_recv_handler
+
+    assoc = Association(AE(), MODE_ACCEPTOR)
+    assoc.unbind(evt.EVT_DIMSE_RECV, standard_dimse_recv_handler)
+    seen = []
+    if bind_recv_handler:
+        assoc.bind(evt.EVT_DIMSE_RECV, lambda event: seen.append(event.message))
+    events = queue.Queue()
+    assoc.dul = type("DUL", (), {"event_queue": events})()
+    provider = provider_cls(assoc)
+    for p in pdatas:
+        provider.receive_primitive(p)
+    out = []
+    while not provider.msg_queue.empty():
+        context_id, prim = provider.msg_queue.get()
+        fields = {
+            k: getattr(prim, k, None)
+            for k in (
+                "MessageID", "AffectedSOPClassUID", "AffectedSOPInstanceUID", "Priority",
+                "MoveOriginatorApplicationEntityTitle", "MoveOriginatorMessageID",
+                "MessageIDBeingRespondedTo", "Status",
+            )
+        }  # fmt: skip
+        data = prim.DataSet.getvalue() if hasattr(prim, "DataSet") else None
+        out.append((context_id, type(prim).__name__, prim._context_id, fields, data))
+    return out, list(events.queue), seen
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16382, 1000])
+def test_store_requests_are_received_as_pynetdicom_receives_them(max_pdu, monkeypatch):
+    """The receiver decodes a C-STORE request's command set itself (StoreResponseDIMSE,
+    store_request_fields): the primitive handed to the association, its data set and context
+    are pynetdicom's, for priorities, with and without a move originator, odd and even UIDs,
+    data sets in one PDU or many; and no pydicom command set was decoded on the way."""
+    from pynetdicom.dimse_messages import DIMSEMessage
+
+    from dicom_node.association_reactor import StoreResponseDIMSE
+
+    decoded = []
+    real = DIMSEMessage.decode_msg
+    monkeypatch.setattr(
+        DIMSEMessage, "decode_msg", lambda self, *a: decoded.append(1) or real(self, *a)
+    )
+    requests = [
+        _store_request(priority=p, mover=m, sop_uid=u, size=n)
+        for p, m, u, n in [
+            (0, None, "1.2.3.4", 3000),
+            (1, ("MOVESCU", 12), "1.2.3.45", 40000),
+            (2, ("A", 65535), "1." + "9" * 62, 5),
+            (0, None, "1.2.840.10008.5.1.4.1.1.2", 2),
+        ]
+    ]
+    for req in requests:
+        pdatas = _pdatas(req, max_pdu)
+        theirs = _received(DIMSEServiceProvider, pdatas)
+        decoded.clear()
+        ours = _received(StoreResponseDIMSE, pdatas)
+        assert ours == theirs
+        assert len(ours[0]) == 1 and not ours[1]
+        assert decoded == []
+
+
+def test_other_messages_and_handlers_take_pynetdicoms_path(monkeypatch):
+    """A C-ECHO, a command set split over several values (a tiny PDU), an EVT_DIMSE_RECV
+    handler, an invalid value (priority 3: pynetdicom aborts with Evt19) and a command
+    fragment inside a data set: the same outcome as pynetdicom's, or an abort."""
+    from pynetdicom.dimse_primitives import C_ECHO
+
+    from dicom_node.association_reactor import StoreResponseDIMSE, store_request_fields
+
+    echo = C_ECHO()
+    echo.MessageID = 3
+    cases = [_pdatas(echo, 0), _pdatas(_store_request(), 60)]
+    for pdatas in cases:
+        assert _received(StoreResponseDIMSE, pdatas) == _received(DIMSEServiceProvider, pdatas)
+
+    pdatas = _pdatas(_store_request(), 0)
+    ours = _received(StoreResponseDIMSE, pdatas, bind_recv_handler=True)
+    theirs = _received(DIMSEServiceProvider, pdatas, bind_recv_handler=True)
+    assert ours[:2] == theirs[:2] and len(ours[2]) == len(theirs[2]) == 1
+
+    bad = _pdatas(_store_request(), 0)
+    (context_id, command), *rest = bad[0].presentation_data_value_list
+    priority = command.index(b"\x00\x00\x00\x07\x02\x00\x00\x00") + 8
+    bad[0].presentation_data_value_list[0] = (
+        context_id,
+        command[:priority] + b"\x03\x00" + command[priority + 2 :],
+    )
+    assert store_request_fields(bad[0].presentation_data_value_list[0][1][1:])["Priority"] == 3
+    ours, theirs = _received(StoreResponseDIMSE, bad), _received(DIMSEServiceProvider, bad)
+    assert ours[:2] == theirs[:2] == ([], ["Evt19"])
+
+    split = _pdatas(_store_request(size=40000), 16382)
+    command_pdv = split[0].presentation_data_value_list[0]
+    split[1].presentation_data_value_list.insert(0, command_pdv)
+    messages, events, _ = _received(StoreResponseDIMSE, split)
+    assert messages == [] and events == ["Evt19"]
