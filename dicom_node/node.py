@@ -236,7 +236,14 @@ class Node:
             raise HttpBindError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from exc
 
     def _association_dicts(self) -> list[dict]:
-        return [a.as_dict() for a in self.receiver.active_associations()] if self.receiver else []
+        """Every open association of this node: the main process's receiver's and those of
+        its additional receiving processes (``node.receiver_processes``), each with the
+        ``pid`` of the process serving it."""
+        if self.receiver is None:
+            return []
+        pid = os.getpid()
+        own = [{**a.as_dict(), "pid": pid} for a in self.receiver.active_associations()]
+        return own + (self.receiver_pool.associations() if self.receiver_pool else [])
 
     def run_forever(self) -> None:
         """Start, block until SIGTERM/SIGINT, then stop cleanly."""
@@ -256,7 +263,6 @@ class Node:
 
     # -- status file ---------------------------------------------------------------------------
     def status(self) -> dict:
-        assocs = self.receiver.active_associations() if self.receiver else []
         return {
             "pid": os.getpid(),
             "ae_title": self.config.node.ae_title,
@@ -266,7 +272,7 @@ class Node:
             "updated_unix": time.time(),
             "pipeline": self.pipeline is not None,
             "health": self.health.snapshot(),
-            "associations": [a.as_dict() for a in assocs],
+            "associations": self._association_dicts(),
         }
 
     def _write_status(self) -> None:

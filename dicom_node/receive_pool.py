@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import shutil
@@ -42,6 +43,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from dicom_node.config import NodeConfig
 from dicom_node.health import Health
@@ -122,6 +124,24 @@ class ReceiverPool:
         """The process ids of the children running now."""
         with self._lock:
             return [s.proc.pid for s in self._slots if s.proc is not None]
+
+    def associations(self) -> list[dict]:
+        """The open associations of the children running now, as each last published them
+        (:func:`publish_associations`: on every open and close, and every second), each with
+        its process's ``pid``. A child's file from before its restart is ignored."""
+        if self.metrics_dir is None:
+            return []
+        out: list[dict] = []
+        with self._lock:
+            running = {s.index: s.proc.pid for s in self._slots if s.proc is not None}
+        for index, pid in running.items():
+            try:
+                published = json.loads((Path(self.metrics_dir) / _assoc_file(index)).read_text())
+            except (OSError, ValueError):
+                continue  # not published yet, or being replaced (rename: never half a file)
+            if published.get("pid") == pid:
+                out += [{**a, "pid": pid} for a in published.get("associations", [])]
+        return out
 
     # -- the supervising thread ----------------------------------------------------------------
     def _run(self, started: threading.Event) -> None:
@@ -228,6 +248,26 @@ class ReceiverPool:
 # -- a child ------------------------------------------------------------------------------------
 
 
+def _assoc_file(index: int) -> str:
+    return f"associations-{index}.json"
+
+
+def publish_associations(receiver, directory: str, index: int) -> None:
+    """Write this child's open associations where the main process reads them for the status
+    file and ``dicom-node status`` (:meth:`ReceiverPool.associations`); replaced atomically."""
+    path = Path(directory) / _assoc_file(index)
+    tmp = path.with_suffix(".tmp")
+    body = {
+        "pid": os.getpid(),
+        "associations": [a.as_dict() for a in receiver.active_associations()],
+    }
+    try:
+        tmp.write_text(json.dumps(body))
+        os.replace(tmp, path)
+    except OSError as exc:  # the status lacks this child's associations; receiving goes on
+        log.warning("cannot publish receiver process %d's associations: %s", index, exc)
+
+
 def _die_with_parent() -> None:
     """Ask Linux for SIGTERM when the parent (its forking thread) ends."""
     try:
@@ -269,20 +309,32 @@ def child_main(argv: list[str] | None = None) -> int:
     from dicom_node.receive import Receiver
 
     stop = threading.Event()
+    changed = threading.Event()  # an association opened or closed; also set to stop
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda *_: (stop.set(), changed.set()))
     engine = db.make_engine(config.database.url, config.database.store_busy_timeout_ms)
     listen = None
     if args.listen_fd is not None:
         listen = socket.socket(fileno=args.listen_fd)
         listen.setblocking(False)
+    directory = os.environ.get(CHILDREN_DIR_ENV)
     receiver = Receiver(
-        config, db.make_session_factory(engine), extra_process=True, listen_socket=listen
+        config,
+        db.make_session_factory(engine),
+        extra_process=True,
+        listen_socket=listen,
+        on_change=changed.set,
     )
     receiver.start()
     log.info("receiver process %d listening pid=%d", args.index, os.getpid())
     try:
-        while not stop.wait(1.0):
+        while not stop.is_set():
+            # Published on every open and close of an association, and every second (the
+            # counts of stored instances change in between).
+            changed.wait(1.0)
+            changed.clear()
+            if directory is not None:
+                publish_associations(receiver, directory, args.index)
             if os.getppid() != args.parent:
                 log.warning("receiver process %d: the node is gone; stopping", args.index)
                 break

@@ -207,9 +207,19 @@ def test_on_postgresql_and_children_end_with_a_killed_node(tmp_path, sources, po
         wait_until(lambda: not _children(parent), 20, "the children to end with their node")
 
 
+def _status_pids(node: NodeProcess) -> list[int]:
+    """The process of each open association that ``dicom-node status --json`` lists."""
+    import json
+
+    proc = node.cli("status", "--json")
+    assert proc.returncode == 0, proc.stderr
+    return sorted(a["pid"] for a in json.loads(proc.stdout)["associations"])
+
+
 def test_a_new_association_goes_to_the_least_busy_process(tmp_path):
     """Two processes, four associations held open, opened one after the other (even rounds)
-    or all at once (odd rounds): each process serves two, in every round. (Both processes
+    or all at once (odd rounds): each process serves two, in every round, and ``dicom-node
+    status`` lists the four with the process serving each. (Both processes
     wake for a connection on the shared socket; one that serves associations, or has just
     accepted a connection, waits before it accepts, so the other takes it. Left to the race,
     2 + 2 came out in about 3 of 8 rounds.)"""
@@ -254,6 +264,13 @@ def test_a_new_association_goes_to_the_least_busy_process(tmp_path):
                     10,
                     "the node to log the associations",
                 )
+                if r == 0:  # the operator's view lists all four, with the serving process
+                    served = sorted(map(int, _ESTABLISHED.findall(_log(node))[before:]))
+                    wait_until(
+                        lambda served=served: _status_pids(node) == served,
+                        15,
+                        "dicom-node status to list every open association",
+                    )
             finally:
                 for assoc in assocs:
                     assoc.release()

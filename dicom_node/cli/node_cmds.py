@@ -232,6 +232,7 @@ def _print_status(report: dict) -> None:
         console.print(
             f"  {a['calling_ae']} from {a['peer']}:{a['port']} since {a['started']}"
             f" stored {a['stored']} failed {a['failed']}"
+            + (f" (process {a['pid']})" if a.get("pid") else "")
         )
 
 
