@@ -312,7 +312,10 @@ class DriverStatement:
     enums), so the driver gets what SQLAlchemy would have sent. A driver error is raised as
     SQLAlchemy's exception (OperationalError, IntegrityError, ...), and a lost server connection
     invalidates the pooled connection, as SQLAlchemy's own execution does. Returns the row
-    count and the first row (a ``RETURNING`` statement's), the cursor closed.
+    count and the first row (a ``RETURNING`` statement's), the cursor closed. What it leaves
+    out: SQLAlchemy's cursor-execution events (``before_cursor_execute`` and its kin) do not
+    see these statements (the node listens to none), and a statement with a list expanded at
+    execution time (``IN`` of a list) is refused.
     """
 
     def __init__(self, engine: Engine, statement: Executable):
