@@ -319,3 +319,26 @@ def test_destination_status_shows_dicomweb_destinations_by_url(tmp_path):
     assert rows["cloud"]["address"] == "https://vna.example/dicom-web"
     assert rows["cloud"]["type"] == "dicomweb" and rows["cloud"]["tls"] is True
     assert "t0ken" not in repr(rows)
+
+
+def test_the_overview_lists_every_processs_associations(tmp_path):
+    """The console's open associations are the node's (the main process's and its additional
+    receiving processes'), each with the process serving it."""
+    import requests
+
+    server, base = _serve(tmp_path)
+    rows = [
+        {"calling_ae": "CT1", "peer": "10.0.0.5", "port": 4001, "started": "2026-12-02T17:00:00",
+         "stored": 12, "failed": 0, "pid": 4242},
+        {"calling_ae": "CT2", "peer": "10.0.0.6", "port": 4002, "started": "2026-12-02T17:00:01",
+         "stored": 3, "failed": 1, "pid": 4343},
+    ]  # fmt: skip
+    server.view.associations = lambda: rows
+    try:
+        page = requests.get(base + "/", timeout=10).text
+        assert "Open associations (2)" in page
+        for a in rows:
+            assert f"<td>{a['calling_ae']}</td>" in page
+            assert f'<td class="num">{a["pid"]}</td>' in page
+    finally:
+        server.stop()
