@@ -308,10 +308,12 @@ def child_main(argv: list[str] | None = None) -> int:
     from dicom_node import db
     from dicom_node.receive import Receiver
 
-    stop = threading.Event()
-    changed = threading.Event()  # an association opened or closed; also set to stop
+    # Set by the signal handlers, which take no lock: a handler runs in the main thread, which
+    # may hold the lock of an Event (a handler that set one could deadlock the process).
+    stopping: list[int] = []
+    changed = threading.Event()  # an association opened or closed (set by network threads)
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: (stop.set(), changed.set()))
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     engine = db.make_engine(config.database.url, config.database.store_busy_timeout_ms)
     listen = None
     if args.listen_fd is not None:
@@ -327,14 +329,17 @@ def child_main(argv: list[str] | None = None) -> int:
     )
     receiver.start()
     log.info("receiver process %d listening pid=%d", args.index, os.getpid())
+    published = 0.0
     try:
-        while not stop.is_set():
+        while not stopping:
+            time.sleep(0.1)
             # Published on every open and close of an association, and every second (the
             # counts of stored instances change in between).
-            changed.wait(1.0)
-            changed.clear()
-            if directory is not None:
-                publish_associations(receiver, directory, args.index)
+            if changed.is_set() or time.monotonic() - published >= 1.0:
+                changed.clear()
+                published = time.monotonic()
+                if directory is not None:
+                    publish_associations(receiver, directory, args.index)
             if os.getppid() != args.parent:
                 log.warning("receiver process %d: the node is gone; stopping", args.index)
                 break
