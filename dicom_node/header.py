@@ -309,7 +309,7 @@ def _plain_value(vr: str, data: bytes) -> Any:
         return _NOT_PLAIN
     if vr == "UI":
         return text.rstrip("\x00 ").strip()
-    if vr in ("LO", "SH"):
+    if vr == "LO":  # the only text VR among the wanted attributes besides CS and UI
         return text.rstrip("\x00 ")
     return _NOT_PLAIN
 
