@@ -30,7 +30,9 @@ With the event-driven reactor the receiver's associations also read each PDU int
 (:class:`WholeReadSocket`), encode C-STORE responses without pydicom's writer
 (:class:`StoreResponseDIMSE`), and leave pynetdicom's standard log handlers unbound when its
 logger would drop their lines; each gives pynetdicom's own result (docs/SCALING.md, "Where the
-interpreter's time goes, third pass").
+interpreter's time goes", third and fourth passes). An established association's P-DATA-TF
+PDUs go from the DUL thread to DIMSE directly, as the state machine's DT-2 hands them over,
+where nothing else would happen on the way (:meth:`EventDUL._read_pdu_data`; fifth pass).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from io import BytesIO
+from typing import cast
 
 from pynetdicom import _config, evt
 from pynetdicom._globals import MODE_ACCEPTOR
@@ -67,6 +70,8 @@ from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 log = logging.getLogger(__name__)
+# pynetdicom's logger: the copied DUL code logs its errors where pynetdicom's logs them.
+LOGGER = logging.getLogger("pynetdicom.dul")
 
 _STANDARD_LOG_HANDLERS = (
     (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
@@ -131,6 +136,8 @@ class EventDUL(DULServiceProvider):
         # an association should never wait for a timer), and every wait, however it ended.
         self.timed_out_waits = 0
         self.waits = 0
+        # P-DATA-TF PDUs handed to DIMSE without the state machine (_read_pdu_data).
+        self.direct_p_data = 0
         super().__init__(assoc)
         self.event_queue = _WakingQueue(self.wake)
         self.to_provider_queue = _WakingQueue(self.wake)
@@ -232,6 +239,133 @@ class EventDUL(DULServiceProvider):
 
             self.state_machine.do_action(event)
             sleep = False
+
+    def _p_data_goes_straight(self) -> bool:
+        """Whether a P-DATA-TF PDU read now may skip the state machine: in Sta6 (association
+        established) pynetdicom's state machine answers it (Evt10) with DT-2, which hands its
+        P-DATA primitive to DIMSE and stays in Sta6. That is all it does when no event is
+        queued ahead of it and no handler wants the PDU's bytes, the decoded PDU or the
+        transition (the node binds none of the three)."""
+        if self.state_machine.current_state != "Sta6":
+            return False
+        if self.event_queue.queue or self._recv_pdu.queue:
+            return False
+        get_handlers = self.assoc.get_handlers
+        return not (
+            get_handlers(evt.EVT_DATA_RECV)
+            or get_handlers(evt.EVT_PDU_RECV)
+            or get_handlers(evt.EVT_FSM_TRANSITION)
+        )
+
+    def _read_pdu_data(self) -> None:
+        """pynetdicom 3.0.4's ``DULServiceProvider._read_pdu_data``, where a P-DATA-TF PDU
+        that :meth:`_p_data_goes_straight` lets through is decoded by :func:`p_data_values`
+        and handed to DIMSE here, as DT-2 does, instead of going through the PDU classes, the
+        event queue and the state machine (which copied its data four times on the way).
+        Every other PDU, and a P-DATA-TF that :func:`p_data_values` declines, takes
+        pynetdicom's path."""
+        bytestream = bytearray()
+        self.socket = cast("AssociationSocket", self.socket)
+
+        # Try and read the PDU type and length from the socket
+        try:
+            bytestream.extend(self.socket.recv(6))
+        except (OSError, TimeoutError) as exc:
+            # READ_PDU_EXC_A
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            # Evt17: Transport connection closed
+            self.event_queue.put("Evt17")
+            return
+
+        try:
+            # Byte 1 is always the PDU type
+            # Byte 2 is always reserved
+            # Bytes 3-6 are always the PDU length
+            pdu_type, _, pdu_length = struct.unpack(">BBL", bytestream)
+        except struct.error:
+            # READ_PDU_EXC_B
+            # LOGGER.error("Insufficient data received to decode the PDU")
+            # Evt17: Transport connection closed
+            self.event_queue.put("Evt17")
+            return
+
+        # If the `pdu_type` is unrecognised
+        if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
+            # READ_PDU_EXC_C
+            LOGGER.error(f"Unknown PDU type received '0x{pdu_type:02X}'")
+            # Evt19: Unrecognised or invalid PDU received
+            self.event_queue.put("Evt19")
+            return
+
+        # Try and read the rest of the PDU
+        try:
+            body = self.socket.recv(pdu_length)
+        except (OSError, TimeoutError) as exc:
+            # READ_PDU_EXC_D
+            LOGGER.error("Connection closed before the entire PDU was received")
+            LOGGER.exception(exc)
+            # Evt17: Transport connection closed
+            self.event_queue.put("Evt17")
+            return
+
+        # Check that the PDU data was completely read
+        if len(body) != pdu_length:
+            # READ_PDU_EXC_E
+            # Evt17: Transport connection closed
+            LOGGER.error(
+                f"The received PDU is shorter than expected ({6 + len(body)} of "
+                f"{6 + pdu_length} bytes received)"
+            )
+            self.event_queue.put("Evt17")
+            return
+
+        if pdu_type == 0x04 and self._p_data_goes_straight():
+            values = p_data_values(body)
+            if values is not None:
+                primitive = P_DATA()  # its list filled as P_DATA_TF.to_primitive fills it
+                primitive.presentation_data_value_list.extend(values)
+                self.direct_p_data += 1
+                self.assoc.dimse.receive_primitive(primitive)
+                return
+
+        bytestream += body
+        try:
+            # Decode the PDU data, get corresponding FSM event
+            pdu, event = self._decode_pdu(bytestream)
+            self.event_queue.put(event)
+        except Exception as exc:
+            # READ_PDU_EXC_F
+            LOGGER.error("Unable to decode the received PDU data")
+            LOGGER.exception(exc)
+            # Evt19: Unrecognised or invalid PDU received
+            self.event_queue.put("Evt19")
+            return
+
+        self._recv_pdu.put(pdu)
+
+
+_PDV_HEADER = struct.Struct(">IB").unpack_from
+
+
+def p_data_values(body: bytes | bytearray) -> list[tuple[int, bytes]] | None:
+    """The presentation data values of a P-DATA-TF PDU whose bytes after the 6-byte PDU
+    header are ``body``: (presentation context ID, the value's bytes from its message control
+    header on), as pynetdicom's ``P_DATA_TF.decode`` and ``to_primitive`` give them. None
+    where pynetdicom's decoder would fail (an item that runs past the end or is shorter than
+    its context ID), so that its path reports the invalid PDU."""
+    values = []
+    offset, end = 0, len(body)
+    with memoryview(body) as view:
+        while offset < end:
+            if end - offset < 5:
+                return None
+            item_length, context_id = _PDV_HEADER(body, offset)
+            if item_length < 1 or offset + 4 + item_length > end:
+                return None
+            values.append((context_id, bytes(view[offset + 5 : offset + 4 + item_length])))
+            offset += 4 + item_length
+    return values
 
 
 class EventAssociation(Association):

@@ -23,6 +23,8 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.fsm import ACTIONS, DT_2, TRANSITION_TABLE, StateMachine
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 from pynetdicom.timer import Timer
 from pynetdicom.transport import AssociationServer, AssociationSocket, RequestHandler
@@ -213,6 +215,15 @@ UPSTREAM = {
     DIMSEMessage.primitive_to_message: "71fd61d5997f0f0c",
     DIMSEMessage._set_command_group_length: "c3057c97344d5db3",
     AssociationSocket.recv: "6bc20a33b1b7cfe7",
+    # EventDUL._read_pdu_data copies the first; its P-DATA path does what the rest do for a
+    # P-DATA-TF PDU in Sta6 (decode, Evt10, DT-2, the primitive to DIMSE)
+    DULServiceProvider._read_pdu_data: "19f2d4e38c13c835",
+    DULServiceProvider._decode_pdu: "fc71dd1bf853e1ce",
+    P_DATA_TF._generate_items: "55a5deea47745b72",
+    P_DATA_TF._wrap_generate_items: "b2ab7ad6fe47ff4a",
+    P_DATA_TF.to_primitive: "3cba1cd31f03fdf0",
+    DT_2: "9ec543394e0b49eb",
+    StateMachine.do_action: "9a883f44c7f31641",
     # _timer_wait reads the timers' private start and end times
     Timer.__init__: "0088049875c5d495",
     Timer.remaining.fget: "4556c335c34ee264",
@@ -511,3 +522,153 @@ def test_other_messages_and_handlers_take_pynetdicoms_path(monkeypatch):
     split[1].presentation_data_value_list.insert(0, command_pdv)
     messages, events, _ = _received(StoreResponseDIMSE, split)
     assert messages == [] and events == ["Evt19"]
+
+
+def _p_data_tf(values: list[tuple[int, bytes]]) -> bytes:
+    from pynetdicom.pdu_primitives import P_DATA
+
+    primitive = P_DATA()
+    primitive.presentation_data_value_list.extend(values)
+    return P_DATA_TF(primitive).encode()
+
+
+def _pynetdicoms_values(pdu: bytes):
+    decoded = P_DATA_TF()
+    decoded.decode(bytes(pdu))
+    return decoded.to_primitive().presentation_data_value_list
+
+
+def test_p_data_values_are_decoded_as_pynetdicom_decodes_them():
+    """p_data_values gives pynetdicom's (context ID, bytes) pairs, in order and as bytes, for
+    one value or several, empty and odd-length data, a body given as bytes or bytearray; None
+    for every malformed body on which pynetdicom's decoder fails."""
+    from dicom_node.association_reactor import p_data_values
+
+    cases = [
+        [(1, b"\x03" + b"c" * 100)],
+        [(3, b"\x00" + bytes(range(256)) * 300), (3, b"\x02" + b"z" * 7)],
+        [(5, b"\x01"), (7, b"\x03abc"), (255, b"\x02")],
+    ]
+    for values in cases:
+        pdu = _p_data_tf(values)
+        for body in (pdu[6:], bytearray(pdu[6:])):
+            ours = p_data_values(body)
+            assert ours == _pynetdicoms_values(pdu) == values
+            assert all(type(data) is bytes for _, data in ours)
+
+    good = _p_data_tf([(1, b"\x03abcd")])
+    bad = [
+        good[:-1],  # the item runs past the end
+        good + b"\x00\x00",  # a trailing fragment of an item header
+        good + b"\x00\x00\x00\x05\x01",  # an item longer than what follows
+        good + b"\x00\x00\x00\x00\x01",  # an item without its context ID
+        # the same, followed by what would parse as an item if the empty one were taken
+        good + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x02\x01\x03",
+    ]
+    for pdu in bad:
+        assert p_data_values(pdu[6:]) is None
+        with pytest.raises(Exception):  # noqa: B017 - pynetdicom's assert or struct.error
+            _pynetdicoms_values(pdu)
+
+
+class _BytesSocket:
+    """The two reads _read_pdu_data makes, from bytes (what WholeReadSocket.recv returns)."""
+
+    def __init__(self, data: bytes):
+        self.data = bytearray(data)
+
+    def recv(self, n: int) -> bytearray:
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def _read_one_pdu(dul_read, pdu: bytes, state: str = "Sta6", queued=(), handler=None):
+    """Read ``pdu`` with ``dul_read`` (pynetdicom's _read_pdu_data or the node's) on a new
+    acceptor association in ``state``, then let the state machine act on what was queued, as
+    the reactor does; returns the P-DATA value lists DIMSE received and the events left."""
+    from pynetdicom import evt
+    from pynetdicom._globals import MODE_ACCEPTOR
+
+    assoc = EventAssociation(AE(), MODE_ACCEPTOR)
+    if handler is not None:
+        assoc.bind(handler, lambda event: None)
+    received = []
+    assoc.dimse.receive_primitive = lambda p: received.append(p.presentation_data_value_list)
+    dul = assoc.dul
+    dul.socket = _BytesSocket(pdu)
+    dul.state_machine.current_state = state
+    for event in queued:
+        dul.event_queue.put(event)
+    dul_read(dul)
+    events = list(dul.event_queue.queue)
+    while dul.event_queue.queue and dul.event_queue.queue[-1] == "Evt10":
+        dul.event_queue.queue.pop()
+        dul.state_machine.do_action("Evt10")
+    return received, events, dul.direct_p_data, evt
+
+
+def test_p_data_skips_the_state_machine_only_where_dt2_is_all_it_would_do():
+    """In Sta6, with nothing queued and no handler for the PDU's bytes, the PDU or the
+    transition, the node's DUL hands a P-DATA-TF's values to DIMSE itself: the same values
+    pynetdicom's state machine hands over (DT-2). Anywhere else, and for a malformed PDU,
+    it queues what pynetdicom queues."""
+    from dicom_node.association_reactor import EventDUL
+
+    assert TRANSITION_TABLE[("Evt10", "Sta6")] == "DT-2"
+    assert ACTIONS["DT-2"][1] is DT_2 and ACTIONS["DT-2"][2] == "Sta6"
+
+    pdu = _p_data_tf([(1, b"\x03" + b"c" * 100), (1, b"\x02" + b"d" * 999)])
+    theirs = _read_one_pdu(DULServiceProvider._read_pdu_data, pdu)
+    ours = _read_one_pdu(EventDUL._read_pdu_data, pdu)
+    assert theirs[:2] == ([_pynetdicoms_values(pdu)], ["Evt10"])
+    assert ours[:3] == (theirs[0], [], 1)
+
+    _, _, _, evt = ours
+    for kwargs in [
+        {"state": "Sta7"},  # awaiting the release response: AR-6 instead of DT-2
+        {"queued": ["Evt9"]},  # something to do before this PDU
+        {"handler": evt.EVT_PDU_RECV},
+        {"handler": evt.EVT_DATA_RECV},
+        {"handler": evt.EVT_FSM_TRANSITION},
+    ]:
+        ours = _read_one_pdu(EventDUL._read_pdu_data, pdu, **kwargs)
+        assert ours[2] == 0, kwargs
+        assert ours[1] == _read_one_pdu(DULServiceProvider._read_pdu_data, pdu, **kwargs)[1]
+
+    for broken in (pdu[:-1] + b"", pdu + b"\x00\x00\x00\x00\x01"):
+        header = bytes([4, 0]) + (len(broken) - 6).to_bytes(4, "big")
+        broken = header + broken[6:]
+        ours = _read_one_pdu(EventDUL._read_pdu_data, broken)
+        assert ours[:3] == ([], ["Evt19"], 0)
+        assert _read_one_pdu(DULServiceProvider._read_pdu_data, broken)[:2] == ([], ["Evt19"])
+    for other in (
+        bytes.fromhex("0500000000040000 0000".replace(" ", "")),  # A-RELEASE-RQ
+        pdu[:20],  # cut short by the peer: Evt17
+        bytes([9, 0, 0, 0, 0, 0]),  # no such PDU type: Evt19
+    ):
+        ours = _read_one_pdu(EventDUL._read_pdu_data, other)
+        assert ours[1] == _read_one_pdu(DULServiceProvider._read_pdu_data, other)[1]
+        assert ours[2] == 0
+
+
+def test_a_real_association_sends_its_data_past_the_state_machine(receiver, sample_data, tmp_path):
+    """On a real association into the receiver (pynetdicom's logger at WARNING, as the node
+    runs it), every P-DATA of the stores goes straight to DIMSE; every instance is indexed."""
+    import logging
+
+    logger = logging.getLogger("pynetdicom")
+    old = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        files = make_instances(sorted(sample_data.ct_dicom_repaired.glob("*.dcm")), 5, tmp_path)
+        assoc = _associate(receiver.port)
+        try:
+            server = _acceptor(receiver)
+            for f in files:
+                assert assoc.send_c_store(pydicom.dcmread(f)).Status == 0x0000
+            assert server.dul.direct_p_data >= 10  # command set and data set of each store
+        finally:
+            assoc.release()
+    finally:
+        logger.setLevel(old)
+    assert _indexed(receiver) == 5
