@@ -31,11 +31,12 @@ start-up (a torch import of several seconds of CPU); timing starts only once eac
 
 Each trial sends a fresh set of UIDs to every receiver in turn (so nobody sees resends, and
 load drift on the machine hits all of them alike). Prints instances/s per trial and, per sender
-count, the median and best, the ratio to Orthanc, with one sender the milliseconds per
-instance (single-association latency), and the CPU milliseconds per instance (user + system,
-from /proc) of the receiver's processes, of the storescu senders and of the whole machine (every
-core, kernel threads included): a receiver sharing the machine with its senders cannot exceed
-cores / (machine CPU per instance) instances per second.
+count, the median and best, the ratio to Orthanc (of the medians, and paired: the median of the
+per-trial ratios), with one sender the milliseconds per instance (single-association latency),
+and the CPU milliseconds per instance (user + system, from /proc) of the receiver's processes,
+of the storescu senders and of the whole machine (every core, kernel threads included): a
+receiver sharing the machine with its senders cannot exceed cores / (machine CPU per instance)
+instances per second.
 
 ``--senders N`` (N > 1) measures several senders at once, as when a PACS pushes several series
 in parallel: each trial starts N ``storescu`` processes together, each sending its own
@@ -372,6 +373,12 @@ def _report(
     instance of the receiver (all its processes and threads), of the senders and of the whole
     machine."""
     multi = f"dicom-node x{args.receiver_processes}"
+    print(
+        "\n/ orthanc: the receiver's median rate over Orthanc's; paired: the median of the "
+        "per-trial ratios (each trial measures every receiver back to back, so a ratio within "
+        "a trial shares the machine's state of the moment; the medians can fall on different "
+        "trials)"
+    )
     for senders, by_receiver in rates.items():
         med = {k: statistics.median(v) for k, v in by_receiver.items()}
         best = {k: max(v) for k, v in by_receiver.items()}
@@ -384,12 +391,18 @@ def _report(
             )
         print(f"\n{args.instances} real 512x512 CT instances (JPEG 2000) per sender, {how}")
         print(
-            f"{'receiver':<18} {'median/s':>9} {'best/s':>8} {'/ orthanc':>10} {'ms/inst':>8} "
-            f"{'cpu ms/inst':>12} {'senders cpu':>12} {'machine cpu':>12}"
+            f"{'receiver':<18} {'median/s':>9} {'best/s':>8} {'/ orthanc':>10} {'paired':>7} "
+            f"{'ms/inst':>8} {'cpu ms/inst':>12} {'senders cpu':>12} {'machine cpu':>12}"
         )
         for k in by_receiver:
             label = multi if k == "dicom-node-multi" else k
-            ratio = f"{med[k] / med['orthanc']:10.2f}" if "orthanc" in med else f"{'-':>10}"
+            if "orthanc" in med:
+                paired = statistics.median(
+                    a / b for a, b in zip(by_receiver[k], by_receiver["orthanc"], strict=True)
+                )
+                ratio = f"{med[k] / med['orthanc']:10.2f} {paired:7.2f}"
+            else:
+                ratio = f"{'-':>10} {'-':>7}"
             ms = f"{1000 / med[k]:8.1f}" if senders == 1 else f"{'-':>8}"
             rx_cpu = statistics.median(cpu[senders][k])
             tx_cpu = statistics.median(sender_cpu[senders][k])
