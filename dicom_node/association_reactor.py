@@ -132,6 +132,10 @@ class EventDUL(DULServiceProvider):
         self._wake_pending = False
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        self._wake_fd = self._wake_r.fileno()
+        self._poller = select.poll()
+        self._poller.register(self._wake_fd, select.POLLIN)
+        self._polled_fd = -1  # the association socket's descriptor while it is registered
         # Waits that ended by their timeout with nothing to do (diagnostics and tests: a step of
         # an association should never wait for a timer), and every wait, however it ended.
         self.timed_out_waits = 0
@@ -172,18 +176,29 @@ class EventDUL(DULServiceProvider):
         if isinstance(raw, ssl.SSLSocket) and raw.pending():
             return  # decrypted bytes are buffered where select cannot see them
         # poll, not select: no limit on descriptor numbers (max_associations goes to 1024).
-        poller = select.poll()
-        poller.register(self._wake_r, select.POLLIN)
-        if raw is not None and raw.fileno() >= 0 and self.socket._is_connected:
-            poller.register(raw, select.POLLIN)
+        # One poll object for the association's life; the socket is registered while it is
+        # connected (its number may be reused by another socket once it is closed).
+        fd = raw.fileno() if raw is not None and self.socket._is_connected else -1
+        if fd != self._polled_fd:
+            if self._polled_fd >= 0:
+                with contextlib.suppress(KeyError, ValueError):
+                    self._poller.unregister(self._polled_fd)
+            if fd >= 0:
+                self._poller.register(fd, select.POLLIN)
+            self._polled_fd = fd
         self.waits += 1
         try:
-            if not poller.poll(timeout * 1000):
-                self.timed_out_waits += 1
+            ready = self._poller.poll(timeout * 1000)
         except (OSError, ValueError):
             # The socket closed under us: the next loop turns that into Evt17.
             time.sleep(self._run_loop_delay)
-        self._drain_wakes()
+            self._drain_wakes()
+            return
+        if not ready:
+            self.timed_out_waits += 1
+        # A wake-up byte still in flight keeps _wake_pending set: the next poll sees it.
+        if any(ready_fd == self._wake_fd for ready_fd, _ in ready):
+            self._drain_wakes()
 
     def run_reactor(self) -> None:
         """pynetdicom 3.0.4's ``DULServiceProvider.run_reactor``, with its idle
