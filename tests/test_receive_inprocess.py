@@ -202,6 +202,27 @@ def test_spool_refuses_paths_from_invalid_uids(tmp_path, uids):
         spool.path_for(*uids)
 
 
+def test_spool_paths_stay_inside_even_past_the_uid_check(tmp_path, monkeypatch):
+    """The lexical check behind the UID validation: with the validation gone, crafted UIDs
+    still cannot leave the spool or add levels; a valid path and its stored form are as
+    pathlib builds them."""
+    spool = Spool(tmp_path / "spool")
+    monkeypatch.setattr("dicom_node.spool.is_valid_uid", lambda uid: True)
+    for uids in [
+        ("..", "1.2", "1.3"),
+        ("1.2", "..", "x"),
+        ("1.2", "1.3/4", "5"),
+        ("1.2", "1.3", "../../../etc/passwd"),
+        ("1.2", ".", "1.3"),
+    ]:
+        with pytest.raises(UnsafePathError, match="escapes the spool"):
+            spool.path_for(*uids)
+    path = spool.path_for("1.2", "1.3", "1.4")
+    assert path == spool.root / "1.2" / "1.3" / "1.4.dcm"
+    assert spool.relative(path) == "1.2/1.3/1.4.dcm"
+    assert spool.relative(spool.root / "a" / ".." / "b") == "a/../b"  # as relative_to gives it
+
+
 def test_spool_write_is_atomic_and_replaces(tmp_path):
     spool = Spool(tmp_path / "spool")
     path = spool.path_for("1.2", "1.2.3", "1.2.3.4")
