@@ -33,6 +33,7 @@ from sqlalchemy.exc import OperationalError
 from dicom_node import db, nodes
 from dicom_node.config import NodeConfig
 from dicom_node.health import Health
+from dicom_node.json_files import replace_json
 from dicom_node.receive import Receiver
 from dicom_node.receive_pool import ReceiverPool
 from dicom_node.scheduler import Pipeline
@@ -277,10 +278,8 @@ class Node:
 
     def _write_status(self) -> None:
         path = status_file_path(self.config)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
         try:
-            tmp.write_text(json.dumps(self.status()))
-            os.replace(tmp, path)  # readers see the old or the new file, never half of one
+            replace_json(path, self.status())
         except OSError as exc:
             log.warning("cannot write status file %s: %s", path, exc.strerror)
 

@@ -47,6 +47,7 @@ from pathlib import Path
 
 from dicom_node.config import NodeConfig
 from dicom_node.health import Health
+from dicom_node.json_files import replace_json
 from dicom_node.web.metrics import CHILDREN_DIR_ENV
 
 log = logging.getLogger("dicom_node.receive_pool")  # also when run as __main__
@@ -256,14 +257,12 @@ def publish_associations(receiver, directory: str, index: int) -> None:
     """Write this child's open associations where the main process reads them for the status
     file and ``dicom-node status`` (:meth:`ReceiverPool.associations`); replaced atomically."""
     path = Path(directory) / _assoc_file(index)
-    tmp = path.with_suffix(".tmp")
     body = {
         "pid": os.getpid(),
         "associations": [a.as_dict() for a in receiver.active_associations()],
     }
     try:
-        tmp.write_text(json.dumps(body))
-        os.replace(tmp, path)
+        replace_json(path, body)
     except OSError as exc:  # the status lacks this child's associations; receiving goes on
         log.warning("cannot publish receiver process %d's associations: %s", index, exc)
 
