@@ -80,11 +80,13 @@ class Spool:
         return Path(path)
 
     def relative(self, path: Path) -> str:
-        """``path`` (inside the spool) relative to the spool root."""
+        """``path`` (inside the spool) in the form the database keeps (:func:`to_stored`). A
+        normalised path under the resolved root, which every :meth:`path_for` path is, is cut
+        lexically, without the syscalls of the general case."""
         text = str(path)
         if text.startswith(self._root_prefix) and os.path.normpath(text) == text:
             return text[len(self._root_prefix) :]
-        return str(path.relative_to(self.root))
+        return to_stored(path, self.root)
 
     # -- writing -------------------------------------------------------------------------------
     def _ensure_dir(self, directory: Path) -> None:

@@ -18,7 +18,7 @@ from dicom_node import db
 from dicom_node.config import parse_config
 from dicom_node.node import Node, read_status, status_file_path
 from dicom_node.receive import Receiver
-from dicom_node.spool import Spool, UnsafePathError
+from dicom_node.spool import Spool, StoredPathError, UnsafePathError, to_stored
 from tests.support.dcmtk import free_port
 from tests.support.postgres import both_databases
 
@@ -220,7 +220,15 @@ def test_spool_paths_stay_inside_even_past_the_uid_check(tmp_path, monkeypatch):
     path = spool.path_for("1.2", "1.3", "1.4")
     assert path == spool.root / "1.2" / "1.3" / "1.4.dcm"
     assert spool.relative(path) == "1.2/1.3/1.4.dcm"
-    assert spool.relative(spool.root / "a" / ".." / "b") == "a/../b"  # as relative_to gives it
+    # Off the fast path, the same form as the database keeps for other spool paths (to_stored):
+    # normalised, and a path outside the spool is refused rather than written as "../x".
+    assert (
+        spool.relative(spool.root / "a" / ".." / "b")
+        == "b"
+        == to_stored(spool.root / "a" / ".." / "b", spool.root)
+    )
+    with pytest.raises(StoredPathError):
+        spool.relative(spool.root / ".." / "elsewhere.dcm")
 
 
 def test_spool_write_is_atomic_and_replaces(tmp_path):
