@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from acvtt_core.evaluate import evaluate, thick_volume
+from acvtt_core.evaluate import evaluate, gains_over_best_baseline, summarise, thick_volume
 from acvtt_core.metrics import EDGE, paper_metrics, psnr
 
 
@@ -64,3 +64,25 @@ def test_evaluate_slab_differs_from_decimate_and_says_which():
     lin = {r["method"]: r["psnr"] for r in dec["rows"]}["linear"]
     lin_slab = {r["method"]: r["psnr"] for r in slab["rows"]}["linear"]
     assert lin != pytest.approx(lin_slab)
+
+
+def test_gain_is_over_the_better_baseline_per_case_and_factor():
+    def row(case, factor, method, psnr):
+        return {"case": case, "factor": factor, "method": method, "psnr": psnr, "ssim": 0.9}
+
+    rows = [
+        row("a", 4, "linear", 30.0),
+        row("a", 4, "cubic", 31.0),  # cubic is the better baseline here
+        row("a", 4, "acvtt", 32.5),
+        row("b", 4, "linear", 40.0),
+        row("b", 4, "cubic", 39.0),
+        row("b", 4, "acvtt", 39.5),  # a loss against linear
+        row("b", 2, "linear", 45.0),  # no model row: no gain for (b, 2)
+        row("b", 2, "cubic", 44.0),
+    ]
+    assert gains_over_best_baseline(rows) == {("a", 4): 1.5, ("b", 4): -0.5}
+    for r in rows:
+        r.update(psnr_synth=r["psnr"], ssim_axial=0.9, ssim_coronal=0.9, ssim_sagittal=0.9)
+    summary = summarise(rows)
+    assert summary["x4"]["acvtt_gain_db_vs_best_baseline"] == {"mean": 0.5, "min": -0.5, "n": 2}
+    assert "acvtt_gain_db_vs_best_baseline" not in summary["x2"]

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from acvtt_core.checkpoint import load_checkpoint, save_checkpoint, weights_version
-from acvtt_core.evaluate import evaluate
+from acvtt_core.evaluate import evaluate, gains_over_best_baseline
 from acvtt_core.infer import Interpolator
 from acvtt_core.volume_io import read_volume
 
@@ -51,14 +51,11 @@ def main() -> None:
         path = save_checkpoint(out / f"{name}.safetensors", model, meta)
         interp = Interpolator(model, meta, weights_version(path), device="cpu")
         t0 = time.time()
-        psnr = {
-            (x["case"], x["factor"], x["method"]): x["psnr"]
-            for x in evaluate(cases, [2, 4, 5], interp)["rows"]
-        }
         gains = {
-            f"{c} x{f}": round(p - max(psnr[c, f, "linear"], psnr[c, f, "cubic"]), 3)
-            for (c, f, m), p in psnr.items()
-            if m == "acvtt"
+            f"{c} x{f}": round(g, 3)
+            for (c, f), g in gains_over_best_baseline(
+                evaluate(cases, [2, 4, 5], interp)["rows"]
+            ).items()
         }
         mean = round(sum(gains.values()) / len(gains), 3)
         line = {"name": name, "version": interp.model_version, "mean": mean, **gains}

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from acvtt_core.checkpoint import load_checkpoint
-from acvtt_core.evaluate import evaluate
+from acvtt_core.evaluate import evaluate, gains_over_best_baseline
 from acvtt_core.infer import DEFAULT_CHECKPOINT, Interpolator
 from acvtt_core.volume_io import read_volume
 
@@ -31,13 +31,10 @@ for n_refs in (int(a) for a in sys.argv[1].split(",")):
     interp = Interpolator(model, meta, "refs-exp", device="cpu")
     interp.cfg = cfg
     t0 = time.time()
-    psnr = {
-        (x["case"], x["factor"], x["method"]): x["psnr"]
-        for x in evaluate(cases, [2, 4, 5], interp)["rows"]
-    }
     gains = {
-        f"{c} x{f} gain dB": round(p - max(psnr[c, f, "linear"], psnr[c, f, "cubic"]), 3)
-        for (c, f, m), p in psnr.items()
-        if m == "acvtt"
+        f"{c} x{f} gain dB": round(g, 3)
+        for (c, f), g in gains_over_best_baseline(
+            evaluate(cases, [2, 4, 5], interp)["rows"]
+        ).items()
     }
     print(json.dumps({"n_refs": n_refs, "seconds": round(time.time() - t0), **gains}), flush=True)
