@@ -51,12 +51,8 @@ def main() -> None:
         path = save_checkpoint(out / f"{name}.safetensors", model, meta)
         interp = Interpolator(model, meta, weights_version(path), device="cpu")
         t0 = time.time()
-        gains = {
-            f"{c} x{f}": round(g, 3)
-            for (c, f), g in gains_over_best_baseline(
-                evaluate(cases, [2, 4, 5], interp)["rows"]
-            ).items()
-        }
+        rows = evaluate(cases, [2, 4, 5], interp)["rows"]
+        gains = {f"{c} x{f}": round(g, 3) for (c, f), g in gains_over_best_baseline(rows).items()}
         mean = round(sum(gains.values()) / len(gains), 3)
         line = {"name": name, "version": interp.model_version, "mean": mean, **gains}
         print(json.dumps({**line, "seconds": round(time.time() - t0)}), flush=True)
