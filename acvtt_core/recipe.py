@@ -23,7 +23,7 @@ import torch
 
 from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from acvtt_core.config import ModelConfig, get_preset
-from acvtt_core.model import ACVTT
+from acvtt_core.model import ACVTT, INITS, he_init
 from acvtt_core.selfsup import MixedSampler, Source
 from acvtt_core.train import (
     Batch,
@@ -52,7 +52,6 @@ SAMPLERS = {
     "fusion": "stage 2: axial crops of a stage-1 predictor's coronal and sagittal results "
     "(train.FusionSampler)",
 }
-INITS = ("he", "default")
 # Slices smaller than this give synthetic-z samples only (in-plane crops would be too small).
 MIN_INPLANE_SLICE = 96
 
@@ -133,20 +132,6 @@ def load_source(path: str | Path, roles: str | None = None, weight: float | None
 
 
 # -- model ----------------------------------------------------------------------------------------
-def he_init(model: ACVTT) -> None:
-    """Kaiming-normal (fan-in, ReLU) weights and zero biases for every stage-1 conv except the
-    zero-initialised output head. PyTorch's default conv init shrinks activations ~0.6x per
-    layer, so after the ~12 convs of this un-normalised U-Net the head sees almost no signal and
-    learning starts very slowly; this keeps activation variance. The model still starts as
-    linear interpolation (zero head)."""
-    from torch import nn
-
-    for name, mod in model.stage1.named_modules():
-        if isinstance(mod, nn.Conv2d) and not name.endswith("head"):
-            nn.init.kaiming_normal_(mod.weight, nonlinearity="relu")
-            nn.init.zeros_(mod.bias)
-
-
 def model_config(
     preset: str, factor_conditioning: bool = True, overrides: dict[str, Any] | None = None
 ) -> tuple[str, ModelConfig]:

@@ -5,7 +5,7 @@ import torch
 
 from acvtt_core.attention import MRNLA, mrnla_fused, mrnla_materialised
 from acvtt_core.config import PRESETS, ModelConfig
-from acvtt_core.model import ACVTT, Stage1, param_count
+from acvtt_core.model import ACVTT, Stage1, he_init, param_count
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -165,3 +165,27 @@ def test_decoder_forward_is_bit_identical_to_the_spelled_out_loop(cfg):
         assert torch.equal(got, want)
         xf = torch.rand(2, 2, 16, 24)
         assert torch.equal(m.fusion.net(xf), _reference_unet(m.fusion.net, xf))
+
+
+def test_he_init_keeps_the_signal_that_reaches_the_head_and_the_identity_start():
+    """PyTorch's default conv init shrinks activations layer by layer; `he_init` keeps their scale
+    (what the recipe relies on), and the zero head still makes the fresh model exactly its input."""
+    cfg = ModelConfig(width=8, n_refs=2, mrnla_levels=(0,), factor_conditioning=True)
+    x, refs = torch.rand(2, 1, 64, 64), torch.rand(1, 2, 64, 64)
+    head_input_std = {}
+    for init in ("default", "he"):
+        torch.manual_seed(0)
+        m = ACVTT(cfg)
+        if init == "he":
+            he_init(m)
+        seen = []
+        hook = m.stage1.decoder.head.register_forward_hook(
+            lambda mod, args, out, seen=seen: seen.append(args[0].std().item())
+        )
+        with torch.no_grad():
+            y = m.stage1(x, refs, factor=4)
+        hook.remove()
+        torch.testing.assert_close(y, x)
+        assert torch.count_nonzero(m.stage1.decoder.head.weight) == 0
+        head_input_std[init] = seen[0]
+    assert head_input_std["he"] > 5 * head_input_std["default"], head_input_std

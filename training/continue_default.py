@@ -34,7 +34,7 @@ from acvtt_core.checkpoint import (
     weights_version,
 )
 from acvtt_core.config import ModelConfig
-from acvtt_core.model import ACVTT
+from acvtt_core.model import ACVTT, INITS, he_init
 from acvtt_core.selfsup import MixedSampler, Source
 from acvtt_core.train import TrainConfig, train
 from acvtt_core.volume import normalise_hu
@@ -171,8 +171,15 @@ def main(argv: list[str] | None = None) -> None:
         "--width",
         type=int,
         default=None,
-        help="train a fresh model (PyTorch's initialisation, --seed) of the base's architecture "
-        "at this width (U-Net and fusion) instead of continuing the base's weights",
+        help="train a fresh model (--init, --seed) of the base's architecture at this width "
+        "(U-Net and fusion) instead of continuing the base's weights",
+    )
+    ap.add_argument(
+        "--init",
+        choices=INITS,
+        default="he",
+        help="initialisation of a fresh --width model: 'he' (the recipe's, "
+        "acvtt_core.model.he_init) or 'default' (PyTorch's, which the first width-10 run used)",
     )
     ap.add_argument(
         "--threads",
@@ -201,6 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         torch.manual_seed(a.seed)
         model = ACVTT(cfg)
+        if a.init == "he":
+            he_init(model)
         base_meta = CheckpointMeta(
             preset=f"compact-w{a.width}", model=cfg, factors=list(base_meta.factors)
         )
@@ -218,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = build_meta(base_meta, sources, a.held_out, sampler, a.base, a.phase)
     if a.width:
         meta.extra["continued"] = {
-            "fresh": f"width {a.width}, PyTorch's initialisation, seed {a.seed}",
+            "fresh": f"width {a.width}, init {a.init}, seed {a.seed}",
             "architecture_of": str(a.base),
             "driver": "training/continue_default.py",
             "phases_min_lr": a.phase,
