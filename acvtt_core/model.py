@@ -212,6 +212,17 @@ def he_init(model: ACVTT) -> None:
             nn.init.zeros_(mod.bias)
 
 
+def fresh_model(cfg: ModelConfig, init: str, seed: int) -> ACVTT:
+    """A new model of `cfg` from `seed`, initialised by `init` (one of INITS)."""
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; one of {', '.join(INITS)}")
+    torch.manual_seed(seed)
+    model = ACVTT(cfg)
+    if init == "he":
+        he_init(model)
+    return model
+
+
 def param_count(m: nn.Module) -> int:
     return sum(p.numel() for p in m.parameters())
 
@@ -223,6 +234,7 @@ __all__ = [
     "MRNLA_LEVELS",
     "Stage1",
     "UNet",
+    "fresh_model",
     "he_init",
     "pad_to_multiple",
     "param_count",

@@ -19,11 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from acvtt_core.config import ModelConfig, get_preset
-from acvtt_core.model import ACVTT, INITS, he_init
+from acvtt_core.model import ACVTT, INITS, fresh_model
 from acvtt_core.selfsup import MixedSampler, Source
 from acvtt_core.train import (
     Batch,
@@ -152,11 +151,7 @@ def build_model(recipe: Recipe, seed: int) -> tuple[ACVTT, str, CheckpointMeta |
         model, base_meta, version = load_checkpoint(recipe.init)
         return model, base_meta.preset, base_meta, version
     label, cfg = model_config(recipe.preset, recipe.factor_conditioning, recipe.overrides)
-    torch.manual_seed(seed)
-    model = ACVTT(cfg)
-    if recipe.init == "he":
-        he_init(model)
-    return model, label, None, ""
+    return fresh_model(cfg, recipe.init, seed), label, None, ""
 
 
 # -- samplers -------------------------------------------------------------------------------------

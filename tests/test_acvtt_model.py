@@ -5,7 +5,7 @@ import torch
 
 from acvtt_core.attention import MRNLA, mrnla_fused, mrnla_materialised
 from acvtt_core.config import PRESETS, ModelConfig
-from acvtt_core.model import ACVTT, Stage1, he_init, param_count
+from acvtt_core.model import ACVTT, Stage1, fresh_model, param_count
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -174,10 +174,7 @@ def test_he_init_keeps_the_signal_that_reaches_the_head_and_the_identity_start()
     x, refs = torch.rand(2, 1, 64, 64), torch.rand(1, 2, 64, 64)
     head_input_std = {}
     for init in ("default", "he"):
-        torch.manual_seed(0)
-        m = ACVTT(cfg)
-        if init == "he":
-            he_init(m)
+        m = fresh_model(cfg, init, seed=0)
         seen = []
         hook = m.stage1.decoder.head.register_forward_hook(
             lambda mod, args, out, seen=seen: seen.append(args[0].std().item())

@@ -34,7 +34,7 @@ from acvtt_core.checkpoint import (
     weights_version,
 )
 from acvtt_core.config import ModelConfig
-from acvtt_core.model import ACVTT, INITS, he_init
+from acvtt_core.model import INITS, fresh_model
 from acvtt_core.selfsup import MixedSampler, Source
 from acvtt_core.train import TrainConfig, train
 from acvtt_core.volume import normalise_hu
@@ -206,10 +206,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = ModelConfig.from_dict(
             {**model.cfg.to_dict(), "width": a.width, "fusion_width": a.width}
         )
-        torch.manual_seed(a.seed)
-        model = ACVTT(cfg)
-        if a.init == "he":
-            he_init(model)
+        model = fresh_model(cfg, a.init, a.seed)
         base_meta = CheckpointMeta(
             preset=f"compact-w{a.width}", model=cfg, factors=list(base_meta.factors)
         )
