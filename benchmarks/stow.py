@@ -1,18 +1,22 @@
-"""Delivery throughput: STOW-RS against C-STORE to the same Orthanc, in one run.
+"""Delivery throughput: the node's C-STORE and STOW-RS senders against dcmtk's storescu, to the
+same Orthanc, in one run.
 
     python benchmarks/stow.py [--n 200] [--batch 16] [--repeats 3]
 
 Writes a derived series of ``--n`` real-size (512x512) instances from the real CT headers, then
-delivers it with the node's own senders, each to a fresh store of one Orthanc (Debian, with its
-DICOMweb plugin): ``send.send_instances`` (C-STORE over one association) and
-``stow.stow_instances`` (STOW-RS, ``--batch`` instances per POST). Prints instances/s for each
-and the ratio (median of ``--repeats`` runs). Orthanc writes to a temporary directory.
+delivers it, each time to a fresh store of one Orthanc (Debian, with its DICOMweb plugin), with
+the node's own senders, ``send.send_instances`` (C-STORE over one association) and
+``stow.stow_instances`` (STOW-RS, ``--batch`` instances per POST), and with the baseline, dcmtk's
+``storescu`` (C-STORE over one association, ``TCP_NODELAY=1``). Prints instances/s for each and
+the ratios (medians of ``--repeats`` runs). Orthanc writes to a temporary directory.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,10 +54,18 @@ def _series(n: int, out: Path) -> list[Path]:
 def _run(work: Path, files: list[Path], batch: int, how: str) -> float:
     with OrthancServer(work, aet="PACS", dicomweb=True) as pacs:
         t0 = time.perf_counter()
-        if how == "c-store":
+        if how == "storescu":
+            cmd = ["/usr/bin/storescu", "-aet", "BENCH", "-aec", "PACS", pacs.host,
+                   str(pacs.dicom_port), *map(str, files)]  # fmt: skip
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}
+            )
+            ok, why = proc.returncode == 0, proc.stderr[-500:]
+        elif how == "c-store":
             res = send_instances(
                 Destination("PACS", pacs.host, pacs.dicom_port), files, calling_ae_title="BENCH"
             )
+            ok, why = res.ok, res.failure
         else:
             dest = parse_config(
                 {
@@ -68,9 +80,10 @@ def _run(work: Path, files: list[Path], batch: int, how: str) -> float:
                 }
             ).destination("web")
             res = stow_instances(StowTarget(dest), files)
+            ok, why = res.ok, res.failure
         dt = time.perf_counter() - t0
-        if not res.ok or len(pacs.get("/instances")) != len(files):
-            raise SystemExit(f"{how}: delivery incomplete: {res.failure}")
+        if not ok or len(pacs.get("/instances")) != len(files):
+            raise SystemExit(f"{how}: delivery incomplete: {why}")
     return len(files) / dt
 
 
@@ -86,7 +99,7 @@ def main() -> None:
         work = Path(tmp)
         files = _series(args.n, work / "derived")
         mb = sum(f.stat().st_size for f in files) / 1e6
-        rates: dict[str, list[float]] = {"c-store": [], "stow-rs": []}
+        rates: dict[str, list[float]] = {"storescu": [], "c-store": [], "stow-rs": []}
         for r in range(args.repeats):
             for how in rates:  # alternate, so that drift in machine load hits both alike
                 rates[how].append(_run(work / f"{how}-{r}", files, args.batch, how))
@@ -95,6 +108,8 @@ def main() -> None:
     for how, rate in med.items():
         runs = ", ".join(f"{x:.0f}" for x in rates[how])
         print(f"  {how:<8} {rate:7.1f} instances/s  (runs: {runs})")
+    print(f"  node C-STORE / storescu: {med['c-store'] / med['storescu']:.2f}")
+    print(f"  node STOW-RS / storescu: {med['stow-rs'] / med['storescu']:.2f}")
     print(f"  STOW-RS / C-STORE: {med['stow-rs'] / med['c-store']:.2f}")
 
 

@@ -17,6 +17,13 @@ problems; it classifies them instead:
 A resend passes ``already_acknowledged=previous.acknowledged`` so only instances the peer has
 not acknowledged go out again; when to resend is deliver.py's decision.
 Success (0x0000) and warning statuses (0x0001, 0xBxxx) count as acknowledged.
+
+A file goes as it is, its bytes after the File Meta Information read from disk in PDU-sized
+pieces, never decoded, whenever the peer accepted a presentation context in the file's own
+transfer syntax (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``): the PACS gets exactly what was
+written, and the sender spends less CPU (``benchmarks/stow.py``). Otherwise (the peer accepted
+only the other uncompressed syntax, or the file's meta disagrees with its data set) it is read
+and re-encoded as before.
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from pathlib import Path
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ASSOCIATE
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
@@ -61,6 +68,11 @@ log = logging.getLogger(__name__)
 
 _UNCOMPRESSED = (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
 _MAX_CONTEXTS = 128
+
+# Process-wide in pynetdicom, read by every ``send_c_store`` given a path; this module is the
+# node's only caller, and it passes a path only where a context in the file's own transfer
+# syntax was accepted (``_store_each``), which is what the setting needs.
+_config.STORE_SEND_CHUNKED_DATASET = True
 
 
 @dataclass(frozen=True)
@@ -201,6 +213,9 @@ class _Item:
     sop_class: str
     sop_instance: str
     transfer_syntax: str
+    # A file whose File Meta names the same SOP class and instance as its data set: the C-STORE
+    # command takes them from the meta when the file's bytes go as they are.
+    as_is: bool = False
 
 
 def _describe(source: Path | str | Dataset) -> _Item:
@@ -216,7 +231,26 @@ def _describe(source: Path | str | Dataset) -> _Item:
     sop_class = str(ds.get("SOPClassUID", "") or "")
     sop_instance = str(ds.get("SOPInstanceUID", "") or "")
     ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
-    return _Item(src, sop_class, sop_instance, ts)
+    as_is = (
+        isinstance(src, Path)
+        and str(getattr(meta, "MediaStorageSOPClassUID", "") or "") == sop_class
+        and str(getattr(meta, "MediaStorageSOPInstanceUID", "") or "") == sop_instance
+    )
+    return _Item(src, sop_class, sop_instance, ts, as_is)
+
+
+def _to_send(assoc: Association, it: _Item) -> Path | Dataset:
+    """What to hand to ``send_c_store`` for ``it``: the file itself, sent as it is, when the
+    peer accepted the file's own transfer syntax for its SOP class; else the decoded data set,
+    which pynetdicom re-encodes in a syntax the peer accepted."""
+    if not isinstance(it.source, Path):
+        return it.source
+    if it.as_is and any(
+        cx.abstract_syntax == it.sop_class and cx.transfer_syntax[0] == it.transfer_syntax
+        for cx in assoc.accepted_contexts
+    ):
+        return it.source
+    return pydicom.dcmread(it.source)
 
 
 @dataclass
@@ -465,7 +499,7 @@ def _store_each(
     for msg_id, i in enumerate(todo, start=1):
         it = items[i]
         try:
-            rsp = assoc.send_c_store(it.source, msg_id=msg_id)
+            rsp = assoc.send_c_store(_to_send(assoc, it), msg_id=msg_id)
         except ValueError as exc:  # no accepted presentation context for this instance
             outcomes[i] = InstanceOutcome(it.sop_instance, False, sent_now=True, detail=str(exc))
             return SendFailure(

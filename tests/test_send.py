@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 import socket
+import subprocess
 import threading
 import time
 from datetime import UTC, datetime
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
+from pynetdicom.dsutils import split_dataset
 
 from dicom_node.db import JobState
 from dicom_node.deliver import AttemptResult, NextStep, RetryPolicy, decide
@@ -59,6 +61,48 @@ def test_success_to_storescp_with_nodelay(derived_files, tmp_path):
             already_acknowledged=res.acknowledged,
         )
         assert again.ok and again.sent_now == [] and again.nodelay is None
+
+
+def _data_set_bytes(path: Path) -> bytes:
+    """A file's bytes after its File Meta Information."""
+    _meta, offset = split_dataset(path)
+    return path.read_bytes()[offset:]
+
+
+def test_files_go_as_they_are_when_their_syntax_is_accepted(derived_files, tmp_path):
+    # dcmtk rewrites the files with group length elements (retired, but legal), which pydicom
+    # drops when it re-encodes a data set: only a file sent as it is arrives with the same bytes.
+    sent = []
+    for i, f in enumerate(derived_files[:3]):
+        out = tmp_path / f"group-lengths-{i}.dcm"
+        subprocess.run(["/usr/bin/dcmconv", "+g", str(f), str(out)], check=True)
+        sent.append(out)
+    with storescp(tmp_path / "scp", extra_args=["+B"]) as scp:  # bit-preserving
+        res = send_instances(Destination(scp.ae_title, scp.host, scp.port), sent,
+                             calling_ae_title=CALLING)  # fmt: skip
+        assert res.ok, res.failure
+        received = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+            for p in scp.received_files()
+        }
+    assert len(received) == len(sent)
+    for f in sent:
+        uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+        assert _data_set_bytes(received[uid]) == _data_set_bytes(f)
+        assert _data_set_bytes(f) != _data_set_bytes(derived_files[sent.index(f)])  # dcmconv did
+
+
+def test_peer_accepting_only_the_other_syntax_gets_a_converted_copy(derived_files, tmp_path):
+    with storescp(tmp_path, extra_args=["+xi"]) as scp:  # implicit VR little endian only
+        res = send_instances(Destination(scp.ae_title, scp.host, scp.port), derived_files,
+                             calling_ae_title=CALLING)  # fmt: skip
+        assert res.ok, res.failure
+        received = [pydicom.dcmread(p) for p in scp.received_files()]
+    assert len(received) == len(derived_files)
+    assert {str(d.file_meta.TransferSyntaxUID) for d in received} == {ImplicitVRLittleEndian}
+    originals = {str(d.SOPInstanceUID): d for d in map(pydicom.dcmread, derived_files)}
+    for d in received:
+        assert d.PixelData == originals[str(d.SOPInstanceUID)].PixelData
 
 
 def test_associate_sets_tcp_nodelay_before_any_store(tmp_path):
