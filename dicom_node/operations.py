@@ -4,7 +4,8 @@
 ``dicom-node resend`` and ``POST /api/jobs/{id}/resend`` both call :func:`resend`. Each records
 in the audit trail who asked (``by``), through what (``via``: ``cli`` or ``http``) and from where
 (``peer``), and commits. :func:`job_as_dict` is the one description of a job that ``jobs
-show --json``, ``jobs list --json`` and the API give.
+show --json``, ``jobs list --json`` and the API give; :func:`series_as_dict` is the one of a
+series that ``series list/show --json``, the API and the console give.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ from dicom_node.jobs import NotPossible
 from dicom_node.scheduler import plan_and_queue
 from dicom_node.spool import StoredPathError, from_stored
 
-__all__ = ["ActionResult", "NotFound", "NotPossible", "job_as_dict", "reprocess", "resend"]
+__all__ = [
+    "ActionResult",
+    "NotFound",
+    "NotPossible",
+    "job_as_dict",
+    "reprocess",
+    "resend",
+    "series_as_dict",
+]
 
 ReprocessAction = Literal["queued", "already_active", "requeued", "already_done"]
 
@@ -192,3 +201,24 @@ def job_as_dict(
     if superseded_uid is not None or job.supersedes_job_id is not None:
         d["supersedes_derived_series_uid"] = superseded_uid
     return d
+
+
+def series_as_dict(series: Series, study_uid: str, n_instances: int) -> dict:
+    """The series' columns (no patient data), with ``datetime`` objects for times (naive UTC,
+    as the database keeps them): the console formats them, the JSON writers encode them."""
+    return {
+        "series_uid": series.series_uid,
+        "study_uid": study_uid,
+        "modality": series.modality,
+        "series_number": series.series_number,
+        "series_description": series.series_description,
+        "body_part": series.body_part,
+        "n_instances": n_instances,
+        "state": series.state.value,
+        "state_reason": series.state_reason,
+        "revision": series.revision,
+        "calling_ae": series.calling_ae,
+        "first_received": series.first_received,
+        "last_received": series.last_received,
+        "hold_until": series.hold_until,
+    }

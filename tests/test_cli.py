@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import datetime
 
 import pytest
 import yaml
@@ -93,6 +94,11 @@ def test_series_show(node):
     assert proc.returncode == 0, proc.stderr
     info = json.loads(proc.stdout)
     assert info["series_uid"] == uid and len(info["instances"]) == 20
+    # The same description as the API's (operations.series_as_dict), times as ISO 8601 text.
+    assert {"body_part", "hold_until", "revision", "calling_ae"} <= info.keys()
+    received = datetime.fromisoformat(info["first_received"])
+    assert received <= datetime.fromisoformat(info["last_received"])
+    assert received.microsecond == 0 and received.tzinfo is None
     first = info["instances"][0]
     assert first["pixel_spacing"] == [0.9765625, 0.9765625]
     assert first["image_orientation"] == [1, 0, 0, 0, 1, 0]

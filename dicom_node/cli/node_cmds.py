@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pydicom.config
@@ -47,6 +48,7 @@ from dicom_node.config import (
 from dicom_node.infer import ModelPool, ModelUnavailable
 from dicom_node.logs import configure_logging
 from dicom_node.node import Node, StartupError, read_status, status_problem
+from dicom_node.operations import series_as_dict
 from dicom_node.send import destination_from_config
 from dicom_node.send import echo as send_echo
 from dicom_node.stow import StowTarget, stow_echo
@@ -305,21 +307,9 @@ def health(
 # -- series --------------------------------------------------------------------------------------
 
 
-def _series_dict(series: db.Series, n_instances: int, study_uid: str) -> dict:
-    return {
-        "series_uid": series.series_uid,
-        "study_uid": study_uid,
-        "modality": series.modality,
-        "series_number": series.series_number,
-        "series_description": series.series_description,
-        "n_instances": n_instances,
-        "state": series.state.value,
-        "state_reason": series.state_reason,
-        "revision": series.revision,
-        "calling_ae": series.calling_ae,
-        "first_received": series.first_received.isoformat(timespec="seconds"),
-        "last_received": series.last_received.isoformat(timespec="seconds"),
-    }
+def _json_time(value: datetime) -> str:
+    """Times in ``--json`` output: ISO 8601 to the second, UTC without an offset."""
+    return value.isoformat(timespec="seconds")
 
 
 @series_app.command("list")
@@ -354,11 +344,11 @@ def series_list(
         q = q.where(db.Series.state == state_enum)
     try:
         with Session() as s:
-            rows = [_series_dict(se, n, st) for se, n, st in s.execute(q).all()]
+            rows = [series_as_dict(se, st, n) for se, n, st in s.execute(q).all()]
     except SQLAlchemyError as exc:
         db_fail(exc)
     if as_json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps(rows, indent=2, default=_json_time))
         return
     table = Table("series UID", "mod", "n", "state", "last received", "reason")
     for r in rows:
@@ -367,7 +357,7 @@ def series_list(
             r["modality"] or "",
             str(r["n_instances"]),
             r["state"],
-            r["last_received"],
+            _json_time(r["last_received"]),
             r["state_reason"] or "",
         )
     console.print(table)
@@ -399,7 +389,7 @@ def series_show(
                 .order_by(db.AuditEvent.at.desc())
                 .limit(20)
             ).all()
-            info = _series_dict(series, len(insts), study_uid)
+            info = series_as_dict(series, study_uid, len(insts))
             info["instances"] = [
                 {
                     "sop_instance_uid": i.sop_instance_uid,
@@ -425,12 +415,14 @@ def series_show(
     except SQLAlchemyError as exc:
         db_fail(exc)
     if as_json:
-        print(json.dumps(info, indent=2))
+        print(json.dumps(info, indent=2, default=_json_time))
         return
     for key in ("series_uid", "study_uid", "modality", "series_number", "series_description",
-                "n_instances", "state", "state_reason", "revision", "calling_ae",
-                "first_received", "last_received"):  # fmt: skip
-        console.print(f"{key:>20}: {info[key] if info[key] is not None else ''}", highlight=False)
+                "body_part", "n_instances", "state", "state_reason", "revision", "calling_ae",
+                "first_received", "last_received", "hold_until"):  # fmt: skip
+        value = info[key]
+        shown = "" if value is None else _json_time(value) if isinstance(value, datetime) else value
+        console.print(f"{key:>20}: {shown}", highlight=False)
     table = Table("#", "SOP instance UID", "position", "thick", "size", "TS")
     for i in info["instances"]:
         pos = i["image_position"]

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 
 from dicom_node.config import Destination, NodeConfig
 from dicom_node.db import AuditEvent, Instance, Job, JobState, SentInstance, Series, Study
-from dicom_node.operations import job_as_dict
+from dicom_node.operations import job_as_dict, series_as_dict
 
 __all__ = [
     "audit_rows",
@@ -142,25 +142,6 @@ def destination_status(session: Session, config: NodeConfig, last: LastSuccess) 
     return out
 
 
-def _series_dict(series: Series, study_uid: str, n_instances: int) -> dict:
-    return {
-        "series_uid": series.series_uid,
-        "study_uid": study_uid,
-        "modality": series.modality,
-        "series_number": series.series_number,
-        "series_description": series.series_description,
-        "body_part": series.body_part,
-        "n_instances": n_instances,
-        "state": series.state.value,
-        "state_reason": series.state_reason,
-        "revision": series.revision,
-        "calling_ae": series.calling_ae,
-        "first_received": series.first_received,
-        "last_received": series.last_received,
-        "hold_until": series.hold_until,
-    }
-
-
 def series_rows(
     session: Session, *, state: str | None = None, limit: int = 50, offset: int = 0
 ) -> tuple[list[dict], int]:
@@ -185,7 +166,7 @@ def series_rows(
     latest = _latest_jobs(session, ids)
     rows = []
     for se, study_uid in page:
-        d = _series_dict(se, study_uid, counts.get(se.id, 0))
+        d = series_as_dict(se, study_uid, counts.get(se.id, 0))
         job = latest.get(se.id)
         d["latest_job"] = {"id": job.id, "state": job.state.value} if job else None
         rows.append(d)
@@ -214,7 +195,7 @@ def series_detail(session: Session, uid: str, audit_limit: int = 50) -> dict | N
             Instance.series_id == series.id
         )
     ).one()
-    d = _series_dict(series, study_uid, int(n))
+    d = series_as_dict(series, study_uid, int(n))
     d["bytes"] = int(size)
     jobs = session.scalars(select(Job).where(Job.series_id == series.id).order_by(Job.id.desc()))
     d["jobs"] = [_job_row(j) for j in jobs]
