@@ -5,14 +5,16 @@
 in the audit trail who asked (``by``), through what (``via``: ``cli`` or ``http``) and from where
 (``peer``), and commits. :func:`job_as_dict` is the one description of a job that ``jobs
 show --json``, ``jobs list --json`` and the API give; :func:`series_as_dict` is the one of a
-series that ``series list/show --json``, the API and the console give.
+series that ``series list/show --json``, the API and the console give; :func:`json_default`
+writes their times the same way in both.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -30,6 +32,7 @@ __all__ = [
     "NotFound",
     "NotPossible",
     "job_as_dict",
+    "json_default",
     "reprocess",
     "resend",
     "series_as_dict",
@@ -222,3 +225,11 @@ def series_as_dict(series: Series, study_uid: str, n_instances: int) -> dict:
         "last_received": series.last_received,
         "hold_until": series.hold_until,
     }
+
+
+def json_default(value: Any) -> Any:
+    """``json.dumps(..., default=json_default)``: times as ISO 8601 to the second (UTC, as
+    stored, without an offset), for ``--json`` output and the API alike."""
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    raise TypeError(f"not JSON: {type(value).__name__}")

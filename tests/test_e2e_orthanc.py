@@ -10,6 +10,7 @@ reprocess is sent while Orthanc is down).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -192,6 +193,9 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs, web_pacs):
         )
         shown = node.cli("jobs", "show", str(job["id"]))
         assert "next send attempt" in shown.stdout and "preview:" in shown.stdout, shown.stdout
+        # Each destination's line: acknowledgements, attempts, and why the last one failed.
+        assert re.search(r"to \S+: \d+ of \d+ acknowledged, \d+ attempt", shown.stdout)
+        assert "cannot connect" in shown.stdout, shown.stdout
         pacs.start()
         again = wait_until(
             lambda: (j := _job(node, job["id"])) and j["state"] in ("sent", "failed") and j,
@@ -211,7 +215,13 @@ def test_end_to_end_with_orthanc(tmp_path, sample_data, pacs, web_pacs):
         assert '"state": "sent"' in listed.stdout
         shown = node.cli("jobs", "show", str(job["id"]), "--json")
         assert shown.returncode == 0, shown.stderr
-        preview = json.loads(shown.stdout)["preview_path"]  # on this node, under its spool
+        detail = json.loads(shown.stdout)
+        preview = detail["preview_path"]  # on this node, under its spool
+        sends = detail["sends"]  # the same description as the API's: one per destination
+        assert [x["destination"] for x in sends] == detail["destinations"]
+        for send in sends:
+            assert send["acknowledged"] == send["of"] == n_out and send["last_failure"] is None
+        assert any(e["kind"] == "send_attempt" for e in detail["audit"])
         assert preview and Path(preview).exists()
         rules = node.cli("rules", "test", src_uid)
         assert rules.returncode == 0 and "MATCH" in rules.stdout, rules.stdout

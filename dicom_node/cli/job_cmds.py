@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from dicom_node import operations
@@ -32,11 +32,12 @@ from dicom_node.cli.app import (
     styled,
 )
 from dicom_node.complete import plan_indexed_series
-from dicom_node.db import Job, JobState, SentInstance, Series
+from dicom_node.db import Job, JobState, Series
 from dicom_node.infer import ModelPool
-from dicom_node.operations import job_as_dict
+from dicom_node.operations import job_as_dict, json_default
 from dicom_node.plan import Rejection
 from dicom_node.rules import explain, factor_for, facts_from_series
+from dicom_node.web import queries
 
 jobs_app = typer.Typer(help="Inspect and manage processing jobs.", no_args_is_help=True)
 rules_app = typer.Typer(help="Check which rule applies to a series.", no_args_is_help=True)
@@ -99,33 +100,18 @@ def jobs_show(
     config_path: Path | None = ConfigOption,
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """Everything about one job: state, reason, stage seconds, preview, what it supersedes."""
+    """Everything about one job: state, reason, stage seconds, preview, what it supersedes,
+    each destination's acknowledgements and last attempt, and its audit events (--json)."""
     config = get_config(config_path)
     try:
         with sessions_for(config)() as s:
-            job = s.get(Job, job_id)
-            if job is None:
-                fail(f"no job {job_id}", EXIT_NOT_FOUND)
-            acked = dict(
-                s.execute(
-                    select(SentInstance.destination, func.count())
-                    .where(SentInstance.job_id == job.id)
-                    .group_by(SentInstance.destination)
-                ).all()
-            )
-            prev = s.get(Job, job.supersedes_job_id) if job.supersedes_job_id else None
-            d = job_as_dict(
-                job, config.storage.spool_root, acked, prev.derived_series_uid if prev else None
-            )
-            later = s.scalars(select(Job).where(Job.supersedes_job_id == job.id)).first()
-            d["superseded_by_job_id"] = later.id if later else None
-            d["notes"] = ((job.summary or {}).get("plan") or {}).get("notes", [])
-            d["writer_notes"] = (job.summary or {}).get("writer_notes", [])
-            d["factor_reason"] = (job.summary or {}).get("factor_reason")
+            d = queries.job_detail(s, job_id, config.storage.spool_root)
     except SQLAlchemyError as exc:
         db_fail(exc)
+    if d is None:
+        fail(f"no job {job_id}", EXIT_NOT_FOUND)
     if as_json:
-        print(json.dumps(d, indent=1))
+        print(json.dumps(d, indent=1, default=json_default))
         return
     console.print(styled((f"job {d['id']}", "bold"), "  state ", (d["state"], "bold")))
     if d["reason"]:
@@ -160,8 +146,15 @@ def jobs_show(
     stages = d["stage_seconds"]
     if stages:
         console.print("stage seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()))
-    dests = ", ".join(f"{n} ({acked.get(n, 0)} acknowledged)" for n in d["destinations"])
-    console.print(f"destinations: {dests or '-'}  send attempts {d['send_attempts']}")
+    console.print(f"send attempts: {d['send_attempts']}")
+    for send in d["sends"]:
+        last = send["last_attempt"]
+        console.print(
+            f"  to {send['destination']}: {send['acknowledged']} of {send['of']} acknowledged, "
+            f"{send['attempts']} attempt(s)"
+            + (f", last {json_default(last)} UTC" if last else "")
+            + (f": {send['last_failure']}" if send["last_failure"] else "")
+        )
     if d["next_send_at"]:
         console.print(f"next send attempt: {d['next_send_at']} UTC")
     for note in d["notes"]:

@@ -48,7 +48,7 @@ from dicom_node.config import (
 from dicom_node.infer import ModelPool, ModelUnavailable
 from dicom_node.logs import configure_logging
 from dicom_node.node import Node, StartupError, read_status, status_problem
-from dicom_node.operations import series_as_dict
+from dicom_node.operations import json_default, series_as_dict
 from dicom_node.send import destination_from_config
 from dicom_node.send import echo as send_echo
 from dicom_node.stow import StowTarget, stow_echo
@@ -307,11 +307,6 @@ def health(
 # -- series --------------------------------------------------------------------------------------
 
 
-def _json_time(value: datetime) -> str:
-    """Times in ``--json`` output: ISO 8601 to the second, UTC without an offset."""
-    return value.isoformat(timespec="seconds")
-
-
 @series_app.command("list")
 def series_list(
     config_path: Path | None = ConfigOption,
@@ -348,7 +343,7 @@ def series_list(
     except SQLAlchemyError as exc:
         db_fail(exc)
     if as_json:
-        print(json.dumps(rows, indent=2, default=_json_time))
+        print(json.dumps(rows, indent=2, default=json_default))
         return
     table = Table("series UID", "mod", "n", "state", "last received", "reason")
     for r in rows:
@@ -357,7 +352,7 @@ def series_list(
             r["modality"] or "",
             str(r["n_instances"]),
             r["state"],
-            _json_time(r["last_received"]),
+            json_default(r["last_received"]),
             r["state_reason"] or "",
         )
     console.print(table)
@@ -415,13 +410,15 @@ def series_show(
     except SQLAlchemyError as exc:
         db_fail(exc)
     if as_json:
-        print(json.dumps(info, indent=2, default=_json_time))
+        print(json.dumps(info, indent=2, default=json_default))
         return
     for key in ("series_uid", "study_uid", "modality", "series_number", "series_description",
                 "body_part", "n_instances", "state", "state_reason", "revision", "calling_ae",
                 "first_received", "last_received", "hold_until"):  # fmt: skip
         value = info[key]
-        shown = "" if value is None else _json_time(value) if isinstance(value, datetime) else value
+        shown = (
+            "" if value is None else json_default(value) if isinstance(value, datetime) else value
+        )
         console.print(f"{key:>20}: {shown}", highlight=False)
     table = Table("#", "SOP instance UID", "position", "thick", "size", "TS")
     for i in info["instances"]:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime
 from enum import Enum
 from typing import Any
 from urllib.parse import parse_qs
@@ -12,6 +11,7 @@ from urllib.parse import parse_qs
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from dicom_node.operations import json_default
 from dicom_node.web.auth import BrowserSession
 
 __all__ = ["JSON", "Principal", "Refused", "query_int", "query_state", "read_form", "read_json"]
@@ -36,17 +36,11 @@ class Refused(Exception):
         self.message = message
 
 
-def _default(value: Any) -> Any:
-    if isinstance(value, datetime):
-        return value.isoformat(timespec="seconds")
-    raise TypeError(f"not JSON: {type(value).__name__}")
-
-
 class JSON(JSONResponse):
     """JSON with times as ISO 8601 (UTC, as stored)."""
 
     def render(self, content: Any) -> bytes:
-        return json.dumps(content, default=_default, ensure_ascii=False).encode("utf-8")
+        return json.dumps(content, default=json_default, ensure_ascii=False).encode("utf-8")
 
 
 async def read_form(request: Request) -> dict[str, str]:

@@ -291,6 +291,7 @@ def job_detail(session: Session, job_id: int, spool_root: Path) -> dict | None:
     d["superseded_by_job_id"] = later
     d["factor_reason"] = (job.summary or {}).get("factor_reason")
     d["notes"] = ((job.summary or {}).get("plan") or {}).get("notes", [])
+    d["writer_notes"] = (job.summary or {}).get("writer_notes", [])
     n_files = len(job.derived_files or [])
     attempts = _send_attempts(session, 200, job_id=job.id)
     d["sends"] = []
