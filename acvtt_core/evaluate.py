@@ -21,6 +21,8 @@ from acvtt_core.volume import (
 )
 
 METHODS = ("linear", "cubic", "acvtt")
+# The figures of each evaluated (case, factor, method) row, as ``paper_metrics`` names them.
+METRICS = ("psnr", "ssim", "psnr_synth", "ssim_axial", "ssim_coronal", "ssim_sagittal")
 
 
 DEGRADATIONS = ("decimate", "slab")
@@ -114,17 +116,7 @@ def summarise(rows: list[dict[str, Any]]) -> dict[str, Any]:
         for method in METHODS:
             sel = [x for x in rows if x["factor"] == r and x["method"] == method]
             if sel:
-                per[method] = {
-                    k: float(np.mean([x[k] for x in sel]))
-                    for k in (
-                        "psnr",
-                        "ssim",
-                        "psnr_synth",
-                        "ssim_axial",
-                        "ssim_coronal",
-                        "ssim_sagittal",
-                    )
-                }
+                per[method] = {k: float(np.mean([x[k] for x in sel])) for k in METRICS}
         gains = [g for (_, f), g in all_gains.items() if f == r]
         if gains:
             per["acvtt_gain_db_vs_best_baseline"] = {

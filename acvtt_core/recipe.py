@@ -22,6 +22,7 @@ import numpy as np
 
 from acvtt_core.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from acvtt_core.config import ModelConfig, get_preset
+from acvtt_core.evaluate import METRICS
 from acvtt_core.model import ACVTT, INITS, fresh_model
 from acvtt_core.selfsup import MixedSampler, Source
 from acvtt_core.train import (
@@ -229,16 +230,7 @@ def build_meta(
     prev = (
         base_meta.training_data if base_meta and isinstance(base_meta.training_data, dict) else {}
     )
-    this = {
-        s.name: {
-            "spacing_mm_zyx": list(s.spacing),
-            "shape": list(s.vol.shape),
-            "inplane": s.inplane,
-            "synthetic_z": s.synthetic_z,
-            "weight": s.weight,
-        }
-        for s in sources
-    }
+    this = {s.name: s.describe() for s in sources}
     training_data = {
         **prev,
         "volumes": sorted(_trained_on(base_meta) | set(this)),
@@ -358,18 +350,7 @@ def ship(
     meta.model_id = "acvtt-default"
     if eval_json is not None:
         res = json.loads(Path(eval_json).read_text())
-        keep = (
-            "case",
-            "factor",
-            "method",
-            "psnr",
-            "ssim",
-            "psnr_synth",
-            "ssim_axial",
-            "ssim_coronal",
-            "ssim_sagittal",
-            "seconds",
-        )
+        keep = ("case", "factor", "method", *METRICS, "seconds")
         meta.metrics = {
             "protocol": "acvtt eval: paper protocol (LR = HR[::r], 5 slices dropped per end, "
             "PSNR data range 1, 3D SSIM skimage defaults), held-out patients only",

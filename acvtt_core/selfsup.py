@@ -153,6 +153,16 @@ class Source:
         if self.vol.ndim != 3:
             raise ValueError(f"{self.name}: volume must be 3D, got {self.vol.shape}")
 
+    def describe(self) -> dict:
+        """How it was used, for a checkpoint's ``training_data["train_volumes"]``."""
+        return {
+            "spacing_mm_zyx": list(self.spacing),
+            "shape": list(self.vol.shape),
+            "inplane": self.inplane,
+            "synthetic_z": self.synthetic_z,
+            "weight": self.weight,
+        }
+
 
 def _crop_start(profile: np.ndarray, size: int, rng: np.random.Generator, align: int = 1) -> int:
     """Random start of a window of `size` along a 1D body profile (fraction of body pixels),

@@ -124,19 +124,7 @@ def build_meta(base_meta, sources, held_out: list[str], sampler, base: Path, pha
     data = base_meta.training_data if isinstance(base_meta.training_data, dict) else {}
     old = dict(data.get("train_volumes", {}))
     meta.training_data = {
-        "train_volumes": {
-            **old,
-            **{
-                s.name: {
-                    "spacing_mm_zyx": list(s.spacing),
-                    "shape": list(s.vol.shape),
-                    "inplane": s.inplane,
-                    "synthetic_z": s.synthetic_z,
-                    "weight": s.weight,
-                }
-                for s in sources
-            },
-        },
+        "train_volumes": {**old, **{s.name: s.describe() for s in sources}},
         "held_out": held_out,
         "sampler": sampler.describe(),
     }
