@@ -101,7 +101,7 @@ def main() -> None:
         mb = sum(f.stat().st_size for f in files) / 1e6
         rates: dict[str, list[float]] = {"storescu": [], "c-store": [], "stow-rs": []}
         for r in range(args.repeats):
-            for how in rates:  # alternate, so that drift in machine load hits both alike
+            for how in rates:  # alternate, so that drift in machine load hits all three alike
                 rates[how].append(_run(work / f"{how}-{r}", files, args.batch, how))
     med = {k: statistics.median(v) for k, v in rates.items()}
     print(f"{len(files)} instances, {mb:.0f} MB, STOW-RS batch {args.batch}, {args.repeats} runs")
