@@ -207,3 +207,32 @@ def test_text_from_the_database_prints_verbatim(tmp_path, sample_data):
     shown = proc.cli("series", "show", "1.2.3.4")
     assert shown.returncode == 0, shown.stderr
     assert reason in shown.stdout
+
+
+def test_reprocess_and_resend_errors_are_one_line(tmp_path):
+    """What an operator can get wrong: an unknown series or job (exit 3), a series that cannot
+    be processed (exit 1, with the reason), a database without a schema (exit 1, names the fix)."""
+    from dicom_node import db
+
+    proc = NodeProcess(tmp_path / "node")  # not started: the CLI works on the DB alone
+    no_schema = proc.cli("reprocess", "1.2.3.4")
+    assert no_schema.returncode == 1 and "db upgrade" in no_schema.stderr
+    one_line_error(no_schema)
+    assert proc.cli("db", "upgrade").returncode == 0
+    engine = db.make_engine(f"sqlite:///{proc.db_path}")
+    with db.make_session_factory(engine)() as s:
+        s.add(db.Series(series_uid="1.2.3.4", study=db.Study(study_uid="1.2.3"), modality="CT",
+                        revision=0, state=db.SeriesState.receiving))  # fmt: skip
+        s.commit()
+    for args in (("reprocess", "1.2.3.999"), ("resend", "4711"), ("resend", "4711", "--all")):
+        missing = proc.cli(*args)
+        assert missing.returncode == 3, (args, missing.stderr)
+        one_line_error(missing)
+    empty = proc.cli("reprocess", "1.2.3.4", "--wait", "5")
+    assert empty.returncode == 1, empty.stdout + empty.stderr
+    one_line_error(empty)
+    with db.make_session_factory(engine)() as s:
+        assert s.query(db.Job).count() == 0  # nothing was queued for it
+        series = s.query(db.Series).one()
+        assert series.state_reason and series.state_reason in empty.stderr
+    engine.dispose()

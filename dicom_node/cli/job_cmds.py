@@ -10,6 +10,8 @@ import getpass
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import typer
@@ -185,6 +187,29 @@ def _wait(sessions, job_id: int, seconds: float) -> JobState:
         time.sleep(0.5)
 
 
+def _report_wait(sessions, job_id: int, seconds: float) -> None:
+    """``--wait``: print the job's state after at most ``seconds``; exit 1 unless it was sent."""
+    if seconds <= 0:
+        return
+    state = _wait(sessions, job_id, seconds)
+    console.print(f"job {job_id}: {state.value}")
+    if state is not JobState.sent:
+        raise typer.Exit(EXIT_FAILED)
+
+
+@contextmanager
+def _operation_errors() -> Iterator[None]:
+    """Exit with one line for what an operator action can run into (see the exit codes)."""
+    try:
+        yield
+    except operations.NotFound as exc:
+        fail(str(exc), EXIT_NOT_FOUND)
+    except operations.NotPossible as exc:
+        fail(str(exc))
+    except SQLAlchemyError as exc:
+        db_fail(exc)
+
+
 @app.command()
 def reprocess(
     series_uid: str = typer.Argument(..., help="SeriesInstanceUID of a received series"),
@@ -202,27 +227,15 @@ def reprocess(
 
     config = get_config(config_path)
     sessions = sessions_for(config)
-    try:
-        with sessions() as s:
-            done = operations.reprocess(
-                s, config, series_uid, ModelPool(config.model), force=force, by=_who(), via="cli"
-            )
-    except operations.NotFound as exc:
-        fail(str(exc), EXIT_NOT_FOUND)
-    except operations.NotPossible as exc:
-        fail(str(exc))
-    except SQLAlchemyError as exc:
-        db_fail(exc)
+    with _operation_errors(), sessions() as s:
+        done = operations.reprocess(
+            s, config, series_uid, ModelPool(config.model), force=force, by=_who(), via="cli"
+        )
     if done.action == "already_done":
         console.print(f"{done.message}. Use --force to run it again.")
         return
-    message, job_id = done.message, done.job_id
-    console.print(message)
-    if wait > 0:
-        state = _wait(sessions, job_id, wait)
-        console.print(f"job {job_id}: {state.value}")
-        if state is not JobState.sent:
-            raise typer.Exit(EXIT_FAILED)
+    console.print(done.message)
+    _report_wait(sessions, done.job_id, wait)
 
 
 @app.command()
@@ -238,21 +251,10 @@ def resend(
 
     config = get_config(config_path)
     sessions = sessions_for(config)
-    try:
-        with sessions() as s:
-            operations.resend(s, config, job_id, all_instances=all_instances, by=_who(), via="cli")
-    except operations.NotFound as exc:
-        fail(str(exc), EXIT_NOT_FOUND)
-    except operations.NotPossible as exc:
-        fail(str(exc))
-    except SQLAlchemyError as exc:
-        db_fail(exc)
+    with _operation_errors(), sessions() as s:
+        operations.resend(s, config, job_id, all_instances=all_instances, by=_who(), via="cli")
     console.print(f"job {job_id} will be sent again")
-    if wait > 0:
-        state = _wait(sessions, job_id, wait)
-        console.print(f"job {job_id}: {state.value}")
-        if state is not JobState.sent:
-            raise typer.Exit(EXIT_FAILED)
+    _report_wait(sessions, job_id, wait)
 
 
 # -- rules test ----------------------------------------------------------------------------------
