@@ -15,7 +15,7 @@ import pytest
 from dicom_node.geometry import GeometryError, orientation_problem, plane_problem, slice_normal
 from dicom_node.plan import Rejection, SeriesPlan, plan_slices
 from dicom_node.slices import SliceRef
-from tests.support.node import NodeProcess, send_with_storescu
+from tests.support.node import PROCESS_CT_NOWHERE, NodeProcess, send_with_storescu
 from tests.support.polling import wait_until
 
 AXIAL = [1, 0, 0, 0, 1, 0]
@@ -193,19 +193,7 @@ def test_real_node_rejects_the_series_with_the_value(sample_data, tmp_path):
             ds.save_as(files[-1], enforce_file_format=True)
         series[name] = (series_uid, files)
 
-    overrides = {
-        "completion": {"quiet_seconds": 1, "check_interval_s": 0.5},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
-        "rules": [
-            {
-                "name": "ct",
-                "match": {"modality": ["CT"]},
-                "action": {"target_spacing_mm": 1.0, "destinations": ["pacs"]},
-            }
-        ],
-        "model": {"device": "cpu"},
-    }
-    with NodeProcess(tmp_path / "node", overrides=overrides) as node:
+    with NodeProcess(tmp_path / "node", overrides=PROCESS_CT_NOWHERE) as node:
         for _uid, files in series.values():
             sent = send_with_storescu(files, node.port)
             assert sent.acknowledged == set(files), sent.output[-2000:]

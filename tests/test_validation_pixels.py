@@ -26,7 +26,7 @@ from dicom_node.header import STATUS_DATASET_MISMATCH, PixelDataExtent, pixel_pr
 from dicom_node.load import LoadError, load_series
 from dicom_node.plan import plan_slices
 from dicom_node.slices import slice_refs_from_file
-from tests.support.node import NodeProcess, make_instances, send_with_storescu
+from tests.support.node import PROCESS_CT_NOWHERE, NodeProcess, make_instances, send_with_storescu
 from tests.support.polling import wait_until
 
 QUIET = {"completion": {"quiet_seconds": 100000}}  # keep the pipeline away from these series
@@ -183,19 +183,7 @@ def test_one_broken_slice_rejects_the_whole_series_naming_it(sample_data, tmp_pa
     ]
     refused = pydicom.dcmread(native[2], stop_before_pixels=True)
 
-    overrides = {
-        "completion": {"quiet_seconds": 1, "check_interval_s": 0.5},
-        "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
-        "rules": [
-            {
-                "name": "ct",
-                "match": {"modality": ["CT"]},
-                "action": {"target_spacing_mm": 1.0, "destinations": ["pacs"]},
-            }
-        ],
-        "model": {"device": "cpu"},
-    }
-    with NodeProcess(tmp_path / "node", overrides=overrides) as node:
+    with NodeProcess(tmp_path / "node", overrides=PROCESS_CT_NOWHERE) as node:
         sent = send_with_storescu(j2k, node.port)
         assert sent.acknowledged == set(j2k), sent.output[-2000:]
         sent = send_with_storescu(native, node.port, extra_args=["--no-halt"])

@@ -46,6 +46,22 @@ ECHOSCU = "/usr/bin/echoscu"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
+# Process every CT series at once (quiet for 1 s) and send it to a port where nobody listens:
+# for tests of what the node accepts, rejects and writes, not of delivery.
+PROCESS_CT_NOWHERE = {
+    "completion": {"quiet_seconds": 1, "check_interval_s": 0.5},
+    "destinations": [{"name": "pacs", "ae_title": "PACS", "host": "127.0.0.1", "port": 9}],
+    "rules": [
+        {
+            "name": "ct",
+            "match": {"modality": ["CT"]},
+            "action": {"target_spacing_mm": 1.0, "destinations": ["pacs"]},
+        }
+    ],
+    "model": {"device": "cpu"},
+}
+
+
 def dicom_node_command() -> list[str]:
     """The ``dicom-node`` console script of this interpreter (or an equivalent)."""
     script = Path(sys.executable).parent / "dicom-node"
