@@ -113,6 +113,14 @@ def _job_state(node: NodeProcess, series_uid: str) -> str | None:
     return rows[0][0] if rows else None
 
 
+def _await_sent(fig: Figures, node: NodeProcess, series_uid: str) -> None:
+    """Wait up to 300 s for the series' job to be sent: a stall if it is not, a dead letter if
+    it failed."""
+    if _wait(lambda: _job_state(node, series_uid) == "sent", 300) is None:
+        fig.stalls += 1
+    fig.dead_letters += _job_state(node, series_uid) == "failed"
+
+
 def _lost(node: NodeProcess, acked_files: list[Path]) -> int:
     """Acknowledged instances whose index row or spool file is missing."""
     import pydicom
@@ -153,9 +161,7 @@ def crash_during_receive(node, pacs, sources, work, rounds, rng) -> Figures:
         node.start()
         fig.acked_lost += _lost(node, acked)
         send_with_storescu(files, node.port)  # the sender retries the whole series
-        if _wait(lambda u=uid: _job_state(node, u) == "sent", 300) is None:
-            fig.stalls += 1
-        fig.dead_letters += _job_state(node, uid) == "failed"
+        _await_sent(fig, node, uid)
     _delivery_figures(fig, pacs.deliveries()[start:], rounds)
     fig.seconds = time.monotonic() - t0
     return fig
@@ -173,9 +179,7 @@ def crash_during_send(node, pacs, sources, work, rounds, rng) -> Figures:
             continue
         node.kill()
         node.start()
-        if _wait(lambda u=uid: _job_state(node, u) == "sent", 300) is None:
-            fig.stalls += 1
-        fig.dead_letters += _job_state(node, uid) == "failed"
+        _await_sent(fig, node, uid)
     _delivery_figures(fig, pacs.deliveries()[start:], rounds)
     fig.seconds = time.monotonic() - t0
     return fig
@@ -192,9 +196,7 @@ def pacs_outage(node, pacs, sources, work, outage_s) -> Figures:
     time.sleep(outage_s)
     pacs.start()
     # Backoff from the node's defaults (2 s doubling, capped): allow for a few rounds of it.
-    if _wait(lambda: _job_state(node, uid) == "sent", 300) is None:
-        fig.stalls += 1
-    fig.dead_letters += _job_state(node, uid) == "failed"
+    _await_sent(fig, node, uid)
     _delivery_figures(fig, pacs.deliveries()[start:], 1)
     fig.seconds = time.monotonic() - t0
     return fig
@@ -224,9 +226,7 @@ def disk_full(sources, work, pacs) -> Figures:
         files2, uid2 = _series(sources, work, "disk-2")
         acked2 = send_with_storescu(files2, node.port).acknowledged
         for u in (uid, uid2):
-            if _wait(lambda u=u: _job_state(node, u) == "sent", 300) is None:
-                fig.stalls += 1
-            fig.dead_letters += _job_state(node, u) == "failed"
+            _await_sent(fig, node, u)
         fig.acked_lost += _lost(node, sorted(acked2))
         node.kill()
     finally:
