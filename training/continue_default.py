@@ -102,11 +102,44 @@ def copy_state(src: Path, dst: Path) -> None:
     """Copy the state files atomically (tmp + rename each), between chunks, so that a commit of
     `dst` never sees a half-written file."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in STATE_FILES:
+    averages = sorted(p.name for p in src.glob("average_from_phase*.*"))
+    for name in (*STATE_FILES, *averages):
         if (src / name).exists():
             tmp = dst / (name + ".tmp")
             shutil.copyfile(src / name, tmp)
             os.replace(tmp, dst / name)
+
+
+def average_name(phase: int) -> str:
+    return f"average_from_phase{phase}.safetensors"
+
+
+def update_average(run: Path, phase: int, model, meta: CheckpointMeta, step: int) -> None:
+    """Fold the weights after a chunk into RUN/average_from_phaseN: the uniform mean of the
+    weights at the end of every chunk since phase ``phase`` began (a tail average, as in
+    stochastic weight averaging). Idempotent per step, so a resumed run never counts a chunk
+    twice. The model has layer norms only, so the mean needs no recalibration."""
+    path = run / average_name(phase)
+    current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    chunks = 0
+    if path.exists():
+        prev, prev_meta, _ = load_checkpoint(path)
+        info = prev_meta.extra["tail_average"]
+        if info["through_step"] >= step:
+            return
+        chunks, mean = int(info["chunks"]), prev.state_dict()
+        current = {
+            k: mean[k] + (v - mean[k]) / (chunks + 1) if v.is_floating_point() else v
+            for k, v in current.items()
+        }
+    out = copy.deepcopy(model)
+    out.load_state_dict(current)
+    out_meta = copy.deepcopy(meta)
+    out_meta.extra = {
+        **meta.extra,
+        "tail_average": {"from_phase": phase, "chunks": chunks + 1, "through_step": step},
+    }
+    save_checkpoint(path, out, out_meta)
 
 
 def set_lr(run: Path, lr: float) -> None:
@@ -168,6 +201,14 @@ def main(argv: list[str] | None = None) -> None:
         default="he",
         help="initialisation of a fresh --width model: 'he' (the recipe's, "
         "acvtt_core.model.he_init) or 'default' (PyTorch's, which the first width-10 run used)",
+    )
+    ap.add_argument(
+        "--average-from-phase",
+        type=int,
+        action="append",
+        default=[],
+        help="also keep RUN/average_from_phaseN.safetensors, the mean of the weights after every "
+        "chunk from phase N on (0 = the first --phase); repeatable",
     )
     ap.add_argument(
         "--threads",
@@ -265,6 +306,9 @@ def main(argv: list[str] | None = None) -> None:
                 "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "samples": dict(sampler.counts),
             }
+            for first in a.average_from_phase:
+                if i >= first:
+                    update_average(run, first, model, meta, step + CHUNK)
             with open(run / "phases.jsonl", "a") as f:
                 f.write(json.dumps(rec) + "\n")
             prog_path.write_text(json.dumps({"used_min": used, "phases": a.phase}))
