@@ -1,7 +1,7 @@
 """Delivery throughput: the node's C-STORE and STOW-RS senders against dcmtk's storescu, to the
 same Orthanc, in one run.
 
-    python benchmarks/stow.py [--n 200] [--batch 16] [--repeats 3]
+    python benchmarks/stow.py [--n 200] [--batch 16] [--repeats 3] [--peer storescp]
 
 Writes a derived series of ``--n`` real-size (512x512) instances from the real CT headers, then
 delivers it, each time to a fresh store of one Orthanc (Debian, with its DICOMweb plugin), with
@@ -9,6 +9,8 @@ the node's own senders, ``send.send_instances`` (C-STORE over one association) a
 ``stow.stow_instances`` (STOW-RS, ``--batch`` instances per POST), and with the baseline, dcmtk's
 ``storescu`` (C-STORE over one association, ``TCP_NODELAY=1``). Prints instances/s for each and
 the ratios (medians of ``--repeats`` runs). Orthanc writes to a temporary directory.
+``--peer storescp`` delivers instead to a dcmtk storescp that discards what it receives, so
+that the figures are the two C-STORE senders' own cost (no STOW-RS then).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dicom_node.devtools.sample_data import fetch_sample_data  # noqa: E402
 from dicom_node.send import Destination, send_instances  # noqa: E402
 from dicom_node.stow import StowTarget, stow_instances  # noqa: E402
 from dicom_node.write import SourceImage, write_derived_series  # noqa: E402
+from tests.support.dcmtk import storescp  # noqa: E402
 from tests.support.orthanc import DICOMWEB_PLUGIN, OrthancServer  # noqa: E402
 
 
@@ -49,6 +52,29 @@ def _series(n: int, out: Path) -> list[Path]:
         model_version="1", out_dir=out,
     )  # fmt: skip
     return sorted(out.glob("*.dcm"))[:n]
+
+
+def _run_to_storescp(work: Path, files: list[Path], how: str) -> float:
+    """Deliver ``files`` to a dcmtk storescp that reads each instance and throws it away
+    (``--ignore``): what is left is the sender's own cost."""
+    with storescp(work, ae_title="PACS", extra_args=["--ignore", "-q"]) as scp:
+        t0 = time.perf_counter()
+        if how == "storescu":
+            cmd = ["/usr/bin/storescu", "-aet", "BENCH", "-aec", "PACS", scp.host,
+                   str(scp.port), *map(str, files)]  # fmt: skip
+            proc = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}
+            )
+            ok, why = proc.returncode == 0, proc.stderr[-500:]
+        else:
+            res = send_instances(
+                Destination("PACS", scp.host, scp.port), files, calling_ae_title="BENCH"
+            )
+            ok, why = res.ok and len(res.sent_now) == len(files), res.failure
+        dt = time.perf_counter() - t0
+    if not ok:
+        raise SystemExit(f"{how}: delivery incomplete: {why}")
+    return len(files) / dt
 
 
 def _run(work: Path, files: list[Path], batch: int, how: str) -> float:
@@ -92,7 +118,16 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200, help="instances to deliver")
     ap.add_argument("--batch", type=int, default=16, help="instances per STOW-RS request")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--peer",
+        choices=("orthanc", "storescp"),
+        default="orthanc",
+        help="orthanc: the PACS (all three senders); storescp: a dcmtk storescp that discards "
+        "what it gets, to measure the C-STORE senders' own cost",
+    )
     args = ap.parse_args()
+    if args.peer == "storescp":
+        return _main_storescp(args)
     if not DICOMWEB_PLUGIN:
         raise SystemExit("needs Debian's orthanc-dicomweb (scripts/setup.sh installs it)")
     with tempfile.TemporaryDirectory(prefix="stow-bench-") as tmp:
@@ -111,6 +146,22 @@ def main() -> None:
     print(f"  node C-STORE / storescu: {med['c-store'] / med['storescu']:.2f}")
     print(f"  node STOW-RS / storescu: {med['stow-rs'] / med['storescu']:.2f}")
     print(f"  STOW-RS / C-STORE: {med['stow-rs'] / med['c-store']:.2f}")
+
+
+def _main_storescp(args) -> None:
+    with tempfile.TemporaryDirectory(prefix="stow-bench-") as tmp:
+        work = Path(tmp)
+        files = _series(args.n, work / "derived")
+        rates: dict[str, list[float]] = {"storescu": [], "c-store": []}
+        for r in range(args.repeats):
+            for how in rates:
+                rates[how].append(_run_to_storescp(work / f"{how}-{r}", files, how))
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    print(f"{len(files)} instances to storescp --ignore, {args.repeats} runs")
+    for how, rate in med.items():
+        runs = ", ".join(f"{x:.0f}" for x in rates[how])
+        print(f"  {how:<8} {rate:7.1f} instances/s  (runs: {runs})")
+    print(f"  node C-STORE / storescu: {med['c-store'] / med['storescu']:.2f}")
 
 
 if __name__ == "__main__":

@@ -383,6 +383,26 @@ def p_data_values(body: bytes | bytearray) -> list[tuple[int, bytes]] | None:
     return values
 
 
+_P_DATA_TF_HEAD = struct.Struct(">BBIIB").pack
+
+
+def p_data_tf_pdu(context_id: int, value: bytes) -> bytes:
+    """The P-DATA-TF PDU carrying one presentation data value (``value`` from its message
+    control header on), as pynetdicom's ``P_DATA_TF.from_primitive(...).encode()`` writes it for
+    a P-DATA primitive holding that one value: the inverse of :func:`p_data_values`."""
+    # PDU type 04, reserved, PDU length; the item's length, its presentation context ID
+    return _P_DATA_TF_HEAD(0x04, 0, len(value) + 5, len(value) + 1, context_id) + value
+
+
+def unbind_idle_log_handlers(assoc: Association) -> None:
+    """Unbind pynetdicom's standard log handlers from ``assoc`` when pynetdicom's logger drops
+    their lines (the node sets it to WARNING): they only log, at INFO and DEBUG, and with that
+    off still build every line and copy each data set once to say that it is present."""
+    if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+        for event, handler in _STANDARD_LOG_HANDLERS:
+            assoc.unbind(event, handler)
+
+
 class EventAssociation(Association):
     """pynetdicom's acceptor association with an event-driven reactor and :class:`EventDUL`."""
 
@@ -401,14 +421,10 @@ class EventAssociation(Association):
         self.network_timeout = self.ae.network_timeout
 
     def unbind_idle_log_handlers(self) -> None:
-        """Unbind pynetdicom's standard log handlers when pynetdicom's logger drops their lines
-        (the node sets it to WARNING): they only log, at INFO and DEBUG, and with that off still
-        build every line and copy each data set once to say that it is present. pynetdicom's
-        server binds them again on each new association (``AssociationServer._bind_defaults``),
-        so :class:`EventRequestHandler` calls this after the server's handlers too."""
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
-            for event, handler in _STANDARD_LOG_HANDLERS:
-                self.unbind(event, handler)
+        """:func:`unbind_idle_log_handlers` for this association. pynetdicom's server binds
+        the handlers again on each new association (``AssociationServer._bind_defaults``), so
+        :class:`EventRequestHandler` calls this after the server's handlers too."""
+        unbind_idle_log_handlers(self)
 
     def wake(self) -> None:
         """Make the association reactor look for work now (any thread may call this)."""
@@ -583,6 +599,28 @@ def store_response_command_set(primitive: C_STORE) -> bytes | None:
         if value is not None:
             elements.append((tag, vr, value))
     body = _encode_elements(elements)
+    if body is None:
+        return None
+    return _U16(0) + _U16(0) + _U32(4) + _U32(len(body)) + body
+
+
+def store_request_command_set(
+    sop_class: str, sop_instance: str, message_id: int, priority: int
+) -> bytes | None:
+    """The whole encoded command set (group length first) of a C-STORE request with a data
+    set and no Move Originator, as pynetdicom's C_STORE_RQ encodes it from a C_STORE primitive
+    (the sender's side of :func:`store_response_command_set`); None where
+    :func:`encode_command_set` declines a value (the caller then uses pynetdicom's)."""
+    body = _encode_elements(
+        (
+            (0x00000002, "UI", sop_class),
+            (0x00000100, "US", 0x0001),  # CommandField: C-STORE-RQ
+            (0x00000110, "US", message_id),
+            (0x00000700, "US", priority),
+            (0x00000800, "US", 0x0001),  # CommandDataSetType: a data set follows
+            (0x00001000, "UI", sop_instance),
+        )
+    )
     if body is None:
         return None
     return _U16(0) + _U16(0) + _U32(4) + _U32(len(body)) + body

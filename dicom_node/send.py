@@ -20,33 +20,48 @@ Success (0x0000) and warning statuses (0x0001, 0xBxxx) count as acknowledged.
 
 A file goes as it is, its bytes after the File Meta Information read from disk in PDU-sized
 pieces, never decoded, whenever the peer accepted a presentation context in the file's own
-transfer syntax (pynetdicom's ``STORE_SEND_CHUNKED_DATASET``): the PACS gets exactly what was
-written, and the sender spends less CPU (``benchmarks/stow.py``). Otherwise (the peer accepted
-only the other uncompressed syntax, or the file's meta disagrees with its data set) it is read
-and re-encoded as before.
+transfer syntax: the PACS gets exactly what was written. When every instance of a send goes so
+(the node's derived series always do), :func:`_store_files_as_is` encodes each C-STORE request
+itself and writes its P-DATA-TF PDUs to the association's socket, the bytes pynetdicom would
+send, keeping pynetdicom's association, state machine and response decoding: about 1.3 x the
+instances per second of pynetdicom's request path on this 2-core machine (``benchmarks/stow.py
+--peer storescp``). Otherwise pynetdicom's ``send_c_store`` sends them: the file as it is
+(``STORE_SEND_CHUNKED_DATASET``), or read and re-encoded where the peer accepted only the other
+uncompressed syntax or the file's meta disagrees with its data set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import socket
 import ssl
 import time
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
+from io import BytesIO
 from pathlib import Path
+from typing import BinaryIO, cast
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ASSOCIATE
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import split_dataset
+from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from pynetdicom.status import code_to_category
 
+from dicom_node.association_reactor import (
+    p_data_tf_pdu,
+    store_request_command_set,
+    unbind_idle_log_handlers,
+)
 from dicom_node.config import Destination as DestinationConfig
 from dicom_node.tls import DeferredHandshake, handshake
 from dicom_node.uids import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME, is_valid_uid
@@ -216,6 +231,7 @@ class _Item:
     # A file whose File Meta names the same SOP class and instance as its data set: the C-STORE
     # command takes them from the meta when the file's bytes go as they are.
     as_is: bool = False
+    data_set_offset: int = 0  # of an as-is file: where its data set starts
 
 
 def _describe(source: Path | str | Dataset) -> _Item:
@@ -236,7 +252,8 @@ def _describe(source: Path | str | Dataset) -> _Item:
         and str(getattr(meta, "MediaStorageSOPClassUID", "") or "") == sop_class
         and str(getattr(meta, "MediaStorageSOPInstanceUID", "") or "") == sop_instance
     )
-    return _Item(src, sop_class, sop_instance, ts, as_is)
+    offset = split_dataset(src)[1] if as_is else 0
+    return _Item(src, sop_class, sop_instance, ts, as_is, offset)
 
 
 def _to_send(assoc: Association, it: _Item) -> Path | Dataset:
@@ -340,6 +357,7 @@ def associate(
             (evt.EVT_ACSE_RECV, _on_acse_recv, [info]),
         ],
     )
+    unbind_idle_log_handlers(assoc)  # for the data it sends: they build lines nobody keeps
     return assoc, info
 
 
@@ -495,7 +513,13 @@ def _store_each(
 ) -> tuple[SendFailure | None, bool]:
     """C-STORE ``items[i]`` for each ``i`` in ``todo`` on an established association, recording
     each in ``outcomes``, up to the first failure. Returns that failure (None when every instance
-    went) and whether the association can be released (False when the peer stopped answering)."""
+    went) and whether the association can be released (False when the peer stopped answering).
+
+    When every one of them is a file that goes as it is (the usual case: the node's own derived
+    series), :func:`_store_files_as_is` sends them; otherwise pynetdicom's ``send_c_store``."""
+    contexts = _as_is_contexts(assoc, [items[i] for i in todo])
+    if contexts is not None:
+        return _store_files_as_is(assoc, destination, items, todo, outcomes, on_ack, contexts)
     for msg_id, i in enumerate(todo, start=1):
         it = items[i]
         try:
@@ -508,32 +532,200 @@ def _store_each(
                 f"{it.transfer_syntax}: {exc}",
             ), True
         status = rsp.get("Status") if rsp is not None else None
-        if status is None:
-            outcomes[i] = InstanceOutcome(
-                it.sop_instance, False, sent_now=True, detail="no response"
-            )
-            why = "aborted" if assoc.is_aborted else "timed out or closed"
-            return SendFailure(
-                FailureKind.TRANSIENT,
-                f"association with {destination} {why} while sending "
-                f"({sum(o.sent_now and o.acknowledged for o in outcomes.values())} "
-                f"acknowledged)",
-            ), False
-        status = int(status)
-        kind = classify_status(status)
-        comment = str(rsp.get("ErrorComment", "") or "")
-        outcomes[i] = InstanceOutcome(
-            it.sop_instance, kind is None, status=status, sent_now=True, detail=comment
-        )
-        if kind is None and on_ack is not None:
-            on_ack(it.sop_instance, status)
-        if kind is not None:
-            return SendFailure(
-                kind,
-                f"{destination} answered 0x{status:04X} for {it.sop_instance}"
-                + (f": {comment}" if comment else ""),
-            ), True
+        comment = str(rsp.get("ErrorComment", "") or "") if rsp is not None else ""
+        failure = _answered(assoc, destination, it, i, status, comment, outcomes, on_ack)
+        if failure is not None:
+            return failure, status is not None
     return None, True
+
+
+def _answered(
+    assoc: Association,
+    destination: Destination,
+    it: _Item,
+    i: int,
+    status: int | None,
+    comment: str,
+    outcomes: dict[int, InstanceOutcome],
+    on_ack: Callable[[str, int], None] | None,
+) -> SendFailure | None:
+    """Record the peer's answer to the C-STORE of ``items[i]`` (``status`` None: no response
+    came) and return the failure it means, if any."""
+    if status is None:
+        outcomes[i] = InstanceOutcome(it.sop_instance, False, sent_now=True, detail="no response")
+        why = "aborted" if assoc.is_aborted else "timed out or closed"
+        return SendFailure(
+            FailureKind.TRANSIENT,
+            f"association with {destination} {why} while sending "
+            f"({sum(o.sent_now and o.acknowledged for o in outcomes.values())} acknowledged)",
+        )
+    status = int(status)
+    kind = classify_status(status)
+    outcomes[i] = InstanceOutcome(
+        it.sop_instance, kind is None, status=status, sent_now=True, detail=comment
+    )
+    if kind is None:
+        if on_ack is not None:
+            on_ack(it.sop_instance, status)
+        return None
+    return SendFailure(
+        kind,
+        f"{destination} answered 0x{status:04X} for {it.sop_instance}"
+        + (f": {comment}" if comment else ""),
+    )
+
+
+def _as_is_contexts(assoc: Association, items: Sequence[_Item]) -> list[int] | None:
+    """The accepted presentation context of each item, when every item is a file whose File
+    Meta agrees with its data set and the peer accepted its SOP class in the file's own
+    transfer syntax; else None."""
+    accepted: dict[tuple[str, str], int] = {}
+    for cx in assoc.accepted_contexts:
+        accepted.setdefault((cx.abstract_syntax, cx.transfer_syntax[0]), int(cx.context_id))
+    ids = []
+    for it in items:
+        cx_id = accepted.get((it.sop_class, it.transfer_syntax))
+        if not it.as_is or cx_id is None:
+            return None
+        ids.append(cx_id)
+    return ids
+
+
+@contextmanager
+def _reactor_paused(assoc: Association) -> Iterator[None]:
+    """Keep pynetdicom's association thread from taking DIMSE messages off the queue while this
+    thread waits for its responses: pynetdicom's own ``send_c_store`` does this around each
+    request (tests/test_send.py checks that it still does), here once for a whole series."""
+    assoc._reactor_checkpoint.clear()
+    try:
+        while not assoc._is_paused and assoc.is_established:
+            time.sleep(0.0001)
+        yield
+    finally:
+        assoc._reactor_checkpoint.set()
+
+
+@contextmanager
+def _send_timeout(sock: socket.socket | None, seconds: float | None) -> Iterator[None]:
+    """pynetdicom leaves a requestor's socket blocking with no timeout once connected: a peer
+    that stops reading would hold a send forever. Within this block a send that makes no
+    progress for ``seconds`` (the network timeout) fails instead."""
+    if sock is None or seconds is None:
+        yield
+        return
+    before = sock.gettimeout()
+    sock.settimeout(seconds)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            sock.settimeout(before)
+
+
+def _store_files_as_is(
+    assoc: Association,
+    destination: Destination,
+    items: Sequence[_Item],
+    todo: Sequence[int],
+    outcomes: dict[int, InstanceOutcome],
+    on_ack: Callable[[str, int], None] | None,
+    contexts: Sequence[int],
+    priority: int = 2,
+) -> tuple[SendFailure | None, bool]:
+    """:func:`_store_each` for files that all go as they are, without pynetdicom's DIMSE
+    request path: each command set is encoded by
+    :func:`~dicom_node.association_reactor.store_request_command_set` and the file's bytes after
+    its File Meta go in PDU-sized pieces, one presentation data value per P-DATA-TF PDU, as
+    pynetdicom's ``DIMSEMessage.encode_msg`` and ``P_DATA_TF`` would send them; the response is
+    pynetdicom's, as its DUL and DIMSE provider decoded it. The same bytes reach the peer as through
+    ``send_c_store`` with ``STORE_SEND_CHUNKED_DATASET`` (with its default priority, 2: low),
+    for less of the sender's CPU (docs/SCALING.md, "The node's sends")."""
+    max_pdu = int(assoc.acceptor.maximum_length or 0)
+    dul, dimse = assoc.dul, assoc.dimse
+    # Each PDU goes straight to the DUL's socket where the state machine would only send it
+    # (DT-1 in Sta6) and no handler wants to see it; else through the DUL's queue, as
+    # pynetdicom's path does.
+    raw: socket.socket | None = None
+    if dul.socket is not None and not any(
+        assoc.get_handlers(e) for e in (evt.EVT_PDU_SENT, evt.EVT_DATA_SENT)
+    ):
+        raw = dul.socket.socket
+
+    def send_value(context_id: int, value: bytes) -> bool:
+        if raw is None:
+            dul.send_pdu(_p_data(context_id, value))
+            return True
+        try:
+            raw.sendall(p_data_tf_pdu(context_id, value))
+            return True
+        except OSError:  # closed, reset, or no progress within the timeout
+            dul.event_queue.put("Evt17")  # what pynetdicom's socket does: the DUL closes
+            return False
+
+    with _reactor_paused(assoc), _send_timeout(raw, assoc.network_timeout):
+        for msg_id, (i, cx_id) in enumerate(zip(todo, contexts, strict=True), start=1):
+            it = items[i]
+            command = store_request_command_set(it.sop_class, it.sop_instance, msg_id, priority)
+            if command is None:  # a message id past 65535: more than one association can number
+                outcomes[i] = InstanceOutcome(it.sop_instance, False, detail="not sent")
+                return SendFailure(
+                    FailureKind.TRANSIENT, f"message id {msg_id} does not fit a C-STORE request"
+                ), True
+            source = cast(Path, it.source)
+            values = _c_store_values(command, source, it.data_set_offset, max_pdu)
+            if dul.state_machine.current_state != "Sta6" or not all(
+                send_value(cx_id, value) for value in values
+            ):
+                return _answered(assoc, destination, it, i, None, "", outcomes, on_ack), False
+            _cx, rsp = dimse.get_msg(block=True)
+            status = comment = None
+            if (
+                isinstance(rsp, C_STORE)
+                and rsp.is_valid_response
+                and rsp.MessageIDBeingRespondedTo == msg_id
+            ):
+                status, comment = rsp.Status, rsp.ErrorComment
+            elif rsp is not None:
+                log.error("send: an invalid C-STORE response from %s", destination)
+            failure = _answered(
+                assoc, destination, it, i, status, str(comment or ""), outcomes, on_ack
+            )
+            if failure is not None:
+                return failure, status is not None
+    return None, True
+
+
+def _c_store_values(command: bytes, path: Path, offset: int, max_pdu: int) -> Iterator[bytes]:
+    """The presentation data values of a C-STORE request: its encoded ``command`` set, then
+    the bytes of the file at ``path`` from ``offset`` on, each in pieces that fit a PDU of
+    ``max_pdu`` bytes (0: any length), each value to go in a P-DATA of its own, as pynetdicom's
+    ``DIMSEMessage.encode_msg`` sends a file's data set. The first byte of each value (PS3.8
+    E.2): bit 0 command, bit 1 last fragment."""
+    piece = max_pdu - 6 if max_pdu else -1
+    for last, fragment in _fragments(BytesIO(command), piece):
+        yield (b"\x03" if last else b"\x01") + fragment
+    with open(path, "rb") as f:
+        f.seek(offset)
+        for last, fragment in _fragments(f, piece):
+            yield (b"\x02" if last else b"\x00") + fragment
+
+
+def _fragments(stream: BinaryIO, size: int) -> Iterator[tuple[bool, bytes]]:
+    """(is the last, bytes) pieces of ``stream`` of ``size`` bytes (-1: all in one); one
+    empty last piece for an empty stream, as pynetdicom sends it."""
+    data = stream.read(size)
+    while True:
+        more = stream.read(size) if data else b""
+        yield not more, data
+        if not more:
+            return
+        data = more
+
+
+def _p_data(context_id: int, value: bytes) -> P_DATA:
+    pdata = P_DATA()
+    pdata.presentation_data_value_list.append((context_id, value))
+    return pdata
 
 
 def find_stored_instances(

@@ -23,7 +23,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.fsm import ACTIONS, DT_2, TRANSITION_TABLE, StateMachine
+from pynetdicom.fsm import ACTIONS, DT_1, DT_2, TRANSITION_TABLE, StateMachine
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification
 from pynetdicom.timer import Timer
@@ -224,6 +224,13 @@ UPSTREAM = {
     P_DATA_TF.to_primitive: "3cba1cd31f03fdf0",
     DT_2: "9ec543394e0b49eb",
     StateMachine.do_action: "9a883f44c7f31641",
+    # send._store_files_as_is sends a file's C-STORE as this sends it with
+    # STORE_SEND_CHUNKED_DATASET, and send._reactor_paused pauses the reactor as it does
+    Association.send_c_store: "fa5a8127f349f8e7",
+    # ... and writes each P-DATA-TF PDU to the socket where the state machine's DT-1 would,
+    # handling a failed write as pynetdicom's socket does
+    DT_1: "82e5c5d4114534fa",
+    AssociationSocket.send: "1ea8158c0b51faca",
     # _timer_wait reads the timers' private start and end times
     Timer.__init__: "0088049875c5d495",
     Timer.remaining.fget: "4556c335c34ee264",
@@ -536,6 +543,21 @@ def _pynetdicoms_values(pdu: bytes):
     decoded = P_DATA_TF()
     decoded.decode(bytes(pdu))
     return decoded.to_primitive().presentation_data_value_list
+
+
+def test_one_value_p_data_tf_pdus_are_encoded_as_pynetdicom_encodes_them():
+    """p_data_tf_pdu (the sender's P-DATA-TF, send._store_files_as_is) writes pynetdicom's
+    bytes for one value of any length and context, and p_data_values reads it back."""
+    from dicom_node.association_reactor import p_data_tf_pdu, p_data_values
+
+    for context_id, value in [
+        (1, b"\x03" + b"c" * 101),
+        (255, b"\x02"),
+        (7, b"\x00" + bytes(16378)),
+    ]:
+        pdu = p_data_tf_pdu(context_id, value)
+        assert pdu == _p_data_tf([(context_id, value)])
+        assert p_data_values(pdu[6:]) == [(context_id, value)]
 
 
 def test_p_data_values_are_decoded_as_pynetdicom_decodes_them():

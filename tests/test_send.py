@@ -393,3 +393,127 @@ def test_next_retry_delay_backoff_with_jitter():
     assert a == b  # deterministic for a seeded rng
     with pytest.raises(ValueError):
         next_retry_delay(-1)
+
+
+def _their_request_p_data(path: Path, offset: int, msg_id: int, sop_uid: str, priority: int,
+                          max_pdu: int) -> list:  # fmt: skip
+    """The P-DATA values pynetdicom sends for ``path`` as it is: ``send_c_store`` with
+    STORE_SEND_CHUNKED_DATASET builds this request and encodes it so."""
+    from pynetdicom.dimse_messages import C_STORE_RQ
+    from pynetdicom.dimse_primitives import C_STORE
+
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = CTImageStorage
+    req.AffectedSOPInstanceUID = sop_uid
+    req.Priority = priority
+    req._dataset_path = (path, offset)
+    message = C_STORE_RQ()
+    message.primitive_to_message(req)
+    return [p.presentation_data_value_list for p in message.encode_msg(5, max_pdu)]
+
+
+@pytest.mark.parametrize("max_pdu", [0, 16384, 4096, 60])
+def test_requests_for_files_are_the_p_data_pynetdicom_sends(derived_files, tmp_path, max_pdu):
+    """The node's own C-STORE request encoding (send._c_store_values with
+    association_reactor.store_request_command_set) gives the same P-DATA as pynetdicom's for a
+    file sent as it is: message ids up to 65535, each priority, odd and even UIDs of up to 64
+    characters, a command set split over several values (a PDU of 60 bytes), an empty data set."""
+    from dicom_node.association_reactor import store_request_command_set
+    from dicom_node.send import _c_store_values
+
+    path = derived_files[0]
+    offset = split_dataset(path)[1]
+    cases = [
+        (1, "1.2.3.4", 2, offset),
+        (2, "1.2.3.45", 0, offset),
+        (65535, "1." + "9" * 62, 1, offset),
+        (7, "1.2.3.4", 2, path.stat().st_size),  # nothing after the meta
+    ]
+    for msg_id, uid, priority, start in cases:
+        command = store_request_command_set(CTImageStorage, uid, msg_id, priority)
+        ours = [[(5, v)] for v in _c_store_values(command, path, start, max_pdu)]
+        assert ours == _their_request_p_data(path, start, msg_id, uid, priority, max_pdu)
+        if max_pdu:  # every value fits the PDU; at 60 bytes the command set is split
+            assert all(len(pdvs[0][1]) + 6 <= max_pdu + 1 for pdvs in ours)
+            assert (ours[0][0][1][0] == 0x01) == (max_pdu == 60)
+    assert store_request_command_set(CTImageStorage, "1.2.3", 65536, 2) is None
+
+
+def test_a_series_of_files_bypasses_pynetdicoms_request_path(derived_files, tmp_path,
+                                                             monkeypatch):  # fmt: skip
+    """Files that all go as they are never reach pynetdicom's send_c_store, and arrive whole;
+    when one instance needs pynetdicom (a data set), the whole association goes its way."""
+    from pynetdicom.association import Association
+
+    real = Association.send_c_store
+    calls = []
+    monkeypatch.setattr(Association, "send_c_store",
+                        lambda self, *a, **k: calls.append(1) or real(self, *a, **k))  # fmt: skip
+    with storescp(tmp_path / "scp", extra_args=["+B"]) as scp:  # bit-preserving
+        dest = Destination(scp.ae_title, scp.host, scp.port)
+        res = send_instances(dest, derived_files, calling_ae_title=CALLING)
+        assert res.ok, res.failure
+        assert [o.status for o in res.outcomes] == [0] * len(derived_files) and calls == []
+        received = {
+            str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID): p
+            for p in scp.received_files()
+        }
+        for f in derived_files:
+            uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            assert _data_set_bytes(received[uid]) == _data_set_bytes(f)
+        mixed = [pydicom.dcmread(derived_files[0]), *derived_files[1:3]]
+        again = send_instances(dest, mixed, calling_ae_title=CALLING)
+        assert again.ok and len(calls) == 3
+
+
+def test_statuses_and_comments_come_back_per_instance(derived_files):
+    """A pynetdicom acceptor with a small PDU answers a warning with a comment, then a failure:
+    the first counts as acknowledged (on_ack called), the second stops the send with its status
+    and comment, the rest are not sent."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import evt
+
+    answers = iter([(0xB000, "Coercion of data elements"), (0xA700, "disk full")])
+    seen = []
+
+    def on_store(event):
+        seen.append((event.request.MessageID, str(event.dataset.SOPInstanceUID)))
+        status, comment = next(answers)
+        rsp = Dataset()
+        rsp.Status, rsp.ErrorComment = status, comment
+        return rsp
+
+    ae = AE(ae_title="PICKY")
+    ae.maximum_pdu_size = 4096
+    ae.add_supported_context(CTImageStorage, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    port = free_port()
+    server = ae.start_server(("127.0.0.1", port), block=False,
+                             evt_handlers=[(evt.EVT_C_STORE, on_store)])  # fmt: skip
+    acked = []
+    try:
+        res = send_instances(Destination("PICKY", "127.0.0.1", port), derived_files,
+                             calling_ae_title=CALLING,
+                             on_ack=lambda uid, st: acked.append((uid, st)))  # fmt: skip
+    finally:
+        server.shutdown()
+    uids = [str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID) for f in derived_files]
+    assert seen == [(1, uids[0]), (2, uids[1])]
+    assert acked == [(uids[0], 0xB000)]
+    first, second, *rest = res.outcomes
+    assert first.acknowledged and first.status == 0xB000
+    assert first.detail == "Coercion of data elements"
+    assert not second.acknowledged and second.status == 0xA700 and second.detail == "disk full"
+    assert res.failure.kind is FailureKind.PERMANENT and "0xA700" in res.failure.reason
+    assert all(not o.sent_now and not o.acknowledged for o in rest)
+
+
+def test_a_peer_that_never_answers_is_transient_and_aborted(derived_files, tmp_path):
+    with storescp(tmp_path, extra_args=["--sleep-during", "5"]) as scp:
+        t0 = time.monotonic()
+        res = send_instances(Destination(scp.ae_title, scp.host, scp.port), derived_files,
+                             calling_ae_title=CALLING, dimse_timeout=1)  # fmt: skip
+        took = time.monotonic() - t0
+    assert res.failure is not None and res.failure.kind is FailureKind.TRANSIENT
+    assert res.outcomes[0].detail == "no response" and not res.acknowledged
+    assert took < 4.5  # the DIMSE timeout, not the peer's sleep, ended it
