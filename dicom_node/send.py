@@ -523,7 +523,8 @@ def _store_each(
     for msg_id, i in enumerate(todo, start=1):
         it = items[i]
         try:
-            rsp = assoc.send_c_store(_to_send(assoc, it), msg_id=msg_id)
+            with _reactor_paused(assoc):  # pynetdicom's own pause has the gap described there
+                rsp = assoc.send_c_store(_to_send(assoc, it), msg_id=msg_id)
         except ValueError as exc:  # no accepted presentation context for this instance
             outcomes[i] = InstanceOutcome(it.sop_instance, False, sent_now=True, detail=str(exc))
             return SendFailure(
@@ -594,15 +595,24 @@ def _as_is_contexts(assoc: Association, items: Sequence[_Item]) -> list[int] | N
 @contextmanager
 def _reactor_paused(assoc: Association) -> Iterator[None]:
     """Keep pynetdicom's association thread from taking DIMSE messages off the queue while this
-    thread waits for its responses: pynetdicom's own ``send_c_store`` does this around each
-    request (tests/test_send.py checks that it still does), here once for a whole series."""
-    assoc._reactor_checkpoint.clear()
+    thread waits for its responses, as pynetdicom's ``send_c_store`` does around each request
+    (tests/test_association_reactor.py pins that code), here once for a whole series.
+
+    pynetdicom waits only for the thread's ``_is_paused`` flag, which is still true for a moment
+    after the thread has been let go and before it looks at the queue: a response arriving then
+    is taken by that thread and dropped, and the sender waits out the DIMSE timeout. So this also
+    waits until the thread is blocked on the checkpoint (the event's waiters)."""
+    checkpoint = assoc._reactor_checkpoint
+    checkpoint.clear()
+    waiters = getattr(getattr(checkpoint, "_cond", None), "_waiters", None)
     try:
-        while not assoc._is_paused and assoc.is_established:
+        while assoc.is_established and not (
+            assoc._is_paused and (waiters is None or len(waiters) > 0)
+        ):
             time.sleep(0.0001)
         yield
     finally:
-        assoc._reactor_checkpoint.set()
+        checkpoint.set()
 
 
 @contextmanager

@@ -517,3 +517,32 @@ def test_a_peer_that_never_answers_is_transient_and_aborted(derived_files, tmp_p
     assert res.failure is not None and res.failure.kind is FailureKind.TRANSIENT
     assert res.outcomes[0].detail == "no response" and not res.acknowledged
     assert took < 4.5  # the DIMSE timeout, not the peer's sleep, ended it
+
+
+def test_the_association_thread_is_paused_only_once_it_waits():
+    """_reactor_paused returns only when pynetdicom's association thread is blocked on its
+    checkpoint, not merely flagged as paused: a thread let go a moment ago still has the flag
+    set, and would take the next response off the queue."""
+    from dicom_node.send import _reactor_paused
+
+    class Assoc:  # the three attributes _reactor_paused reads, in the state of that moment
+        is_established = True
+        _is_paused = True
+        _reactor_checkpoint = threading.Event()
+
+    assoc = Assoc()
+    assoc._reactor_checkpoint.set()
+    blocked = threading.Event()
+
+    def reactor():
+        time.sleep(0.3)  # still on its way back to the checkpoint
+        blocked.set()
+        assoc._reactor_checkpoint.wait()
+
+    thread = threading.Thread(target=reactor, daemon=True)
+    thread.start()
+    with _reactor_paused(assoc):
+        assert blocked.is_set() and thread.is_alive()
+        assert not assoc._reactor_checkpoint.is_set()
+    thread.join(5)
+    assert not thread.is_alive()  # let go at the end
