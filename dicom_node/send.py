@@ -47,12 +47,12 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 import pydicom
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filereader import read_dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import split_dataset
 from pynetdicom.pdu_primitives import A_ASSOCIATE, P_DATA
 from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind, Verification
 from pynetdicom.status import code_to_category
@@ -238,9 +238,10 @@ def _describe(source: Path | str | Dataset) -> _Item:
     if isinstance(source, Dataset):
         ds = source
         src: Path | Dataset = source
+        offset = 0
     else:
         src = Path(source)
-        ds = pydicom.dcmread(src, stop_before_pixels=True)
+        ds, offset = _read_head(src)
     meta = getattr(ds, "file_meta", None)
     # The dataset's own UIDs are what goes on the wire, so those must be valid (the file meta
     # alone is not enough: anonymisers sometimes blank the dataset's copy).
@@ -249,11 +250,41 @@ def _describe(source: Path | str | Dataset) -> _Item:
     ts = str(getattr(meta, "TransferSyntaxUID", "") or "")
     as_is = (
         isinstance(src, Path)
+        and offset > 0
         and str(getattr(meta, "MediaStorageSOPClassUID", "") or "") == sop_class
         and str(getattr(meta, "MediaStorageSOPInstanceUID", "") or "") == sop_instance
     )
-    offset = split_dataset(src)[1] if as_is else 0
     return _Item(src, sop_class, sop_instance, ts, as_is, offset)
+
+
+def _past_sop_instance_uid(tag, _vr, _length) -> bool:
+    return tag > 0x00080018
+
+
+def _read_head(path: Path) -> tuple[Dataset, int]:
+    """A DICOM file's File Meta and its data set up to the SOP Instance UID (what
+    :func:`_describe` needs), and where the data set starts (0: no File Meta, so the file
+    cannot go as it is); read with pydicom's readers, stopping there rather than at the pixels.
+    The whole header is read by ``dcmread`` where the file has no File Meta (then
+    :func:`send_instances` refuses it for want of a transfer syntax), or a transfer syntax that
+    pydicom does not know or that is deflated or big endian."""
+    with open(path, "rb") as fp:
+        if fp.read(132)[128:] != b"DICM":  # a bare data set: no transfer syntax to send it in
+            return pydicom.dcmread(path, stop_before_pixels=True, force=True), 0
+        meta = read_dataset(fp, is_implicit_VR=False, is_little_endian=True,
+                            stop_when=_not_file_meta)  # fmt: skip
+        offset = fp.tell()
+        ts = UID(str(meta.get("TransferSyntaxUID", "") or ""))
+        if ts.is_transfer_syntax and not ts.is_deflated and ts.is_little_endian:
+            ds = read_dataset(fp, is_implicit_VR=ts.is_implicit_VR, is_little_endian=True,
+                              stop_when=_past_sop_instance_uid)  # fmt: skip
+            ds.file_meta = FileMetaDataset(meta)
+            return ds, offset
+    return pydicom.dcmread(path, stop_before_pixels=True), offset
+
+
+def _not_file_meta(tag, _vr, _length) -> bool:
+    return tag >> 16 != 0x0002
 
 
 def _to_send(assoc: Association, it: _Item) -> Path | Dataset:

@@ -546,3 +546,30 @@ def test_the_association_thread_is_paused_only_once_it_waits():
         assert not assoc._reactor_checkpoint.is_set()
     thread.join(5)
     assert not thread.is_alive()  # let go at the end
+
+
+@pytest.mark.parametrize(
+    ("dcmconv", "as_is"),
+    [(["+te"], True), (["+ti"], True), (["+tb"], True), (["+td"], True), (["-F", "+ti"], False)],
+    ids=["explicit", "implicit", "big endian", "deflated", "no file meta"],
+)
+def test_files_are_described_from_their_head(derived_files, tmp_path, dcmconv, as_is):
+    """_describe reads a file's File Meta and its data set only up to the SOP Instance UID:
+    the same UIDs and transfer syntax as a full header read, the data set's offset where
+    pynetdicom's split_dataset finds it; only a file with File Meta can go as it is."""
+    from dicom_node.send import _describe
+
+    path = tmp_path / "f.dcm"
+    subprocess.run(["/usr/bin/dcmconv", *dcmconv, str(derived_files[0]), str(path)], check=True)
+    it = _describe(path)
+    full = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    assert (it.sop_class, it.sop_instance) == (full.SOPClassUID, full.SOPInstanceUID)
+    assert it.as_is is as_is
+    if as_is:
+        assert it.transfer_syntax == full.file_meta.TransferSyntaxUID
+        assert it.data_set_offset == split_dataset(path)[1] > 132
+    else:  # no transfer syntax to send it in: refused before any connection
+        assert it.data_set_offset == 0 and it.transfer_syntax == ""
+        res = send_instances(Destination("NOBODY", "127.0.0.1", free_port()), [path],
+                             calling_ae_title=CALLING)  # fmt: skip
+        assert res.failure.kind is FailureKind.PERMANENT and "transfer syntax" in res.failure.reason
