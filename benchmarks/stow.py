@@ -54,23 +54,26 @@ def _series(n: int, out: Path) -> list[Path]:
     return sorted(out.glob("*.dcm"))[:n]
 
 
+def _c_store(how: str, host: str, port: int, files: list[Path]) -> tuple[bool, object]:
+    """Send ``files`` to the SCP at host:port with dcmtk's storescu or the node's
+    ``send_instances``; (every instance acknowledged, why not)."""
+    if how == "storescu":
+        cmd = ["/usr/bin/storescu", "-aet", "BENCH", "-aec", "PACS", host, str(port),
+               *map(str, files)]  # fmt: skip
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}
+        )
+        return proc.returncode == 0, proc.stderr[-500:]
+    res = send_instances(Destination("PACS", host, port), files, calling_ae_title="BENCH")
+    return res.ok and len(res.sent_now) == len(files), res.failure
+
+
 def _run_to_storescp(work: Path, files: list[Path], how: str) -> float:
     """Deliver ``files`` to a dcmtk storescp that reads each instance and throws it away
     (``--ignore``): what is left is the sender's own cost."""
     with storescp(work, ae_title="PACS", extra_args=["--ignore", "-q"]) as scp:
         t0 = time.perf_counter()
-        if how == "storescu":
-            cmd = ["/usr/bin/storescu", "-aet", "BENCH", "-aec", "PACS", scp.host,
-                   str(scp.port), *map(str, files)]  # fmt: skip
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}
-            )
-            ok, why = proc.returncode == 0, proc.stderr[-500:]
-        else:
-            res = send_instances(
-                Destination("PACS", scp.host, scp.port), files, calling_ae_title="BENCH"
-            )
-            ok, why = res.ok and len(res.sent_now) == len(files), res.failure
+        ok, why = _c_store(how, scp.host, scp.port, files)
         dt = time.perf_counter() - t0
     if not ok:
         raise SystemExit(f"{how}: delivery incomplete: {why}")
@@ -80,18 +83,8 @@ def _run_to_storescp(work: Path, files: list[Path], how: str) -> float:
 def _run(work: Path, files: list[Path], batch: int, how: str) -> float:
     with OrthancServer(work, aet="PACS", dicomweb=True) as pacs:
         t0 = time.perf_counter()
-        if how == "storescu":
-            cmd = ["/usr/bin/storescu", "-aet", "BENCH", "-aec", "PACS", pacs.host,
-                   str(pacs.dicom_port), *map(str, files)]  # fmt: skip
-            proc = subprocess.run(
-                cmd, capture_output=True, text=True, env={**os.environ, "TCP_NODELAY": "1"}
-            )
-            ok, why = proc.returncode == 0, proc.stderr[-500:]
-        elif how == "c-store":
-            res = send_instances(
-                Destination("PACS", pacs.host, pacs.dicom_port), files, calling_ae_title="BENCH"
-            )
-            ok, why = res.ok, res.failure
+        if how in ("storescu", "c-store"):
+            ok, why = _c_store(how, pacs.host, pacs.dicom_port, files)
         else:
             dest = parse_config(
                 {
