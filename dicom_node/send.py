@@ -24,9 +24,10 @@ transfer syntax: the PACS gets exactly what was written. When every instance of 
 (the node's derived series always do), :func:`_store_files_as_is` encodes each C-STORE request
 itself and writes its P-DATA-TF PDUs to the association's socket, the bytes pynetdicom would
 send, keeping pynetdicom's association, state machine and response decoding (docs/SCALING.md,
-"The node's sends": 1.5 x the instances per second to Orthanc). Otherwise pynetdicom's ``send_c_store`` sends them: the file as it is
-(``STORE_SEND_CHUNKED_DATASET``), or read and re-encoded where the peer accepted only the other
-uncompressed syntax or the file's meta disagrees with its data set.
+"The node's sends": 1.5 x the instances per second to Orthanc). Otherwise pynetdicom's
+``send_c_store`` sends them: the file as it is (``STORE_SEND_CHUNKED_DATASET``), or read and
+re-encoded where the peer accepted only the other uncompressed syntax or the file's meta
+disagrees with its data set.
 """
 
 from __future__ import annotations
