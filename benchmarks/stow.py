@@ -123,38 +123,38 @@ def main() -> None:
         return _main_storescp(args)
     if not DICOMWEB_PLUGIN:
         raise SystemExit("needs Debian's orthanc-dicomweb (scripts/setup.sh installs it)")
-    with tempfile.TemporaryDirectory(prefix="stow-bench-") as tmp:
-        work = Path(tmp)
-        files = _series(args.n, work / "derived")
-        mb = sum(f.stat().st_size for f in files) / 1e6
-        rates: dict[str, list[float]] = {"storescu": [], "c-store": [], "stow-rs": []}
-        for r in range(args.repeats):
-            for how in rates:  # alternate, so that drift in machine load hits all three alike
-                rates[how].append(_run(work / f"{how}-{r}", files, args.batch, how))
-    med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"{len(files)} instances, {mb:.0f} MB, STOW-RS batch {args.batch}, {args.repeats} runs")
-    for how, rate in med.items():
-        runs = ", ".join(f"{x:.0f}" for x in rates[how])
-        print(f"  {how:<8} {rate:7.1f} instances/s  (runs: {runs})")
-    print(f"  node C-STORE / storescu: {med['c-store'] / med['storescu']:.2f}")
+    med = _measure(
+        args.n, args.repeats, ("storescu", "c-store", "stow-rs"),
+        lambda work, files, how: _run(work, files, args.batch, how),
+        f"to Orthanc, STOW-RS batch {args.batch}",
+    )  # fmt: skip
     print(f"  node STOW-RS / storescu: {med['stow-rs'] / med['storescu']:.2f}")
     print(f"  STOW-RS / C-STORE: {med['stow-rs'] / med['c-store']:.2f}")
 
 
 def _main_storescp(args) -> None:
+    _measure(args.n, args.repeats, ("storescu", "c-store"), _run_to_storescp,
+             "to storescp --ignore")  # fmt: skip
+
+
+def _measure(n: int, repeats: int, hows, run_one, title: str) -> dict[str, float]:
+    """``repeats`` rounds of ``run_one(work, files, how)`` for each sender, alternated so that
+    drift in machine load hits all alike; prints and returns the median instances/s of each."""
     with tempfile.TemporaryDirectory(prefix="stow-bench-") as tmp:
         work = Path(tmp)
-        files = _series(args.n, work / "derived")
-        rates: dict[str, list[float]] = {"storescu": [], "c-store": []}
-        for r in range(args.repeats):
+        files = _series(n, work / "derived")
+        mb = sum(f.stat().st_size for f in files) / 1e6
+        rates: dict[str, list[float]] = {how: [] for how in hows}
+        for r in range(repeats):
             for how in rates:
-                rates[how].append(_run_to_storescp(work / f"{how}-{r}", files, how))
+                rates[how].append(run_one(work / f"{how}-{r}", files, how))
     med = {k: statistics.median(v) for k, v in rates.items()}
-    print(f"{len(files)} instances to storescp --ignore, {args.repeats} runs")
+    print(f"{len(files)} instances, {mb:.0f} MB, {title}, {repeats} runs")
     for how, rate in med.items():
         runs = ", ".join(f"{x:.0f}" for x in rates[how])
         print(f"  {how:<8} {rate:7.1f} instances/s  (runs: {runs})")
     print(f"  node C-STORE / storescu: {med['c-store'] / med['storescu']:.2f}")
+    return med
 
 
 if __name__ == "__main__":
