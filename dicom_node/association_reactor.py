@@ -572,6 +572,12 @@ def _encode_elements(elements) -> bytes | None:
     return b"".join(out)
 
 
+def _with_group_length(body: bytes) -> bytes:
+    """A command set: its (0000,0000) Command Group Length element (UL, Implicit VR Little
+    Endian), then ``body``, the encoded elements it counts."""
+    return _U16(0) + _U16(0) + _U32(4) + _U32(len(body)) + body
+
+
 # The command set of a C-STORE response after the group length, in tag order: (tag, VR, the
 # C_STORE primitive's attribute or a fixed value). pynetdicom's C_STORE_RSP.primitive_to_message
 # copies each attribute that is not None, sets CommandField and CommandDataSetType (a response
@@ -599,9 +605,7 @@ def store_response_command_set(primitive: C_STORE) -> bytes | None:
         if value is not None:
             elements.append((tag, vr, value))
     body = _encode_elements(elements)
-    if body is None:
-        return None
-    return _U16(0) + _U16(0) + _U32(4) + _U32(len(body)) + body
+    return None if body is None else _with_group_length(body)
 
 
 def store_request_command_set(
@@ -621,9 +625,7 @@ def store_request_command_set(
             (0x00001000, "UI", sop_instance),
         )
     )
-    if body is None:
-        return None
-    return _U16(0) + _U16(0) + _U32(4) + _U32(len(body)) + body
+    return None if body is None else _with_group_length(body)
 
 
 class _GroupLength:
@@ -649,7 +651,7 @@ def _encoded_response(
 ):
     """``message.encode_msg(context_id, max_pdu_length)``: one P-DATA with the command set
     (its group length element, then ``body``), where it fits one PDU; else pynetdicom's."""
-    encoded = None if body is None else _U16(0) + _U16(0) + _U32(4) + _U32(len(body)) + body
+    encoded = None if body is None else _with_group_length(body)
     fits = max_pdu_length == 0 or len(encoded or b"") <= max_pdu_length - 6
     if encoded is None or not fits or (message.data_set and message.data_set.getvalue()):
         yield from message.encode_msg(context_id, max_pdu_length)
